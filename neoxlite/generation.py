@@ -1,0 +1,221 @@
+"""Text generation: logits processing, greedy and sampled decoding over a static KV cache, as a token stream.
+
+`stream_generate` is the one decoding loop; `generate` collects it into the Hugging Face return shape
+(prompt plus new tokens), and `stream_text` turns it into text deltas for the CLI and the app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from neoxlite.cache import StaticCache
+
+
+@dataclass
+class SamplingSettings:
+    """What turns logits into the next token; validated once, shared by every entry point."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}; use do_sample=False for greedy")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be within (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 turns it off), got {self.repetition_penalty}")
+
+    def next_tokens(self, logits: torch.Tensor, seen: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """(B, V) logits of the last position and (B, L) ids so far -> (B,) chosen ids. Same order as the reference:
+        repetition penalty, then temperature, top-k, top-p."""
+        scores = logits.float()
+        if self.repetition_penalty != 1.0:
+            picked = scores.gather(1, seen)
+            picked = torch.where(picked < 0, picked * self.repetition_penalty, picked / self.repetition_penalty)
+            scores = scores.scatter(1, seen, picked)
+        if not self.do_sample:
+            return scores.argmax(-1)
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        if self.top_k:
+            kth = torch.topk(scores, min(self.top_k, scores.shape[-1])).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=False)
+            cum = sorted_scores.softmax(-1).cumsum(-1)
+            drop_sorted = cum <= (1 - self.top_p)
+            drop_sorted[:, -1] = False  # always keep the most likely token
+            scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+        probs = scores.softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _as_list(ids: int | Sequence[int] | torch.Tensor | None) -> list[int]:
+    if ids is None:
+        return []
+    if isinstance(ids, torch.Tensor):
+        return [int(i) for i in ids.flatten()]
+    if isinstance(ids, int):
+        return [ids]
+    return [int(i) for i in ids]
+
+
+def context_limit(config: Any) -> int:
+    """Longest sequence the model may see: the trained context, stretched by rope scaling when configured."""
+    if config.rope_type != "default":
+        return int(config.max_position_embeddings * config.rope_factor)
+    return config.max_position_embeddings
+
+
+class GenerationMixin:
+    """generate() and stream_generate() for GPTNeoXForCausalLM."""
+
+    @torch.inference_mode()
+    def stream_generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_length: int | None = None,
+        max_new_tokens: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        stop_strings: str | Sequence[str] | None = None,
+        tokenizer: Any = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        **unused: Any,
+    ) -> Iterator[torch.Tensor]:
+        """Yields the next token of every row, shape (B,), one decoding step at a time.
+
+        Rows that have finished (eos or a stop string) yield `pad_token_id` until every row is done.
+        """
+        unknown = {k for k, v in unused.items() if v is not None} - {"use_cache", "num_beams", "streamer"}
+        if unknown:
+            raise TypeError(f"generate() got unsupported arguments: {', '.join(sorted(unknown))}")
+        if unused.get("num_beams", 1) not in (None, 1):
+            raise ValueError("beam search is not supported; use num_beams=1 (greedy or sampling)")
+        settings = SamplingSettings(do_sample, temperature, top_k, top_p, repetition_penalty)
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.numel() == 0:
+            raise ValueError("input_ids must be a non-empty tensor of token ids, e.g. tokenizer(text, return_tensors='pt').input_ids")
+        B, prompt_len = input_ids.shape
+        config = self.config
+        limit = context_limit(config)
+        if prompt_len > limit:
+            raise ValueError(
+                f"the prompt has {prompt_len} tokens but the model's context is {limit}; shorten the prompt "
+                f"(keep its last {limit} tokens, or fewer to leave room for the reply)"
+            )
+        if max_new_tokens is None:
+            max_new_tokens = (max_length if max_length is not None else 20) - prompt_len
+        if max_new_tokens <= 0:
+            raise ValueError(
+                f"nothing to generate: the prompt already has {prompt_len} tokens and max_length is {max_length}; "
+                "raise max_length or pass max_new_tokens"
+            )
+        max_new_tokens = min(max_new_tokens, limit - prompt_len)
+        if max_new_tokens <= 0:
+            return
+        eos_ids = _as_list(eos_token_id if eos_token_id is not None else config.eos_token_id)
+        if pad_token_id is None:
+            pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+        stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+        if stops and tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer to read the text: pass tokenizer=... to generate()")
+        if generator is None and seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+
+        device = self.device
+        input_ids = input_ids.to(device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(device=device, dtype=torch.long)
+        # Positions count real tokens only, so a left-padded row is positioned as if it had no padding.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        cache = StaticCache(config, B, prompt_len + max_new_tokens, self._cache_dtype(), device)
+        eos = torch.tensor(eos_ids, device=device) if eos_ids else None
+        unfinished = torch.ones(B, dtype=torch.bool, device=device)
+        seen = input_ids
+        new_tokens: list[torch.Tensor] = []
+
+        logits = self(input_ids, attention_mask, position_ids, cache=cache, logits_to_keep=1).logits[:, -1]
+        for step in range(max_new_tokens):
+            chosen = settings.next_tokens(logits.to(device), seen, generator).to(device)
+            chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad_token_id))
+            new_tokens.append(chosen)
+            yield chosen
+            if eos is not None:
+                unfinished &= ~torch.isin(chosen, eos)
+            if stops:
+                unfinished &= ~_hit_stop(tokenizer, torch.stack(new_tokens, 1), stops)
+            if not bool(unfinished.any()) or step == max_new_tokens - 1:
+                return
+            seen = torch.cat([seen, chosen[:, None]], dim=1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            logits = self(chosen[:, None], attention_mask, position_ids, cache=cache).logits[:, -1]
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """Prompt plus new tokens, (B, prompt + new), as transformers' generate returns them."""
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        steps = list(self.stream_generate(input_ids, attention_mask, **kwargs))
+        new = torch.stack(steps, 1).to(input_ids.device) if steps else input_ids[:, :0]
+        return torch.cat([input_ids, new], dim=1)
+
+    def _cache_dtype(self) -> torch.dtype:
+        """Cache in the activations' dtype: the compute dtype for quantized layers, else the weights' dtype."""
+        compute = getattr(self, "compute_dtype", None)
+        if compute is not None:
+            return compute
+        return self.gpt_neox.embed_in.weight.dtype
+
+
+def _hit_stop(tokenizer: Any, new_tokens: torch.Tensor, stops: list[str]) -> torch.Tensor:
+    """True for rows whose generated text now contains a stop string (checked on a short tail only)."""
+    tail = max(len(s) for s in stops) + 8  # a token is at least one character, so this many tokens suffice
+    texts = tokenizer.batch_decode(new_tokens[:, -tail:].tolist())
+    return torch.tensor([any(s in t for s in stops) for t in texts], device=new_tokens.device)
+
+
+def stream_text(model: Any, tokenizer: Any, prompt: str | torch.Tensor, **kwargs: Any) -> Iterator[str]:
+    """Yields the reply as text deltas; holds back bytes that do not form a whole character yet."""
+    if isinstance(prompt, str):
+        input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    else:
+        input_ids = prompt if prompt.dim() == 2 else prompt[None]
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    eos_ids = set(_as_list(kwargs["eos_token_id"]))
+    ids: list[int] = []
+    shown = ""
+    for token in model.stream_generate(input_ids, **kwargs, tokenizer=tokenizer):
+        tid = int(token[0])
+        if tid in eos_ids:
+            break
+        ids.append(tid)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text

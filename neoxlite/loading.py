@@ -1,0 +1,167 @@
+"""Streaming loader: the module tree on the meta device, then one block at a time read, cast, placed and freed."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from neoxlite.checkpoint import LEGACY_KEY, Checkpoint, block_of
+from neoxlite.config import GPTNeoXConfig
+from neoxlite.hub import resolve
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+HEAD_MODULES = ("embed_out", "lm_head", "score", "classifier", "qa_outputs")
+_HEAD_KEY = re.compile(r"^(embed_out|lm_head|score|classifier|qa_outputs)\.")
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """torch dtype from a dtype or a name ('bf16', 'float16', ...); None or 'auto' keeps the checkpoint's."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name == "auto":
+        return None
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(_DTYPE_NAMES))}")
+    return _DTYPE_NAMES[name]
+
+
+def parse_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for but this torch has no CUDA device; use device='cpu'")
+    return device
+
+
+def checkpoint_key_to_param(key: str, prefix: str, has_prefix: bool) -> str:
+    """Maps a checkpoint key onto the target class's parameter name (adds or drops the 'gpt_neox.' prefix)."""
+    if key.startswith("lm_head."):  # newer transformers' name for NeoX's embed_out
+        key = "embed_out." + key[len("lm_head."):]
+    if has_prefix and not key.startswith(prefix) and not _HEAD_KEY.match(key):
+        return prefix + key
+    if not has_prefix and key.startswith(prefix):
+        return key[len(prefix):]
+    return key
+
+
+def load_pretrained(
+    cls: type,
+    path_or_id: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    revision: str | None = None,
+    init_new_heads: bool = False,
+    progress: bool = True,
+    **unknown: Any,
+) -> nn.Module:
+    """Builds `cls` from a checkpoint folder or hub id.
+
+    dtype: weights' dtype (default: as stored). device: where the model runs (default cpu).
+    init_new_heads: give a head the checkpoint lacks (e.g. `score` on a base model) random weights to train,
+    instead of refusing.
+    """
+    if unknown:
+        raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
+    folder = resolve(path_or_id, revision=revision)
+    config = GPTNeoXConfig.from_json_file(folder / "config.json")
+    target_dtype = parse_dtype(dtype)
+    device = parse_device(device)
+    ckpt = Checkpoint(folder)
+    if target_dtype is None:
+        target_dtype = _stored_float_dtype(ckpt)
+
+    with torch.device("meta"):
+        model = cls(config)
+    prefix = model.base_model_prefix + "."
+    has_prefix = any(name.startswith(prefix) for name, _ in model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = {"embed_out.weight"} if config.tie_word_embeddings and "embed_out.weight" in params else set()
+
+    by_param: dict[str, str] = {}
+    unexpected: list[str] = []
+    for key in ckpt.keys:
+        if LEGACY_KEY.search(key):
+            continue
+        name = checkpoint_key_to_param(key, prefix, has_prefix)
+        if name in params:
+            by_param[name] = key
+        elif not _HEAD_KEY.match(name):  # another class's head: loading a base from a CausalLM file is normal
+            unexpected.append(key)
+    missing = [n for n in params if n not in by_param and n not in tied]
+    new_heads = [n for n in missing if _HEAD_KEY.match(n)]
+    if init_new_heads:
+        missing = [n for n in missing if n not in new_heads]
+    misshaped = [
+        f"{key}: checkpoint {tuple(ckpt.shape(key))}, model {tuple(params[name].shape)}"
+        for name, key in by_param.items()
+        if tuple(ckpt.shape(key)) != tuple(params[name].shape)
+    ]
+    if missing or unexpected or misshaped:
+        raise ValueError(_mismatch_message(folder, cls.__name__, missing, unexpected, misshaped, new_heads))
+
+    blocks: dict[str, list[str]] = {}
+    for name in params:
+        if name in by_param or name in new_heads:
+            blocks.setdefault(block_of(name), []).append(name)
+    bar = tqdm(blocks.items(), desc=f"loading {folder.name}", unit="block", disable=not progress, file=sys.stderr)
+    for _block, names in bar:
+        for name in names:
+            if name in by_param:
+                tensor = ckpt.read(by_param[name])
+            else:
+                tensor = torch.empty(params[name].shape).normal_(std=0.02)
+            if tensor.is_floating_point():
+                tensor = tensor.to(target_dtype)
+            _set_param(model, name, tensor.to(device))
+            del tensor  # the float copy goes before the next block is read
+    if tied:
+        model.embed_out.weight = model.gpt_neox.embed_in.weight
+    model.base_model.compute_device = device
+    model.eval()
+    return model
+
+
+def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+
+
+def _stored_float_dtype(ckpt: Checkpoint) -> torch.dtype:
+    for key in ckpt.keys:
+        if ckpt.dtype(key).is_floating_point:
+            return ckpt.dtype(key)
+    return torch.float32
+
+
+def _mismatch_message(folder: Any, cls_name: str, missing: list[str], unexpected: list[str],
+                      misshaped: list[str], new_heads: list[str]) -> str:
+    lines = [f"the checkpoint in {folder} does not fit {cls_name}:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        if items:
+            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+    if new_heads and set(new_heads) & set(missing):
+        lines.append(
+            f"  the checkpoint has no {', '.join(sorted({n.split('.')[0] for n in new_heads}))} head; load a checkpoint "
+            "trained with one, or pass init_new_heads=True to start it from random weights for training"
+        )
+    elif misshaped:
+        lines.append("  check that config.json belongs to these weights")
+    return "\n".join(lines)

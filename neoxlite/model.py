@@ -1,0 +1,414 @@
+"""GPT-NeoX in one file: attention with partial rotary, MLP, block, the base model and its four heads.
+
+Module names equal the Hugging Face state-dict keys (gpt_neox.layers.0.attention.query_key_value.weight, ...),
+so hub checkpoints load by name. The base model owns its block loop: `self.scheduler.fetch(i)` hands it layer i
+ready on the compute device, which is where the offload scheduler plugs in.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neoxlite.cache import StaticCache
+from neoxlite.config import GPTNeoXConfig
+from neoxlite.generation import GenerationMixin
+from neoxlite.outputs import ModelOutput
+
+_ACT = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+# ----------------------------------------------------------------------------------------------- rotary
+def rotary_inv_freq(config: GPTNeoXConfig, seq_len: int) -> torch.Tensor:
+    """Inverse frequencies for the rotary dims; dynamic NTK scaling grows the base past the trained context."""
+    dim = config.rotary_ndims
+    base = config.rotary_emb_base
+    if config.rope_type == "dynamic" and seq_len > config.max_position_embeddings:
+        factor = config.rope_factor
+        base = base * ((factor * seq_len / config.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / config.rope_factor
+    return inv_freq
+
+
+def rotary_cos_sin(
+    config: GPTNeoXConfig, position_ids: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (B, 1, T, rotary_ndims), computed in fp32 then cast, as the reference does."""
+    seq_len = int(position_ids.max()) + 1 if config.rope_type == "dynamic" else 0
+    inv_freq = rotary_inv_freq(config, seq_len).to(position_ids.device)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, rot/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+class GPTNeoXAttention(nn.Module):
+    def __init__(self, config: GPTNeoXConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_size = config.head_size
+        self.dropout = config.attention_dropout
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                kv: tuple[StaticCache, int] | None) -> torch.Tensor:
+        B, T, C = x.shape
+        # NeoX interleaves per head: each head's slice of the fused output is [q | k | v].
+        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_size).transpose(1, 2)  # (B, nh, T, 3hs)
+        q, k, v = qkv.chunk(3, dim=-1)  # (B, nh, T, hs) each
+        cos, sin = rope
+        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        if kv is not None:
+            cache, layer_idx = kv
+            k, v = cache.update(layer_idx, k, v)  # (B, nh, past + T, hs)
+        is_causal = mask is None and T > 1 and k.shape[2] == T
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.dense(y.transpose(1, 2).reshape(B, T, C))
+
+
+class GPTNeoXMLP(nn.Module):
+    def __init__(self, config: GPTNeoXConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = _ACT[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class GPTNeoXLayer(nn.Module):
+    def __init__(self, config: GPTNeoXConfig) -> None:
+        super().__init__()
+        self.use_parallel_residual = config.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_dropout = nn.Dropout(config.hidden_dropout)
+        self.post_mlp_dropout = nn.Dropout(config.hidden_dropout)
+        self.attention = GPTNeoXAttention(config)
+        self.mlp = GPTNeoXMLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                kv: tuple[StaticCache, int] | None = None) -> torch.Tensor:
+        attn = self.post_attention_dropout(self.attention(self.input_layernorm(x), rope, mask, kv))
+        if self.use_parallel_residual:
+            return x + attn + self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(x)))
+        x = x + attn
+        return x + self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class ResidentScheduler:
+    """Every layer already lives on the compute device: fetching is a lookup."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.layers = layers
+
+    def fetch(self, i: int) -> nn.Module:
+        return self.layers[i]
+
+    def done(self, i: int) -> None:
+        pass
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, past: int, T: int, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean (B, 1, T, past + T) mask, True where a query may attend; None when plain causal suffices.
+
+    Every query may always see itself, so rows of padding never become all-masked (which would give NaN).
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        if T == 1 or past == 0:
+            return None  # one query sees the whole cache; or SDPA's is_causal covers it
+        attention_mask = None
+    L = past + T
+    q_pos = torch.arange(past, L, device=device)[:, None]
+    k_pos = torch.arange(L, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, L)
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != L:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but the cache plus input hold {L}; "
+                "pass the mask for the whole sequence so far"
+            )
+        mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------- models
+class GPTNeoXPreTrainedModel(nn.Module):
+    base_model_prefix = "gpt_neox"
+
+    def __init__(self, config: GPTNeoXConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs: Any) -> GPTNeoXPreTrainedModel:
+        """Loads a hub id or local folder; see neoxlite.loading.load_pretrained for every keyword."""
+        from neoxlite.loading import load_pretrained
+
+        return load_pretrained(cls, path_or_id, **kwargs)
+
+    def save_pretrained(self, folder: str | os.PathLike, max_shard_size: int | str = "2GiB") -> None:
+        from neoxlite.saving import save_pretrained
+
+        save_pretrained(self, folder, max_shard_size=max_shard_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.compute_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    @property
+    def base_model(self) -> GPTNeoXModel:
+        return self if isinstance(self, GPTNeoXModel) else self.gpt_neox
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random init as the reference does it (normal(0, std), zero bias, unit LayerNorm); used for training."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+
+class GPTNeoXModel(GPTNeoXPreTrainedModel):
+    def __init__(self, config: GPTNeoXConfig) -> None:
+        super().__init__(config)
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.emb_dropout = nn.Dropout(config.hidden_dropout)
+        self.layers = nn.ModuleList(GPTNeoXLayer(config) for _ in range(config.num_hidden_layers))
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.scheduler = ResidentScheduler(self.layers)
+        self._compute_device: torch.device | None = None
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the layers run: set by the loader; otherwise wherever the first layer's weights are."""
+        if self._compute_device is not None:
+            return self._compute_device
+        return next(self.layers.parameters(), self.embed_in.weight).device
+
+    @compute_device.setter
+    def compute_device(self, device: torch.device | str | None) -> None:
+        self._compute_device = torch.device(device) if device is not None else None
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001 - nn.Module's own signature
+        # .to()/.cuda()/.half() move everything to one device: the explicit compute device no longer holds.
+        self._compute_device = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: StaticCache | None = None,
+        output_hidden_states: bool = False,
+        **_: Any,
+    ) -> ModelOutput:
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        B, T = input_ids.shape
+        device = self.compute_device
+        past = cache.length if cache is not None else 0
+        if cache is not None and past + T > cache.max_length:
+            raise ValueError(f"{past + T} tokens do not fit the cache of {cache.max_length}; allocate a longer cache")
+        x = self.embed_in(input_ids.to(self.embed_in.weight.device)).to(device)
+        x = self.emb_dropout(x)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=device)[None].expand(B, T)
+        rope = rotary_cos_sin(self.config, position_ids.to(device), x.dtype)
+        mask = build_attention_mask(attention_mask, past, T, device)
+        hidden_states = [x] if output_hidden_states else None
+        for i in range(len(self.layers)):
+            layer = self.scheduler.fetch(i)
+            x = layer(x, rope, mask, (cache, i) if cache is not None else None)
+            self.scheduler.done(i)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        if cache is not None:
+            cache.length = past + T
+        x = self.final_layer_norm(x.to(self.final_layer_norm.weight.device))
+        if hidden_states is not None:
+            hidden_states[-1] = x  # the reference reports the normed output as the last hidden state
+        return ModelOutput(last_hidden_state=x, hidden_states=tuple(hidden_states) if hidden_states else None)
+
+
+class GPTNeoXForCausalLM(GenerationMixin, GPTNeoXPreTrainedModel):
+    def __init__(self, config: GPTNeoXConfig) -> None:
+        super().__init__(config)
+        self.gpt_neox = GPTNeoXModel(config)
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.embed_out.weight = self.gpt_neox.embed_in.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: StaticCache | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
+        **_: Any,
+    ) -> ModelOutput:
+        out = self.gpt_neox(input_ids, attention_mask, position_ids, cache, output_hidden_states)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.embed_out(h.to(self.embed_out.weight.device))
+        loss = None
+        if labels is not None:
+            shift = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(shift, labels[:, 1:].reshape(-1).to(shift.device), ignore_index=-100)
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+
+class GPTNeoXForSequenceClassification(GPTNeoXPreTrainedModel):
+    def __init__(self, config: GPTNeoXConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.gpt_neox = GPTNeoXModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **_: Any,
+    ) -> ModelOutput:
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        out = self.gpt_neox(input_ids, attention_mask, position_ids, None, output_hidden_states)
+        logits = self.score(out.last_hidden_state.to(self.score.weight.device))
+        B, T = input_ids.shape
+        pad = self.config.pad_token_id
+        if pad is None:
+            if B != 1:
+                raise ValueError(
+                    "sequence classification of a batch needs config.pad_token_id to find each row's last token; "
+                    "set model.config.pad_token_id = tokenizer.pad_token_id"
+                )
+            last = torch.full((B,), T - 1, device=logits.device)
+        else:
+            # Last non-pad position; works for left and right padding alike.
+            not_pad = (input_ids != pad).to(logits.device, torch.int32)
+            last = (torch.arange(T, device=logits.device, dtype=torch.int32) * not_pad).argmax(-1)
+        pooled = logits[torch.arange(B, device=logits.device), last]
+        loss = None
+        if labels is not None:
+            labels = labels.to(pooled.device)
+            if self.num_labels == 1:
+                loss = F.mse_loss(pooled.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(pooled.float(), labels)
+        return ModelOutput(loss=loss, logits=pooled, hidden_states=out.hidden_states)
+
+
+class GPTNeoXForTokenClassification(GPTNeoXPreTrainedModel):
+    def __init__(self, config: GPTNeoXConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.gpt_neox = GPTNeoXModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **_: Any,
+    ) -> ModelOutput:
+        out = self.gpt_neox(input_ids, attention_mask, position_ids, None, output_hidden_states)
+        h = self.dropout(out.last_hidden_state.to(self.classifier.weight.device))
+        logits = self.classifier(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, self.num_labels), labels.reshape(-1).to(logits.device))
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+
+class GPTNeoXForQuestionAnswering(GPTNeoXPreTrainedModel):
+    def __init__(self, config: GPTNeoXConfig) -> None:
+        super().__init__(config)
+        self.gpt_neox = GPTNeoXModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        **_: Any,
+    ) -> ModelOutput:
+        out = self.gpt_neox(input_ids, attention_mask, position_ids, None, output_hidden_states)
+        logits = self.qa_outputs(out.last_hidden_state.to(self.qa_outputs.weight.device))
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            T = start_logits.shape[1]
+            s = start_positions.to(start_logits.device).clamp(0, T)
+            e = end_positions.to(end_logits.device).clamp(0, T)
+            loss = (F.cross_entropy(start_logits.float(), s, ignore_index=T)
+                    + F.cross_entropy(end_logits.float(), e, ignore_index=T)) / 2
+        return ModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits, hidden_states=out.hidden_states)
+
+
+ARCHITECTURES: dict[str, type[GPTNeoXPreTrainedModel]] = {
+    cls.__name__: cls
+    for cls in (GPTNeoXModel, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification,
+                GPTNeoXForTokenClassification, GPTNeoXForQuestionAnswering)
+}
+
