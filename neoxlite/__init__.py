@@ -16,6 +16,10 @@ def __getattr__(name: str):
         from neoxlite.tokenizer import GPTNeoXTokenizerFast
 
         return GPTNeoXTokenizerFast
+    if name == "load_demo":
+        from neoxlite.api import load_demo
+
+        return load_demo
     raise AttributeError(f"module 'neoxlite' has no attribute {name!r}")
 
 
@@ -27,4 +31,5 @@ __all__ = [
     "GPTNeoXForTokenClassification",
     "GPTNeoXModel",
     "GPTNeoXTokenizerFast",
+    "load_demo",
 ]

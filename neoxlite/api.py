@@ -1,0 +1,28 @@
+"""One call that gives a ready (model, tokenizer) pair: a named checkpoint, or the built-in demo."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from neoxlite.model import GPTNeoXForCausalLM, GPTNeoXPreTrainedModel
+from neoxlite.tokenizer import GPTNeoXTokenizerFast
+
+
+def load(model: str | os.PathLike | None = None, cls: type[GPTNeoXPreTrainedModel] = GPTNeoXForCausalLM,
+         **kwargs: Any) -> tuple[GPTNeoXPreTrainedModel, GPTNeoXTokenizerFast]:
+    """(model, tokenizer) from a folder or hub id; with no model, the built-in demo. kwargs go to from_pretrained."""
+    if model is None:
+        from neoxlite.demo import demo_path
+
+        model = demo_path()
+    loaded = cls.from_pretrained(model, **kwargs)
+    tokenizer = GPTNeoXTokenizerFast.from_pretrained(model)
+    if loaded.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        loaded.config.pad_token_id = tokenizer.pad_token_id
+    return loaded, tokenizer
+
+
+def load_demo(**kwargs: Any) -> tuple[GPTNeoXForCausalLM, GPTNeoXTokenizerFast]:
+    """The demo model shipped inside the package (trained by tools/train_demo.py) and its tokenizer."""
+    return load(None, **kwargs)

@@ -1,0 +1,96 @@
+"""Command-line flags shared by every neoxlite command, defined once.
+
+`add_load_options` / `load_kwargs` carry the model-loading flags onto `from_pretrained` keywords with the same
+names; `add_sampling_options` / `sampling_kwargs` carry the sampling flags onto `generate` keywords. The CLI and
+the app both use them, so flags, keywords and defaults cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+QUANT_MODES = ("none", "int8", "nf4", "fp4")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+# Sampling defaults for the CLI and the app (the Python API keeps transformers' defaults: greedy).
+DEFAULT_SAMPLING = dict(max_new_tokens=128, temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=None)
+
+# flag dest -> from_pretrained keyword (the same names; listed to keep the mapping explicit)
+_LOAD_KEYWORDS = ("dtype", "device", "quant", "compute_dtype", "gpu_memory", "cpu_memory", "offload_dir")
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-m", "--model", default=None,
+                        help="checkpoint folder or hub id (default: the built-in demo model)")
+
+
+def add_load_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the model-loading flags to `parser` (in their own argument group) and returns it."""
+    group = parser.add_argument_group("loading")
+    group.add_argument("--dtype", choices=DTYPES, default=None,
+                       help="weight dtype for unquantized layers (default: the checkpoint's)")
+    group.add_argument("--device", default=None,
+                       help="compute device, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    group.add_argument("--quant", choices=QUANT_MODES, default=None,
+                       help="quantize linear layers while loading (default: none, or the checkpoint's own)")
+    group.add_argument("--compute-dtype", choices=DTYPES[1:], default=None,
+                       help="dtype quantized layers compute in (default: float16)")
+    group.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                       help='GPU budget for weights, e.g. "6GiB" (default: free GPU memory less a margin)')
+    group.add_argument("--cpu-memory", default=None, metavar="SIZE",
+                       help='RAM budget for weights, e.g. "8GiB" (default: free RAM less a margin)')
+    group.add_argument("--offload-dir", default=None, metavar="DIR",
+                       help="folder for blocks that fit in neither budget (default: no disk tier)")
+    return parser
+
+
+def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `from_pretrained` keywords the user set on the command line (unset flags are left out)."""
+    import torch
+
+    kwargs = {name: getattr(args, name) for name in _LOAD_KEYWORDS if getattr(args, name, None) is not None}
+    if kwargs.get("quant") == "none":
+        kwargs["quant"] = None
+    if kwargs.get("dtype") == "auto":
+        del kwargs["dtype"]
+    for name in ("dtype", "compute_dtype"):
+        if name in kwargs:
+            kwargs[name] = getattr(torch, kwargs[name])
+    if "device" not in kwargs:
+        kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return kwargs
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("sampling")
+    d = DEFAULT_SAMPLING
+    group.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], help="tokens to generate at most")
+    group.add_argument("--temperature", type=float, default=d["temperature"], help="0 means greedy")
+    group.add_argument("--top-k", type=int, default=d["top_k"], help="keep the k most likely tokens (0: off)")
+    group.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling mass (1.0: off)")
+    group.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"], help="1.0: off")
+    group.add_argument("--seed", type=int, default=d["seed"], help="make sampling reproducible")
+    return parser
+
+
+def sampling_kwargs(args: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
+    """generate() keywords from parsed flags (or a dict with the same names); temperature 0 means greedy."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    temperature = float(values.get("temperature", DEFAULT_SAMPLING["temperature"]))
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": int(values.get("max_new_tokens", DEFAULT_SAMPLING["max_new_tokens"])),
+        "repetition_penalty": float(values.get("repetition_penalty", DEFAULT_SAMPLING["repetition_penalty"])),
+        "do_sample": temperature > 0,
+    }
+    if kwargs["max_new_tokens"] <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {kwargs['max_new_tokens']}")
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_k=int(values.get("top_k") or 0) or None,
+                      top_p=float(values.get("top_p") if values.get("top_p") is not None else 1.0))
+    seed = values.get("seed")
+    if seed is not None and seed != "":
+        kwargs["seed"] = int(seed)
+    return kwargs
