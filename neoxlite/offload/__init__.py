@@ -1,0 +1,1 @@
+"""Offloading: budgets, placement plans, the disk store and the block scheduler."""

@@ -1,0 +1,390 @@
+"""The disk tier: one file per block, in its final (cast or quantized) form, written once and reused.
+
+Layout of an offload dir:
+
+    OFFLOAD_DIR/neoxlite-<fingerprint[:16]>/manifest.json
+    OFFLOAD_DIR/neoxlite-<fingerprint[:16]>/<block>.safetensors
+
+- Each block file is a valid safetensors file (readable with `safetensors.safe_open` for debugging) whose
+  data section starts on a 4 KiB boundary and holds the tensors sorted by element size, so every tensor
+  is naturally aligned inside one flat byte buffer: the scheduler reads a whole block with plain reads into
+  a reused buffer and views the tensors in place, no parsing and no copies.
+- Writes are atomic (temporary file, fsync, rename); a block counts as stored only once the manifest,
+  itself replaced atomically, records its size and CRC32. A crash or a full disk leaves at worst an
+  unlisted temporary file, never a listed broken block.
+- The fingerprint covers the checkpoint's identity (file names, sizes, modification times) and the settings
+  that change a block's final form (dtype, quantization). A store is reused only when both match.
+- Every listed block is checked (size and CRC32) the first time a process asks for it; a mismatch means the
+  block is rebuilt from the checkpoint, never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neoxlite.offload.budget import format_size
+
+STORE_VERSION = 1
+STORE_PREFIX = "neoxlite-"
+MANIFEST = "manifest.json"
+DATA_ALIGN = 4096
+_CHUNK = 16 * 2**20
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset inside the block's data section
+    end: int
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    """Where a stored block's bytes are and how to view them."""
+
+    name: str
+    path: Path
+    data_offset: int          # where the data section starts in the file (a multiple of DATA_ALIGN)
+    data_bytes: int           # length of the data section
+    crc32: int                # of the whole file
+    tensors: dict[str, TensorEntry]
+
+    @property
+    def file_bytes(self) -> int:
+        return self.data_offset + self.data_bytes
+
+    def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The block's tensors as views into `buffer` (uint8, at least data_bytes long) holding its data."""
+        return {key: _view(buffer, t) for key, t in self.tensors.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.path.name, "data_offset": self.data_offset, "data_bytes": self.data_bytes,
+            "crc32": self.crc32,
+            "tensors": {k: [_DTYPE_NAMES[t.dtype], list(t.shape), t.start, t.end] for k, t in self.tensors.items()},
+        }
+
+    @classmethod
+    def from_json(cls, name: str, root: Path, data: Mapping[str, Any]) -> BlockEntry:
+        tensors = {k: TensorEntry(_DTYPES[d], tuple(shape), start, end) for k, (d, shape, start, end) in data["tensors"].items()}
+        return cls(name=name, path=root / data["file"], data_offset=int(data["data_offset"]),
+                   data_bytes=int(data["data_bytes"]), crc32=int(data["crc32"]), tensors=tensors)
+
+
+def _view(buffer: torch.Tensor, t: TensorEntry) -> torch.Tensor:
+    raw = buffer[t.start:t.end]
+    if t.dtype == torch.uint8:
+        return raw.view(t.shape)
+    return raw.view(t.dtype).view(t.shape)
+
+
+# ------------------------------------------------------------------------------------------ fingerprint
+def fingerprint(checkpoint_dir: str | os.PathLike, settings: Mapping[str, Any]) -> str:
+    """Identity of (checkpoint, settings): sha256 over the weight/config files' names, sizes and mtimes.
+
+    `settings` must be JSON-serialisable and hold everything that changes a block's final form
+    (dtype, quantization spec, ...). Editing, replacing or re-downloading a checkpoint file changes its
+    size or mtime, so a stale store is never reused.
+    """
+    folder = Path(checkpoint_dir)
+    files = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix in (".safetensors", ".json") and path.is_file():
+            st = path.stat()  # follows the hub cache's symlinks to the blobs
+            files.append([path.name, st.st_size, st.st_mtime_ns])
+    if not any(name.endswith(".safetensors") for name, _, _ in files):
+        raise FileNotFoundError(f"no safetensors weights in {folder}")
+    payload = json.dumps({"version": STORE_VERSION, "files": files, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ the store
+def check_offload_dir(offload_dir: str | os.PathLike) -> Path:
+    """The offload dir as an absolute Path, after checking that it exists and that we may write in it."""
+    path = Path(os.path.expanduser(os.fspath(offload_dir))).absolute()
+    if not path.exists():
+        raise ValueError(f"offload dir {path} does not exist; create it (mkdir -p {path}) or pass another --offload-dir")
+    if not path.is_dir():
+        raise ValueError(f"offload dir {path} is not a directory; pass a folder to --offload-dir")
+    try:  # os.access is not enough: root passes it on read-only mounts and immutable folders
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".neoxlite-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(
+            f"offload dir {path} is not writable ({err.strerror}); fix its permissions or pass another --offload-dir"
+        ) from None
+    return path
+
+
+class BlockStore:
+    """The blocks of one (checkpoint, settings) pair in an offload dir. Not shared between threads for writing."""
+
+    def __init__(self, offload_dir: str | os.PathLike, fingerprint: str, *, describe: Mapping[str, Any] | None = None) -> None:
+        self.offload_dir = check_offload_dir(offload_dir)
+        self.fingerprint = fingerprint
+        self.root = self.offload_dir / f"{STORE_PREFIX}{fingerprint[:16]}"
+        self.describe = dict(describe or {})
+        self._checked: set[str] = set()  # blocks whose CRC this process has verified
+        try:
+            self.root.mkdir(exist_ok=True)
+        except OSError as err:
+            raise _disk_error(err, self.offload_dir, "creating the store folder") from err
+        self._entries = self._read_manifest()
+
+    # ---------------------------------------------------------------- manifest
+    def _read_manifest(self) -> dict[str, BlockEntry]:
+        path = self.root / MANIFEST
+        if not path.exists():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") != STORE_VERSION or data.get("fingerprint") != self.fingerprint:
+                return {}  # another version or a 16-hex-digit prefix collision: start over
+            return {name: BlockEntry.from_json(name, self.root, e) for name, e in data.get("blocks", {}).items()}
+        except (ValueError, KeyError, TypeError):
+            return {}  # an unreadable manifest lists nothing; blocks are rebuilt
+
+    def _write_manifest(self) -> None:
+        data = {
+            "version": STORE_VERSION, "fingerprint": self.fingerprint, "describe": self.describe,
+            "blocks": {name: e.to_json() for name, e in self._entries.items()},
+        }
+        _atomic_write(self.root / MANIFEST, [json.dumps(data, indent=1).encode()])
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialises manifest updates between processes sharing the store; merges what others wrote."""
+        with open(self.root / ".lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                on_disk = self._read_manifest()
+                on_disk.update(self._entries)
+                self._entries = on_disk
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def blocks(self) -> list[str]:
+        return list(self._entries)
+
+    def entry(self, block: str) -> BlockEntry:
+        if block not in self._entries:
+            raise KeyError(f"block {block} is not in the offload store {self.root}")
+        return self._entries[block]
+
+    def has(self, block: str) -> bool:
+        """True when `block` is stored intact. Checked against the manifest's size and CRC32 once per process;
+        a damaged or missing file is dropped from the manifest so that the caller rebuilds it."""
+        entry = self._entries.get(block)
+        if entry is None:
+            return False
+        if block in self._checked:
+            return True
+        if _file_crc32(entry.path, entry.file_bytes) == entry.crc32:
+            self._checked.add(block)
+            return True
+        with self._locked():
+            self._entries.pop(block, None)
+            self._write_manifest()
+        with contextlib.suppress(FileNotFoundError):
+            entry.path.unlink()
+        return False
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, nbytes: int) -> None:
+        """Raises a clear OSError(ENOSPC) before writing `nbytes` of blocks that the disk cannot hold."""
+        free = self.free_bytes()
+        if nbytes > free:
+            raise OSError(errno.ENOSPC, (
+                f"the offload dir {self.offload_dir} has {format_size(free)} free but the blocks to store need "
+                f"{format_size(nbytes)}; free {format_size(nbytes - free)}, pass another --offload-dir, "
+                "or raise --cpu-memory / --gpu-memory"))
+
+    # ---------------------------------------------------------------- writing
+    def write(self, block: str, tensors: Mapping[str, torch.Tensor]) -> BlockEntry:
+        """Stores `block` (keys relative to the block) atomically and records it in the manifest."""
+        if not tensors:
+            raise ValueError(f"block {block} has no tensors to store")
+        order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+        layout: dict[str, TensorEntry] = {}
+        header: dict[str, Any] = {"__metadata__": {"format": "pt", "neoxlite_block": block}}
+        offset = 0
+        for key in order:
+            t = tensors[key]
+            if t.dtype not in _DTYPE_NAMES:
+                raise TypeError(f"block {block}: tensor {key} has dtype {t.dtype}, which the store cannot hold")
+            n = t.numel() * t.element_size()
+            layout[key] = TensorEntry(t.dtype, tuple(t.shape), offset, offset + n)
+            header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        # Pad the header with spaces (allowed by the format) so the data starts on a DATA_ALIGN boundary.
+        padded = -(-(8 + len(raw)) // DATA_ALIGN) * DATA_ALIGN - 8
+        head = padded.to_bytes(8, "little") + raw + b" " * (padded - len(raw))
+
+        def chunks() -> Iterator[bytes | memoryview]:
+            yield head
+            for key in order:
+                t = tensors[key].detach()
+                if t.device.type != "cpu":
+                    t = t.cpu()
+                flat = t.contiguous().reshape(-1)
+                if flat.numel():
+                    yield memoryview(flat.view(torch.uint8).numpy())
+
+        path = self.root / f"{block}.safetensors"
+        try:
+            crc = _atomic_write(path, chunks())
+        except OSError as err:
+            raise _disk_error(err, self.offload_dir, f"writing block {block} ({format_size(len(head) + offset)})") from err
+        entry = BlockEntry(name=block, path=path, data_offset=len(head), data_bytes=offset, crc32=crc, tensors=layout)
+        try:
+            with self._locked():
+                self._entries[block] = entry
+                self._write_manifest()
+        except OSError as err:
+            self._entries.pop(block, None)
+            raise _disk_error(err, self.offload_dir, "updating the store manifest") from err
+        self._checked.add(block)
+        return entry
+
+    # ---------------------------------------------------------------- reading
+    def read_into(self, block: str, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Reads `block`'s data into `buffer` (a uint8 CPU tensor, pinned or not) with plain reads; returns views."""
+        entry = self.entry(block)
+        read_data(entry, buffer)
+        return entry.views(buffer)
+
+    def read(self, block: str) -> dict[str, torch.Tensor]:
+        """The block's tensors in fresh CPU memory."""
+        entry = self.entry(block)
+        return self.read_into(block, torch.empty(entry.data_bytes, dtype=torch.uint8))
+
+
+def read_data(entry: BlockEntry, buffer: torch.Tensor, *, drop_cache: bool = False) -> None:
+    """Fills buffer[:entry.data_bytes] with the block's data section using read(2), never mmap.
+
+    Mapped file pages would count in the process's RSS; read(2) copies from the page cache into memory we
+    own and budgeted. drop_cache=True also tells the kernel we will not reread these pages soon.
+    """
+    if buffer.dtype != torch.uint8 or buffer.device.type != "cpu" or buffer.numel() < entry.data_bytes:
+        raise ValueError(f"read buffer must be a uint8 CPU tensor of at least {entry.data_bytes} bytes")
+    view = memoryview(buffer.numpy())[: entry.data_bytes]
+    fd = os.open(entry.path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < entry.data_bytes:
+            n = os.preadv(fd, [view[done: done + _CHUNK]], entry.data_offset + done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"{entry.path} ends early; remove the offload store and load again")
+            done += n
+        if drop_cache:
+            os.posix_fadvise(fd, entry.data_offset, entry.data_bytes, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _file_crc32(path: Path, expected_size: int) -> int | None:
+    """CRC32 of a file, or None when it is missing or not `expected_size` bytes long."""
+    try:
+        if path.stat().st_size != expected_size:
+            return None
+        crc = 0
+        with open(path, "rb", buffering=0) as f:
+            buf = bytearray(_CHUNK)
+            view = memoryview(buf)
+            while n := f.readinto(buf):
+                crc = zlib.crc32(view[:n], crc)
+        return crc
+    except FileNotFoundError:
+        return None
+
+
+def _atomic_write(path: Path, chunks: Iterator[bytes | memoryview] | list[bytes]) -> int:
+    """Writes chunks to a temporary file beside `path`, fsyncs, renames over `path`; returns the CRC32."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    crc = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                crc = zlib.crc32(chunk, crc)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return crc
+
+
+def _disk_error(err: OSError, offload_dir: Path, doing: str) -> OSError:
+    if err.errno == errno.ENOSPC:
+        free = shutil.disk_usage(offload_dir).free
+        return OSError(errno.ENOSPC, (
+            f"no space left in the offload dir {offload_dir} while {doing} ({format_size(free)} free); "
+            "the blocks already stored stay valid. Free some space, pass another --offload-dir, "
+            "or raise --cpu-memory / --gpu-memory"))
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OSError(err.errno, f"cannot write in the offload dir {offload_dir} while {doing} ({err.strerror}); "
+                                  "fix its permissions or pass another --offload-dir")
+    return err
+
+
+# ------------------------------------------------------------------------------------------ housekeeping
+def list_stores(offload_dir: str | os.PathLike) -> list[tuple[Path, int]]:
+    """(store folder, bytes on disk) for each neoxlite store in `offload_dir`."""
+    path = Path(os.path.expanduser(os.fspath(offload_dir)))
+    if not path.is_dir():
+        raise ValueError(f"offload dir {path} does not exist or is not a directory")
+    stores = []
+    for store in sorted(path.glob(f"{STORE_PREFIX}*")):
+        if store.is_dir() and not store.is_symlink():
+            stores.append((store, sum(f.stat().st_size for f in store.iterdir() if f.is_file())))
+    return stores
+
+
+def remove(offload_dir: str | os.PathLike, fingerprint: str | None = None) -> list[tuple[Path, int]]:
+    """Deletes neoxlite's stores in `offload_dir` (only the one for `fingerprint` when given); other files stay.
+
+    Returns what was removed: (folder, bytes).
+    """
+    removed = []
+    for store, nbytes in list_stores(offload_dir):
+        if fingerprint is None or store.name == f"{STORE_PREFIX}{fingerprint[:16]}":
+            shutil.rmtree(store)
+            removed.append((store, nbytes))
+    return removed

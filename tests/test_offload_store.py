@@ -1,0 +1,219 @@
+"""The disk tier: atomic block files, fingerprints, corruption detection, full disks, bad offload dirs."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from neoxlite.offload import store as store_mod
+from neoxlite.offload.store import DATA_ALIGN, BlockStore, check_offload_dir, fingerprint, list_stores, remove
+
+FP = "f" * 64
+
+
+def block_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "attention.dense.weight": torch.randn(8, 8, generator=g).to(torch.bfloat16),
+        "attention.dense.bias": torch.randn(8, generator=g),
+        "mlp.idx": torch.arange(5, dtype=torch.int64),
+        "packed": torch.randint(0, 255, (13,), dtype=torch.uint8, generator=g),
+        "scalar": torch.tensor(0, dtype=torch.uint8),
+        "half": torch.randn(3, 1, generator=g).half(),
+    }
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_write_read_roundtrip_is_safetensors_and_aligned(tmp_path):
+    s = BlockStore(tmp_path, FP)
+    tensors = block_tensors()
+    entry = s.write("layers.0", tensors)
+    assert entry.data_offset % DATA_ALIGN == 0
+    assert same(s.read("layers.0"), tensors)
+    with safe_open(entry.path, "pt") as f:  # a plain safetensors file, readable by anyone
+        assert same({k: f.get_tensor(k) for k in f.keys()}, tensors)
+    # read into a larger reused buffer: views, no copies
+    buf = torch.zeros(entry.data_bytes + 100, dtype=torch.uint8)
+    views = s.read_into("layers.0", buf)
+    assert same(views, tensors)
+    assert all(v.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for v in views.values())
+    assert not list(s.root.glob("*.tmp"))
+
+
+def test_store_is_reused_by_a_new_process(tmp_path):
+    BlockStore(tmp_path, FP).write("layers.1", block_tensors(1))
+    again = BlockStore(tmp_path, FP)
+    assert again.blocks == ["layers.1"] and again.has("layers.1")
+    assert same(again.read("layers.1"), block_tensors(1))
+    assert BlockStore(tmp_path, "e" * 64).blocks == []  # another fingerprint, another store
+
+
+def test_fingerprint_tracks_checkpoint_and_settings(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file({"w": torch.zeros(4)}, ckpt / "model.safetensors")
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "README.md").write_text("not part of the identity")
+    base = fingerprint(ckpt, {"dtype": "bfloat16"})
+    assert fingerprint(ckpt, {"dtype": "bfloat16"}) == base
+    assert fingerprint(ckpt, {"dtype": "float32"}) != base
+    (ckpt / "README.md").write_text("edited")
+    assert fingerprint(ckpt, {"dtype": "bfloat16"}) == base
+    time.sleep(0.01)
+    save_file({"w": torch.ones(4)}, ckpt / "model.safetensors")  # same size, new mtime
+    assert fingerprint(ckpt, {"dtype": "bfloat16"}) != base
+    with pytest.raises(FileNotFoundError):
+        fingerprint(tmp_path, {})
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_block_is_detected_dropped_and_rebuilt(tmp_path, damage):
+    entry = BlockStore(tmp_path, FP).write("layers.2", block_tensors(2))
+    if damage == "flip":
+        with open(entry.path, "r+b") as f:
+            f.seek(entry.data_offset + 3)
+            byte = f.read(1)
+            f.seek(entry.data_offset + 3)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    elif damage == "truncate":
+        os.truncate(entry.path, entry.file_bytes - 1)
+    else:
+        entry.path.unlink()
+    s = BlockStore(tmp_path, FP)  # a later run
+    assert not s.has("layers.2")
+    assert s.blocks == [] and not entry.path.exists()
+    assert BlockStore(tmp_path, FP).blocks == []  # the manifest no longer lists it
+    s.write("layers.2", block_tensors(2))
+    assert BlockStore(tmp_path, FP).has("layers.2")
+
+
+def test_unreadable_manifest_lists_nothing(tmp_path):
+    s = BlockStore(tmp_path, FP)
+    s.write("layers.0", block_tensors())
+    (s.root / "manifest.json").write_text("{ not json")
+    assert BlockStore(tmp_path, FP).blocks == []
+
+
+def test_two_writers_merge_their_manifests(tmp_path):
+    a, b = BlockStore(tmp_path, FP), BlockStore(tmp_path, FP)
+    a.write("layers.0", block_tensors(0))
+    b.write("layers.1", block_tensors(1))
+    assert sorted(BlockStore(tmp_path, FP).blocks) == ["layers.0", "layers.1"]
+
+
+class _FullDisk:
+    """A file object whose writes fail with ENOSPC after `room` bytes, like a full disk."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if n > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= n
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_full_disk_gives_a_clear_error_and_no_broken_store(tmp_path, monkeypatch):
+    s = BlockStore(tmp_path, FP)
+    s.write("layers.0", block_tensors(0))
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(store_mod.os, "fdopen", lambda fd, mode: _FullDisk(real_fdopen(fd, mode), room=DATA_ALIGN + 10))
+    with pytest.raises(OSError, match="no space left in the offload dir") as info:
+        s.write("layers.1", block_tensors(1))
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert not list(s.root.glob(".*tmp")) and not (s.root / "layers.1.safetensors").exists()
+    again = BlockStore(tmp_path, FP)
+    assert again.blocks == ["layers.0"] and again.has("layers.0")
+
+
+def test_check_space_refuses_before_writing(tmp_path, monkeypatch):
+    s = BlockStore(tmp_path, FP)
+    usage = type("usage", (), {"free": 10 * 2**20})
+    monkeypatch.setattr(store_mod.shutil, "disk_usage", lambda path: usage)
+    with pytest.raises(OSError, match="has 10.00 MiB free but the blocks to store need 1.00 GiB") as info:
+        s.check_space(2**30)
+    assert info.value.errno == errno.ENOSPC
+    s.check_space(2**20)
+
+
+def test_missing_or_non_directory_offload_dir(tmp_path):
+    with pytest.raises(ValueError, match="does not exist.*mkdir -p"):
+        BlockStore(tmp_path / "nope", FP)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a directory"):
+        check_offload_dir(tmp_path / "file")
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """Make `path` unwritable even for root (chattr +i) when running as root; chmod otherwise."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+            pytest.skip("running as root and chattr +i is not available here")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o555)
+        try:
+            yield
+        finally:
+            path.chmod(0o755)
+
+
+def test_read_only_offload_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with read_only(ro), pytest.raises(ValueError, match="not writable"):
+        BlockStore(ro, FP)
+
+
+def test_remove_deletes_only_neoxlite_stores(tmp_path):
+    BlockStore(tmp_path, FP).write("layers.0", block_tensors())
+    BlockStore(tmp_path, "a" * 64).write("layers.0", block_tensors())
+    (tmp_path / "keep.txt").write_text("user file")
+    stores = list_stores(tmp_path)
+    assert len(stores) == 2 and all(n > 0 for _, n in stores)
+    removed = remove(tmp_path, fingerprint="a" * 64)
+    assert [p.name for p, _ in removed] == ["neoxlite-" + "a" * 16]
+    remove(tmp_path)
+    assert list_stores(tmp_path) == [] and (tmp_path / "keep.txt").exists()
+    manifestless = tmp_path / "unrelated"
+    manifestless.mkdir()
+    remove(tmp_path)
+    assert manifestless.exists()
+
+
+def test_manifest_records_layout(tmp_path):
+    s = BlockStore(tmp_path, FP, describe={"checkpoint": "x"})
+    entry = s.write("embed_in", {"weight": torch.randn(10, 4)})
+    data = json.loads((s.root / "manifest.json").read_text())
+    assert data["fingerprint"] == FP and data["describe"] == {"checkpoint": "x"}
+    assert data["blocks"]["embed_in"]["tensors"]["weight"] == ["F32", [10, 4], 0, 160]
+    assert entry.tensors["weight"].end == 160
