@@ -1,0 +1,342 @@
+"""bitsandbytes layers: quantize a float weight, load a pre-quantized one, serialize, move, measure.
+
+The layers are bitsandbytes' own `Linear4bit` / `Linear8bitLt`, built exactly the way transformers builds them
+(same block size, storage dtype, compute dtype and quantization kernels, on the same device), so a neoxlite
+model computes the same numbers as transformers + bitsandbytes with the same settings. The serialized form
+(`quantized_state`) is transformers' checkpoint format: keys relative to the layer,
+
+    4-bit: weight, [bias], weight.absmax, weight.quant_map, [weight.nested_absmax, weight.nested_quant_map],
+           weight.quant_state.bitsandbytes__{nf4|fp4}
+    8-bit: weight, [bias], SCB, weight_format
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import bitsandbytes as bnb
+import torch
+from bitsandbytes.utils import unpack_tensor_to_dict
+from torch import nn
+
+from .spec import BLOCKSIZE_4BIT, QuantSpec
+
+_NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the 4-bit block scales again in blocks of 256
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class Linear4bit(bnb.nn.Linear4bit):
+    """bitsandbytes' Linear4bit whose checkpoint form stays exact.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first CPU forward for its fused kernel and
+    turns the block scales into bf16; bitsandbytes' own state_dict after that re-quantizes them (lossy, and wrong
+    without double quant). This subclass keeps the quant-state tensors as they were before the repacking (about 3%
+    of the weight's bytes with double quant, 12% without) and undoes the weight's repacking exactly (it is a bit
+    permutation), so `state_dict()` and `quantized_state()` are bit-exact, and a device move starts from the
+    original layout. The forward pass is bitsandbytes' own, unchanged.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._canonical: dict[str, torch.Tensor] | None = None  # quant state before CPU repacking
+        self._canonical_weight: tuple[torch.Size, torch.dtype] | None = None  # weight shape/dtype before it
+        # bitsandbytes' repacking needs out_features % 32 == 0 and whole blocks per row; other shapes would
+        # fail an assert in its forward, so they keep the generic kernel.
+        self.support_avx512bf16_for_cpu = (
+            self.support_avx512bf16_for_cpu and self.out_features % 32 == 0 and self.in_features % BLOCKSIZE_4BIT == 0
+        )
+
+    @property
+    def cpu_packed(self) -> bool:
+        """True once bitsandbytes has repacked the weight for its AVX512-BF16 CPU kernel."""
+        return bool(getattr(self.weight.quant_state, "packing_format_for_cpu", False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or self.cpu_packed:
+            return super().forward(x)
+        before = self.weight.quant_state.as_dict(packed=True)  # references, not copies
+        shape, dtype = self.weight.data.shape, self.weight.data.dtype
+        out = super().forward(x)
+        if self.cpu_packed:
+            self._canonical, self._canonical_weight = before, (shape, dtype)
+        return out
+
+    def canonical(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(packed weight, quant-state tensors) in the checkpoint layout, without changing the layer."""
+        if not self.cpu_packed:
+            return self.weight.data, self.weight.quant_state.as_dict(packed=True)
+        assert self._canonical is not None and self._canonical_weight is not None
+        shape, dtype = self._canonical_weight
+        return _unpack_cpu_weight(self.weight.data, shape, dtype), dict(self._canonical)
+
+    def restore_canonical(self) -> None:
+        """Undo bitsandbytes' CPU repacking (the next CPU forward redoes it)."""
+        if not self.cpu_packed:
+            return
+        weight, qs = self.canonical()
+        self.weight = bnb.nn.Params4bit.from_prequantized(
+            data=weight, quantized_stats=qs, requires_grad=False, device=self.weight.device, module=self
+        )
+        self._canonical = self._canonical_weight = None
+
+    def _apply(self, fn, recurse=True):  # every .to() / .cuda() / .half() goes through here
+        self.restore_canonical()
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, value in quantized_state(self).items():
+            destination[prefix + key] = value if keep_vars else value.detach()
+
+
+def _unpack_cpu_weight(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype, block_n: int = 32) -> torch.Tensor:
+    """Exact inverse of the weight part of bitsandbytes' `_convert_weight_packed_for_cpu` (N, K/2) -> (N*K/2, 1)."""
+    n, k_half = packed.shape
+    low, high = packed.reshape(-1, block_n) & 0xF, packed.reshape(-1, block_n) >> 4
+    nibbles = torch.cat([low, high], dim=-1)  # (N/bn * K/2, 2*bn): element pairs (k, k+1) of bn rows
+    nibbles = nibbles.reshape(n // block_n, k_half, block_n, 2).transpose(1, 2).reshape(-1)  # row-major (N*K,)
+    flat = (nibbles[0::2] << 4) | nibbles[1::2]
+    return flat.view(dtype).reshape(shape)
+
+
+def _new_linear8bit(in_features: int, out_features: int, bias: bool, spec: QuantSpec) -> bnb.nn.Linear8bitLt:
+    return bnb.nn.Linear8bitLt(
+        in_features, out_features, bias, has_fp16_weights=False, threshold=spec.int8_threshold, device="meta"
+    )
+
+
+def _new_linear4bit(in_features: int, out_features: int, bias: bool, spec: QuantSpec) -> Linear4bit:
+    return Linear4bit(
+        in_features,
+        out_features,
+        bias,
+        spec.compute_dtype,
+        compress_statistics=spec.double_quant,
+        quant_type=spec.mode,
+        quant_storage=spec.quant_storage,
+        device="meta",
+    )
+
+
+def _finish(module: nn.Module, bias: torch.Tensor | None, device: torch.device) -> nn.Module:
+    if bias is not None:
+        module.bias = nn.Parameter(bias.to(device), requires_grad=False)
+    module.requires_grad_(False)
+    return module.eval()  # bitsandbytes' int8 matmul takes its training path (different numbers) in train mode
+
+
+def _check_spec(spec: QuantSpec) -> None:
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a quant.QuantSpec, got {type(spec).__name__}")
+    if not spec.enabled:
+        raise ValueError("QuantSpec(mode='none') quantizes nothing; keep the layer as a plain nn.Linear")
+
+
+def quantize_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec, device: torch.device | str
+) -> nn.Module:
+    """A ready bitsandbytes layer on `device` holding `weight` (out_features, in_features) quantized by `spec`.
+
+    The weight is quantized as given, on `device`, like transformers does: pass it already cast to the model's
+    dtype (int8 always quantizes from float16, as bitsandbytes does). `bias` is kept as given, moved to `device`.
+    """
+    _check_spec(spec)
+    device = torch.device(device)
+    if weight.dim() != 2 or weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"quantize_linear needs a 2-D float16/bfloat16/float32 weight, got {tuple(weight.shape)} {weight.dtype}"
+        )
+    out_features, in_features = weight.shape
+    if spec.is_4bit:
+        module = _new_linear4bit(in_features, out_features, bias is not None, spec)
+        module.weight = bnb.nn.Params4bit(
+            weight.to(device),
+            requires_grad=False,
+            blocksize=BLOCKSIZE_4BIT,
+            compress_statistics=spec.double_quant,
+            quant_type=spec.mode,
+            quant_storage=spec.quant_storage,
+            module=module,
+        ).to(device)  # quantizes here (bitsandbytes' Params4bit._quantize)
+    else:
+        module = _new_linear8bit(in_features, out_features, bias is not None, spec)
+        # what Int8Params._quantize does: row-wise absmax int8 from a float16 copy, on the target device
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.contiguous().to(device=device, dtype=torch.float16))
+        module.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+    return _finish(module, bias, device)
+
+
+def serialized_keys(spec: QuantSpec, bias: bool = False) -> tuple[str, ...]:
+    """The tensor keys (relative to the layer) of one quantized linear layer in transformers' format."""
+    _check_spec(spec)
+    if spec.is_4bit:
+        keys = ["weight", "weight.absmax", "weight.quant_map"]
+        if spec.double_quant:
+            keys += ["weight.nested_absmax", "weight.nested_quant_map"]
+        keys.append(f"weight.quant_state.bitsandbytes__{spec.mode}")
+    else:
+        keys = ["weight", "SCB", "weight_format"]
+    return tuple(keys) + (("bias",) if bias else ())
+
+
+def _bad(name: str, problem: str) -> ValueError:
+    where = f" for {name}" if name else ""
+    return ValueError(
+        f"pre-quantized weights{where}: {problem}. The checkpoint's quant-state tensors do not match its "
+        "quantization_config; re-create it with `neoxlite quantize` from the unquantized checkpoint."
+    )
+
+
+def _check_keys(tensors: Mapping[str, torch.Tensor], spec: QuantSpec, name: str) -> None:
+    expected = set(serialized_keys(spec))
+    optional = {"bias"} | ({"weight_format"} if spec.mode == "int8" else set())
+    missing = sorted(expected - set(tensors) - optional)
+    unexpected = sorted(set(tensors) - expected - optional)
+    problems = []
+    if missing:
+        problems.append(f"missing {missing}")
+    if unexpected:
+        problems.append(f"unexpected {unexpected}")
+    if problems:
+        raise _bad(name, f"{'; '.join(problems)} (quantization_config says {spec.describe()})")
+
+
+def _load_4bit(tensors: Mapping[str, torch.Tensor], spec: QuantSpec, device: torch.device, name: str, shape):
+    weight = tensors["weight"]
+    info = unpack_tensor_to_dict(tensors[f"weight.quant_state.bitsandbytes__{spec.mode}"])
+    if info.get("quant_type") != spec.mode:
+        raise _bad(name, f"quant state says quant_type={info.get('quant_type')!r}, config says {spec.mode!r}")
+    if info.get("shape") is None or len(info["shape"]) != 2:
+        raise _bad(name, f"quant state has no 2-D weight shape ({info.get('shape')!r})")
+    out_features, in_features = info["shape"]
+    if shape is not None and (out_features, in_features) != tuple(shape):
+        raise _bad(name, f"quant state shape {[out_features, in_features]} != layer shape {list(shape)}")
+    if getattr(torch, str(info.get("dtype")), None) not in _FLOAT_DTYPES:
+        raise _bad(name, f"quant state dtype {info.get('dtype')!r} is not a float dtype")
+    if weight.dtype != spec.quant_storage:
+        raise _bad(name, f"weight dtype {weight.dtype} != bnb_4bit_quant_storage {spec.quant_storage}")
+    n = out_features * in_features
+    if weight.numel() * weight.element_size() * 2 != n + n % 2:
+        raise _bad(name, f"packed weight holds {weight.numel() * weight.element_size() * 2} values, expected {n}")
+    blocksize = info.get("blocksize")
+    absmax = tensors["weight.absmax"]
+    if not isinstance(blocksize, int) or absmax.numel() != -(-n // blocksize):
+        raise _bad(name, f"{absmax.numel()} block scales for {n} values with blocksize {blocksize!r}")
+    if spec.double_quant:
+        nested = tensors["weight.nested_absmax"]
+        if absmax.dtype != torch.uint8 or nested.numel() != -(-absmax.numel() // info.get("nested_blocksize", 0)):
+            raise _bad(name, "nested (double-quant) scales do not match the block scales")
+    elif absmax.dtype != torch.float32:
+        raise _bad(name, f"block scales are {absmax.dtype}, expected float32 without double quant")
+    module = _new_linear4bit(in_features, out_features, "bias" in tensors, spec)
+    stats = {k: v for k, v in tensors.items() if k.startswith("weight.")}
+    module.weight = bnb.nn.Params4bit.from_prequantized(
+        data=weight, quantized_stats=stats, requires_grad=False, device=device, module=module
+    )
+    return module
+
+
+def _load_8bit(tensors: Mapping[str, torch.Tensor], spec: QuantSpec, device: torch.device, name: str, shape):
+    weight, scb = tensors["weight"], tensors["SCB"]
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise _bad(name, f"int8 weight expected, got {tuple(weight.shape)} {weight.dtype}")
+    out_features, in_features = weight.shape
+    if shape is not None and (out_features, in_features) != tuple(shape):
+        raise _bad(name, f"weight shape {list(weight.shape)} != layer shape {list(shape)}")
+    if scb.dtype != torch.float32 or tuple(scb.shape) != (out_features,):
+        raise _bad(name, f"SCB must be float32 of shape ({out_features},), got {tuple(scb.shape)} {scb.dtype}")
+    fmt = tensors.get("weight_format")
+    if fmt is not None and int(fmt.item()) != 0:
+        raise _bad(name, f"weight_format={int(fmt.item())}; only row-major (0) int8 weights are supported")
+    module = _new_linear8bit(in_features, out_features, "bias" in tensors, spec)
+    cb = weight.to(device)
+    module.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb.to(device))
+    return module
+
+
+def load_quantized_linear(
+    tensors: Mapping[str, torch.Tensor],
+    spec: QuantSpec,
+    device: torch.device | str,
+    *,
+    shape: tuple[int, int] | None = None,
+    name: str = "",
+) -> nn.Module:
+    """A bitsandbytes layer on `device` from pre-quantized tensors (keys as in `serialized_keys`), as quantized.
+
+    `shape` (out_features, in_features), when given, is checked against the quant state; `name` (the layer's
+    full name) goes into error messages. Raises ValueError when tensors are missing, unexpected or inconsistent.
+    """
+    _check_spec(spec)
+    _check_keys(tensors, spec, name)
+    device = torch.device(device)
+    load = _load_4bit if spec.is_4bit else _load_8bit
+    module = load(tensors, spec, device, name, shape)
+    return _finish(module, tensors.get("bias"), device)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for the bitsandbytes layers this package makes."""
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def quantized_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The layer's tensors in transformers' checkpoint format (keys relative to the layer), bit-exact."""
+    if isinstance(module, Linear4bit):
+        weight, qs = module.canonical()
+    elif isinstance(module, bnb.nn.Linear4bit):
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            raise ValueError("this bitsandbytes Linear4bit was repacked for the CPU; build it with quant.quantize_linear")
+        weight, qs = module.weight.data, module.weight.quant_state.as_dict(packed=True)
+    elif isinstance(module, bnb.nn.Linear8bitLt):
+        scb = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
+        if module.weight.dtype != torch.int8 or scb is None:
+            raise ValueError("this Linear8bitLt holds no int8 weight yet; build it with quant.quantize_linear")
+        out = {"weight": module.weight.data}
+        if module.bias is not None:
+            out["bias"] = module.bias.data
+        out["SCB"] = scb
+        out["weight_format"] = torch.tensor(0, dtype=torch.uint8)  # row-major, as bitsandbytes writes it
+        return out
+    else:
+        raise TypeError(f"quantized_state needs a bitsandbytes linear layer, got {type(module).__name__}")
+    out = {"weight": weight}
+    if module.bias is not None:
+        out["bias"] = module.bias.data
+    out.update({"weight." + k: v for k, v in qs.items()})
+    return out
+
+
+def move(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """Move a (quantized or plain) layer to `device` in place, quant state included; returns it."""
+    return module.to(torch.device(device))
+
+
+def _module_tensors(module: nn.Module) -> list[torch.Tensor]:
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    if isinstance(module, bnb.nn.Linear4bit):
+        qs = module.weight.quant_state
+        if qs is not None:
+            tensors += [qs.absmax, qs.code]
+            if qs.nested:
+                tensors += [qs.offset, qs.state2.absmax, qs.state2.code]
+        if isinstance(module, Linear4bit) and module._canonical is not None:
+            tensors += list(module._canonical.values())
+    elif isinstance(module, bnb.nn.Linear8bitLt):
+        tensors += [t for t in (module.weight.SCB, module.state.SCB, module.state.CB) if t is not None]
+    return tensors
+
+
+def nbytes(module: nn.Module) -> int:
+    """Bytes held by a module and its children (quant state included), each storage counted once."""
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for sub in module.modules():
+        for t in _module_tensors(sub):
+            if t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = (str(t.device), storage.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+    return total
