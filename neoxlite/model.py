@@ -188,6 +188,18 @@ class GPTNeoXPreTrainedModel(nn.Module):
     def device(self) -> torch.device:
         return self.base_model.compute_device
 
+    def block_sizes(self) -> dict[str, int]:
+        """Bytes each block holds now ('embed_in', 'layers.i', 'head'); quantized layers count their packed
+        weights and quant state; a tensor shared by two blocks counts once."""
+        from neoxlite.checkpoint import block_of
+        from quant.model import block_sizes
+
+        return block_sizes(self, block_of)
+
+    def memory_footprint(self) -> int:
+        """Bytes of all weights and buffers (quant state included), each storage counted once."""
+        return sum(self.block_sizes().values())
+
     @property
     def dtype(self) -> torch.dtype:
         for p in self.parameters():

@@ -52,13 +52,19 @@ class Linear4bit(bnb.nn.Linear4bit):
         return bool(getattr(self.weight.quant_state, "packing_format_for_cpu", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # bitsandbytes casts the bias to the compute dtype in place; casting it each call computes the same
+        # numbers and keeps the stored bias as loaded.
+        bias = None if self.bias is None else self.bias.data
         if x.device.type != "cpu" or self.cpu_packed:
-            return super().forward(x)
-        before = self.weight.quant_state.as_dict(packed=True)  # references, not copies
-        shape, dtype = self.weight.data.shape, self.weight.data.dtype
-        out = super().forward(x)
-        if self.cpu_packed:
-            self._canonical, self._canonical_weight = before, (shape, dtype)
+            out = super().forward(x)
+        else:
+            before = self.weight.quant_state.as_dict(packed=True)  # references, not copies
+            shape, dtype = self.weight.data.shape, self.weight.data.dtype
+            out = super().forward(x)
+            if self.cpu_packed:
+                self._canonical, self._canonical_weight = before, (shape, dtype)
+        if bias is not None:
+            self.bias.data = bias
         return out
 
     def canonical(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -18,8 +18,11 @@ MODES = ("none", "int8", "nf4", "fp4")
 BLOCKSIZE_4BIT = 64
 
 # Modules kept in full precision by default: the embeddings and every output head (the lm head is what
-# transformers keeps too; the others are tiny and quantizing them hurts the result most).
-DEFAULT_SKIP_MODULES = ("embed_in", "embed_out", "score", "classifier", "qa_outputs")
+# transformers keeps too; the others are tiny and quantizing them hurts the result most). GPT-NeoX's lm head is
+# `embed_out` in checkpoints and transformers 4, `lm_head` in transformers 5: both names are listed so the
+# quantization_config we write means the same to either.
+DEFAULT_SKIP_MODULES = ("embed_in", "embed_out", "lm_head", "score", "classifier", "qa_outputs")
+_HEAD_ALIASES = {"embed_out": "lm_head", "lm_head": "embed_out"}
 
 # dtypes bitsandbytes' 4-bit matmul can compute in, by the names transformers writes to config.json.
 COMPUTE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -112,8 +115,11 @@ class QuantSpec:
         return self.mode in ("nf4", "fp4")
 
     def quantizes(self, module_name: str) -> bool:
-        """Whether the nn.Linear with this (full, dotted) name is quantized under this spec."""
-        return self.enabled and not matches_module(module_name, self.skip_modules)
+        """Whether the nn.Linear with this (full, dotted) name is quantized under this spec (the lm head
+        matches under either of its names, embed_out and lm_head)."""
+        head, dot, rest = module_name.partition(".")
+        names = [module_name] + ([_HEAD_ALIASES[head] + dot + rest] if head in _HEAD_ALIASES else [])
+        return self.enabled and not any(matches_module(name, self.skip_modules) for name in names)
 
     @classmethod
     def from_kwargs(

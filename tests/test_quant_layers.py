@@ -79,7 +79,7 @@ def test_spec_defaults():
     spec = QuantSpec()
     assert spec.mode == "none" and not spec.enabled
     assert spec.compute_dtype == torch.float16 and spec.double_quant and spec.int8_threshold == 6.0
-    assert spec.skip_modules == ("embed_in", "embed_out", "score", "classifier", "qa_outputs")
+    assert spec.skip_modules == ("embed_in", "embed_out", "lm_head", "score", "classifier", "qa_outputs")
     assert QuantSpec.from_kwargs() == spec
     assert QuantSpec.from_kwargs(quant=None).mode == "none"
 
@@ -99,8 +99,10 @@ def test_spec_quantizes_module_names():
     spec = QuantSpec("nf4")
     assert spec.quantizes("gpt_neox.layers.0.attention.query_key_value")
     assert spec.quantizes("gpt_neox.layers.11.mlp.dense_4h_to_h")
-    for name in ("embed_out", "score", "classifier", "qa_outputs"):
+    for name in ("embed_out", "lm_head", "score", "classifier", "qa_outputs"):
         assert not spec.quantizes(name)
+    assert not QuantSpec("nf4", skip_modules=("lm_head",)).quantizes("embed_out")  # transformers 5's name for it
+    assert not QuantSpec("nf4", skip_modules=("embed_out",)).quantizes("lm_head")
     only_layer1 = QuantSpec("nf4", skip_modules=("gpt_neox.layers.1",))
     assert not only_layer1.quantizes("gpt_neox.layers.1.mlp.dense_h_to_4h")
     assert only_layer1.quantizes("gpt_neox.layers.11.mlp.dense_h_to_4h")
@@ -245,7 +247,7 @@ def test_transformers_layer_loads_our_state(mode):
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_move_keeps_layer_exact(mode):
     spec = QuantSpec(mode)
-    w, b, x = weights(torch.float16)  # bitsandbytes casts the bias to the compute dtype (float16) on forward
+    w, b, x = weights(torch.bfloat16)  # compute dtype float16: bitsandbytes would cast the bias in place
     layer = quant.quantize_linear(w, b, spec, "cpu")
     before = {k: v.clone() for k, v in quant.quantized_state(layer).items()}
     with torch.no_grad():

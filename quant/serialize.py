@@ -1,0 +1,87 @@
+"""Pre-quantized checkpoints: `neoxlite quantize SRC DST --quant nf4|fp4|int8`.
+
+DST is a hub-layout folder in transformers' bitsandbytes serialization (each quantized layer's weight with its
+quant-state tensors, and `quantization_config` in config.json), so transformers loads it as it is, and neoxlite
+loads it without quantizing again. The folder appears whole or not at all: it is written to a temporary
+sibling and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Files of a checkpoint folder that are weights or written anew; everything else (tokenizer, generation config)
+# is copied as it is.
+_REWRITTEN = ("config.json", "model.safetensors.index.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+
+
+def quantize_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    quant: str,
+    compute_dtype: torch.dtype | str | None = None,
+    double_quant: bool = True,
+    int8_threshold: float = 6.0,
+    skip_modules: list[str] | tuple[str, ...] | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    max_shard_size: int | str = "2GiB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Any:
+    """Quantizes the checkpoint SRC (folder or hub id) block by block and writes DST; returns the loaded
+    quantized model. dtype: the dtype of the layers kept in full precision and the one the weights are cast to
+    before quantizing (default: SRC's). device: where quantization runs (default cpu; transformers quantizes on
+    the device the model loads to, and the CUDA and CPU kernels may round differently)."""
+    from neoxlite.config import GPTNeoXConfig
+    from neoxlite.fileio import atomic_folder
+    from neoxlite.hub import resolve
+    from neoxlite.loading import parse_dtype
+    from neoxlite.model import ARCHITECTURES, GPTNeoXForCausalLM
+    from neoxlite.saving import save_pretrained
+
+    from .spec import _parse_mode
+
+    if _parse_mode(quant) == "none":
+        raise ValueError("neoxlite quantize needs --quant int8, nf4 or fp4")
+    folder = resolve(src)
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; choose another destination or remove it first")
+    if dst.resolve() == folder.resolve():
+        raise ValueError(f"DST {dst} is the source folder; write the quantized checkpoint to a new folder")
+    config = GPTNeoXConfig.from_json_file(folder / "config.json")
+    if config.quantization_config:
+        raise ValueError(
+            f"{src} is already quantized ({config.quantization_config.get('quant_method', '?')}); "
+            "quantize the unquantized checkpoint instead"
+        )
+    arch = (config.architectures or ["GPTNeoXForCausalLM"])[0]
+    cls = ARCHITECTURES.get(arch, GPTNeoXForCausalLM)
+    model = cls.from_pretrained(
+        folder,
+        dtype=dtype,
+        device=device,
+        quant=quant,
+        compute_dtype=compute_dtype,
+        double_quant=double_quant,
+        int8_threshold=int8_threshold,
+        skip_modules=skip_modules,
+        progress=progress,
+    )
+    target = parse_dtype(dtype)
+    if target is not None:
+        model.config.torch_dtype = str(target).removeprefix("torch.")
+    with atomic_folder(dst, overwrite=overwrite) as tmp:
+        save_pretrained(model, tmp, max_shard_size=max_shard_size)
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.name not in _REWRITTEN and not path.name.endswith(_WEIGHT_SUFFIXES):
+                shutil.copyfile(path, tmp / path.name)
+    return model
