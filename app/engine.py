@@ -1,0 +1,377 @@
+"""The models behind the app: each checkpoint loaded once, every request run on them, memory reported.
+
+Nothing here knows Gradio: user mistakes raise ValueError, and `app.ui` turns them into messages.
+Which tabs exist follows each checkpoint's `config.json` `architectures`; a checkpoint given with
+`--head` adds its head next to the chat model.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from app import prompting
+from neoxlite.config import GPTNeoXConfig
+from neoxlite.generation import context_limit
+from neoxlite.options import DEFAULT_SAMPLING, sampling_kwargs
+
+# architecture (config.json) -> task, in the order the tabs appear
+TASKS = {
+    "GPTNeoXForCausalLM": "chat",
+    "GPTNeoXForSequenceClassification": "classify",
+    "GPTNeoXForTokenClassification": "tag",
+    "GPTNeoXForQuestionAnswering": "answer",
+}
+TASK_TITLES = {
+    "chat": "Chat",
+    "classify": "Sequence classification",
+    "tag": "Token classification",
+    "answer": "Question answering",
+}
+MAX_ANSWER_TOKENS = 64  # longest answer span the QA head may pick
+
+
+@dataclass
+class Source:
+    """One checkpoint the app serves: where it is and which task its head does."""
+
+    name: str  # as the user gave it (folder or hub id)
+    folder: Path  # resolved local folder
+    config: GPTNeoXConfig
+
+    @property
+    def architecture(self) -> str:
+        return (self.config.architectures or ["GPTNeoXForCausalLM"])[0]
+
+    @property
+    def task(self) -> str:
+        return TASKS[self.architecture]
+
+    @property
+    def context_length(self) -> int:
+        return context_limit(self.config)
+
+    @classmethod
+    def open(cls, path_or_id: str | Path) -> Source:
+        """Resolves the checkpoint (downloading a hub id) and reads its config; the weights load later."""
+        from neoxlite.hub import resolve
+
+        folder = resolve(path_or_id)
+        source = cls(name=str(path_or_id), folder=folder, config=GPTNeoXConfig.from_json_file(folder / "config.json"))
+        if source.architecture not in TASKS:
+            raise ValueError(
+                f"{path_or_id}: config.json says architectures={source.config.architectures!r}; the app serves "
+                f"{', '.join(TASKS)}. Pass a GPT-NeoX checkpoint with one of those heads."
+            )
+        return source
+
+
+@dataclass
+class Sampling:
+    """The chat tab's sampling settings; defaults are the CLI's (neoxlite.options.DEFAULT_SAMPLING)."""
+
+    temperature: float = DEFAULT_SAMPLING["temperature"]  # 0 means greedy
+    top_p: float = DEFAULT_SAMPLING["top_p"]  # 1 means off
+    top_k: int = DEFAULT_SAMPLING["top_k"]  # 0 means off
+    max_new_tokens: int = DEFAULT_SAMPLING["max_new_tokens"]
+    repetition_penalty: float = DEFAULT_SAMPLING["repetition_penalty"]
+    seed: int | None = DEFAULT_SAMPLING["seed"]  # None (or negative): a fresh random seed each time
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """generate()/stream_text() keywords, validated by the same code as the CLI's flags."""
+        values = vars(self) | {"seed": self.seed if self.seed is not None and self.seed >= 0 else None}
+        return sampling_kwargs(values)
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A reply while it streams."""
+
+    text: str = ""
+    tokens: int = 0  # generated so far (the text re-encoded; a stop string's tokens included)
+    seconds: float = 0.0
+    done: bool = False
+
+    @property
+    def status(self) -> str:
+        rate = f", {self.tokens / self.seconds:.1f} tokens/s" if self.seconds > 0 else ""
+        return f"{'Done' if self.done else 'Generating'}: {self.tokens} tokens in {self.seconds:.1f} s{rate}"
+
+
+@dataclass
+class Answer:
+    text: str
+    score: float  # probability of this span among all spans in the context
+    start: int  # character offsets of the span in the context
+    end: int
+
+
+class LoadError(RuntimeError):
+    """A checkpoint failed to load; every request says so (the traceback went to stderr once)."""
+
+
+@dataclass
+class LoadStep:
+    source: Source
+    state: str = "waiting"  # waiting | loading | ready | failed
+    seconds: float = 0.0
+    error: str = ""
+    started: float = field(default=0.0, repr=False)
+
+
+class Engine:
+    """Holds one model per task and runs requests on them, one at a time."""
+
+    def __init__(self, sources: Sequence[Source], load_kwargs: dict[str, Any] | None = None):
+        by_task: dict[str, Source] = {}
+        for source in sources:
+            if source.task in by_task:
+                raise ValueError(
+                    f"both {by_task[source.task].name} and {source.name} are {source.architecture} checkpoints; "
+                    "the app serves one checkpoint per head: pass one of them."
+                )
+            by_task[source.task] = source
+        if not by_task:
+            raise ValueError("no checkpoint to serve: pass -m MODEL and/or --head PATH")
+        self.sources = {task: by_task[task] for task in TASK_TITLES if task in by_task}
+        self.load_kwargs = dict(load_kwargs or {})
+        self.models: dict[str, torch.nn.Module] = {}
+        self.tokenizers: dict[str, Any] = {}
+        self.steps = [LoadStep(source) for source in self.sources.values()]
+        self._loaded = threading.Event()
+        self._error: str | None = None
+        self._lock = threading.Lock()  # one request on the models at a time, whoever calls
+
+    @classmethod
+    def from_paths(cls, model: str | Path | None = None, heads: Sequence[str | Path] = (),
+                   **load_kwargs: Any) -> Engine:
+        """Reads the checkpoints' configs (fast; weights load later). No model and no heads: the demo."""
+        if model is None and not heads:
+            from neoxlite.demo import demo_head_paths, demo_path  # the shipped demo and its heads
+
+            model, heads = demo_path(), demo_head_paths()
+        paths = ([model] if model is not None else []) + list(heads)
+        return cls([Source.open(p) for p in paths], load_kwargs)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.sources)
+
+    # --- loading ----------------------------------------------------------------------------------------
+
+    def start(self) -> threading.Thread:
+        """Loads the weights in a background thread; requests wait for it."""
+        thread = threading.Thread(target=self.load, name="neoxlite-app-load", daemon=True)
+        thread.start()
+        return thread
+
+    def load(self) -> None:
+        """Loads every checkpoint in turn (the chat model first); a failure is kept for `wait` to raise."""
+        import neoxlite
+        from neoxlite.api import load
+
+        try:
+            for step in self.steps:
+                step.state, step.started = "loading", time.perf_counter()
+                source = step.source
+                model, tokenizer = load(source.folder, cls=getattr(neoxlite, source.architecture), **self.load_kwargs)
+                self.models[source.task], self.tokenizers[source.task] = model, tokenizer
+                step.state, step.seconds = "ready", time.perf_counter() - step.started
+        except Exception as e:  # reported in the UI and on every request; the traceback goes to stderr
+            traceback.print_exc(file=sys.stderr)
+            step.state, step.seconds = "failed", time.perf_counter() - step.started
+            step.error = self._error = f"{type(e).__name__}: {e}"
+        finally:
+            self._loaded.set()
+
+    def wait(self) -> None:
+        """Blocks until the weights are loaded; raises LoadError if loading failed."""
+        self._loaded.wait()
+        if self._error is not None:
+            raise LoadError(f"the model failed to load ({self._error}); fix the flags and restart the app")
+
+    def _get(self, task: str) -> tuple[torch.nn.Module, Any]:
+        if task not in self.sources:
+            flag = "-m MODEL" if task == "chat" else "--head PATH"
+            raise ValueError(f"no {TASK_TITLES[task].lower()} model is loaded; start the app with {flag} "
+                             f"pointing at a {next(a for a, t in TASKS.items() if t == task)} checkpoint")
+        self.wait()
+        return self.models[task], self.tokenizers[task]
+
+    # --- chat -------------------------------------------------------------------------------------------
+
+    def chat_prompt(self, system: str, history: list[prompting.Message], message: str,
+                    sampling: Sampling) -> prompting.Prompt:
+        _, tokenizer = self._get("chat")
+        return prompting.build_prompt(tokenizer, system, history, message,
+                                      max_new_tokens=int(sampling.max_new_tokens),
+                                      context_length=self.sources["chat"].context_length)
+
+    def stream_reply(self, prompt: prompting.Prompt, sampling: Sampling) -> Iterator[Partial]:
+        """Yields the reply so far after each new piece of text, stop strings cut; the last one is final."""
+        from neoxlite.generation import stream_text
+
+        model, tokenizer = self._get("chat")
+        settings = {**sampling.generate_kwargs(), "max_new_tokens": prompt.max_new_tokens}
+        stream = stream_text(model, tokenizer, prompt.text, stop_strings=list(prompt.stop_strings) or None, **settings)
+        reply = Partial()
+        text, started = "", time.perf_counter()
+        try:
+            while True:
+                # the lock is held per token, never across a yield: a reply abandoned by its reader
+                # (Stop, a closed tab) cannot block the next request
+                with self._lock:
+                    delta = next(stream, None)
+                if delta is None:
+                    break
+                text += delta
+                visible, stopped = prompting.cut_at_stop(text, prompt.stop_strings)
+                reply = Partial(visible.strip(), len(tokenizer.encode(text)), time.perf_counter() - started)
+                if stopped:
+                    break
+                yield reply
+        finally:
+            stream.close()
+        yield Partial(reply.text, reply.tokens, reply.seconds, done=True)
+
+    # --- heads ------------------------------------------------------------------------------------------
+
+    def _encode(self, task: str, text: str, what: str) -> tuple[torch.nn.Module, Any, list[int]]:
+        if not text.strip():
+            raise ValueError(f"Enter the {what} first.")
+        model, tokenizer = self._get(task)
+        ids = tokenizer.encode(text)
+        limit = self.sources[task].context_length
+        if len(ids) > limit:
+            raise ValueError(f"The {what} is {len(ids)} tokens; this model reads at most {limit}. Shorten it.")
+        return model, tokenizer, ids
+
+    def _forward(self, model: torch.nn.Module, ids: list[int]) -> Any:
+        input_ids = torch.tensor([ids], device=model.device)
+        with self._lock, torch.inference_mode():
+            return model(input_ids, attention_mask=torch.ones_like(input_ids))
+
+    def classify(self, text: str) -> dict[str, float]:
+        """Probability of each label (config id2label) for the whole text."""
+        model, _, ids = self._encode("classify", text, "text")
+        probs = self._forward(model, ids).logits[0].float().softmax(-1).tolist()
+        labels = _labels(model)
+        return {labels(i): p for i, p in enumerate(probs)}
+
+    def tag(self, text: str) -> list[tuple[str, str]]:
+        """(piece of text, label) per token, pieces joining back into the text."""
+        model, tokenizer, ids = self._encode("tag", text, "text")
+        best = self._forward(model, ids).logits[0].argmax(-1).tolist()
+        labels = _labels(model)
+        return [(piece, labels(best[i])) for piece, i in _pieces(tokenizer, ids)]
+
+    def answer(self, question: str, context: str) -> Answer:
+        """The best span of `context` answering `question`.
+
+        Input layout (shared with the demo QA head's training): question tokens, then context tokens,
+        where the question text ends with a newline. The span is searched in the context tokens only.
+        """
+        if not question.strip():
+            raise ValueError("Enter a question first.")
+        model, tokenizer, ctx_ids = self._encode("answer", context, "context")
+        q_ids = tokenizer.encode(question.strip() + "\n")
+        limit = self.sources["answer"].context_length
+        if len(q_ids) + len(ctx_ids) > limit:
+            raise ValueError(f"Question and context are {len(q_ids) + len(ctx_ids)} tokens; this model reads at "
+                             f"most {limit}. Shorten the context.")
+        out = self._forward(model, q_ids + ctx_ids)
+        n_q = len(q_ids)
+        start = out.start_logits[0, n_q:].float().log_softmax(-1)  # (C,)
+        end = out.end_logits[0, n_q:].float().log_softmax(-1)  # (C,)
+        pair = start[:, None] + end[None, :]  # (C, C): log p(start=i) + log p(end=j)
+        n = pair.shape[0]
+        allowed = torch.ones(n, n, dtype=torch.bool).triu().logical_and(
+            torch.ones(n, n, dtype=torch.bool).tril(MAX_ANSWER_TOKENS - 1))
+        pair = pair.masked_fill(~allowed, float("-inf"))
+        flat = int(pair.argmax())
+        i, j = divmod(flat, n)
+        span = tokenizer.decode(ctx_ids[i:j + 1])
+        start_char = len(tokenizer.decode(ctx_ids[:i])) + len(span) - len(span.lstrip())
+        return Answer(text=span.strip(), score=float(pair[i, j].exp()), start=start_char,
+                      end=start_char + len(span.strip()))
+
+    # --- memory -----------------------------------------------------------------------------------------
+
+    def load_status(self) -> list[tuple[str, str, str, float, str]]:
+        """(task, checkpoint, state, seconds, error) per checkpoint, in load order."""
+        now = time.perf_counter()
+        return [(s.source.task, s.source.name, s.state,
+                 now - s.started if s.state == "loading" else s.seconds, s.error) for s in self.steps]
+
+    def placement(self) -> list[tuple[str, str, str, int]]:
+        """(task, block, home, bytes) for every block of every loaded model."""
+        return [(task, block, home, size) for task, model in list(self.models.items())
+                for block, home, size in block_placement(model)]
+
+
+def _labels(model: torch.nn.Module):
+    id2label = model.config.id2label or {}
+    return lambda i: id2label.get(i, f"LABEL_{i}")
+
+
+def _pieces(tokenizer: Any, ids: list[int]) -> list[tuple[str, int]]:
+    """Splits the decoded text into one piece per token, as (piece, token index).
+
+    A character split across tokens (byte-level BPE) goes to the piece of the token that completes it.
+    """
+    pieces, shown = [], ""
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[: i + 1])
+        if text.endswith("\ufffd") and i + 1 < len(ids):
+            continue
+        pieces.append((text[len(shown):], i))
+        shown = text
+    return pieces
+
+
+# --- where blocks live -----------------------------------------------------------------------------------
+
+_TIERS = {"gpu": "GPU", "cpu": "RAM", "disk": "disk"}
+
+
+def block_placement(model: torch.nn.Module) -> list[tuple[str, str, int]]:
+    """(block, home, bytes) per block ("embed_in", "layers.i", "head"), in model order.
+
+    An offloaded model carries its plan (`model.offload_plan`, from neoxlite.offload): each block's tier and
+    size in final form. Otherwise every block sits on the compute device, at its current size.
+    """
+    plan = getattr(model, "offload_plan", None)
+    if plan is not None:
+        return [(block, _TIERS[home], plan.block_bytes[block]) for block, home in plan.homes.items()]
+    home = "GPU" if model.device.type == "cuda" else "RAM"
+    return [(block, home, size) for block, size in model.block_sizes().items()]
+
+
+def memory_now() -> dict[str, int | None]:
+    """RAM and VRAM in use now and at peak, in bytes (None where there is no such thing)."""
+    process = psutil.Process()
+    info = process.memory_info()
+    peak = getattr(info, "peak_wset", None)  # Windows
+    if peak is None:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    stats: dict[str, int | None] = {
+        "ram": info.rss, "ram_peak": max(peak, info.rss), "ram_total": psutil.virtual_memory().total,
+        "vram": None, "vram_peak": None, "vram_reserved": None, "vram_total": None,
+    }
+    if torch.cuda.is_available():
+        stats.update(vram=torch.cuda.memory_allocated(), vram_peak=torch.cuda.max_memory_allocated(),
+                     vram_reserved=torch.cuda.memory_reserved(),
+                     vram_total=torch.cuda.get_device_properties(0).total_memory)
+    return stats
