@@ -1,0 +1,94 @@
+"""Greedy decode speed on this machine: neoxlite against transformers in the same run, and the bandwidth bound.
+
+    .venv/bin/python bench/decode.py [--shape pythia-410m] [--dtypes bf16 fp32] [--tokens 64]
+
+Decoding one token reads every weight once (the embedding only one row), so tokens/s can be at most
+read bandwidth / weight bytes. Each figure is the median of several timed runs of `tokens` new tokens after
+a fixed prompt, with prefill subtracted (a run of 1 new token is timed the same way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import random_checkpoint, read_bandwidth  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def decode_rate(run: Callable[[int], None], tokens: int, repeats: int) -> float:
+    """Tokens/s of the decode phase: (time for `tokens` new) - (time for 1 new), over tokens - 1."""
+    run(4)  # warm up caches and lazy kernels
+    long_runs, short_runs = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(1)
+        short_runs.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        run(tokens)
+        long_runs.append(time.perf_counter() - start)
+    return (tokens - 1) / (statistics.median(long_runs) - statistics.median(short_runs))
+
+
+def decode_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes one decoded token reads: everything but the input embedding table."""
+    total = 0
+    for name, p in model.named_parameters():
+        if "embed_in" not in name:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="pythia-410m")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--skip-reference", action="store_true", help="neoxlite only")
+    args = parser.parse_args()
+
+    import transformers
+
+    from neoxlite import GPTNeoXForCausalLM
+
+    bandwidth = read_bandwidth()
+    print(f"machine: {torch.get_num_threads()} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    prompt = torch.randint(2, 50000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    for name in args.dtypes:
+        dtype = DTYPES[name]
+        folder = random_checkpoint(args.shape, torch.bfloat16 if dtype != torch.float32 else torch.float32)
+        ours = GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype, progress=False)
+        nbytes = decode_bytes(ours)
+        bound = bandwidth / nbytes
+        ours_rate = decode_rate(lambda n: ours.generate(prompt, max_new_tokens=n, eos_token_id=[]), args.tokens, args.repeats)
+        ours_tokens = ours.generate(prompt, max_new_tokens=16, eos_token_id=[])
+        del ours
+        line = (f"{args.shape} {name}: neoxlite {ours_rate:.1f} tok/s = {ours_rate / bound:.0%} of the "
+                f"{bound:.1f} tok/s bound ({nbytes / 1e9:.2f} GB/token)")
+        if not args.skip_reference:
+            ref = transformers.GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+            def ref_run(n: int) -> None:
+                ref.generate(prompt, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+            ref_rate = decode_rate(ref_run, args.tokens, args.repeats)
+            same = torch.equal(ref.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                            pad_token_id=0), ours_tokens)
+            del ref
+            line += (f"; transformers {ref_rate:.1f} tok/s = {ref_rate / bound:.0%}; ratio {ours_rate / ref_rate:.2f}x"
+                     f"; same tokens: {same}")
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
