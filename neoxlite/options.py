@@ -88,7 +88,7 @@ def sampling_kwargs(args: argparse.Namespace | dict[str, Any]) -> dict[str, Any]
     if kwargs["max_new_tokens"] <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {kwargs['max_new_tokens']}")
     if temperature > 0:
-        kwargs.update(temperature=temperature, top_k=int(values.get("top_k") or 0) or None,
+        kwargs.update(temperature=temperature, top_k=int(values.get("top_k") or 0),  # 0: off
                       top_p=float(values.get("top_p") if values.get("top_p") is not None else 1.0))
     seed = values.get("seed")
     if seed is not None and seed != "":
