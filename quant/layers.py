@@ -16,6 +16,7 @@ from collections.abc import Mapping
 
 import bitsandbytes as bnb
 import torch
+from bitsandbytes.functional import QuantState
 from bitsandbytes.utils import unpack_tensor_to_dict
 from torch import nn
 
@@ -23,6 +24,10 @@ from .spec import BLOCKSIZE_4BIT, QuantSpec
 
 _NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the 4-bit block scales again in blocks of 256
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# CPU quantization runs over slices of this many weights: bitsandbytes' CPU kernels make several float32
+# temporaries of the whole input, which for a 2048x8192 layer would be ~250 MB on top of the weight. Blocks
+# (4-bit) and rows (int8) are quantized independently, so slicing gives the same bits.
+CHUNK_ELEMENTS = 1 << 22
 
 
 class Linear4bit(bnb.nn.Linear4bit):
@@ -104,6 +109,53 @@ def _unpack_cpu_weight(packed: torch.Tensor, shape: torch.Size, dtype: torch.dty
     return flat.view(dtype).reshape(shape)
 
 
+def _quantize_4bit_cpu(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, QuantState]:
+    """bitsandbytes.functional.quantize_4bit(weight, blocksize=64, ...) on the CPU, slice by slice: the same
+    packed bytes and quant state, with bounded temporaries."""
+    flat = weight.contiguous().reshape(-1)
+    step = max(CHUNK_ELEMENTS // BLOCKSIZE_4BIT, 1) * BLOCKSIZE_4BIT
+    packed, absmax = [], []
+    for start in range(0, flat.numel(), step):
+        p, a = torch.ops.bitsandbytes.quantize_4bit.default(
+            flat[start : start + step], BLOCKSIZE_4BIT, spec.mode, spec.quant_storage
+        )
+        packed.append(p)
+        absmax.append(a)
+    data = torch.cat(packed) if len(packed) > 1 else packed[0]
+    scales = torch.cat(absmax) if len(absmax) > 1 else absmax[0]
+    del packed, absmax
+    code = bnb.functional.get_4bit_type(spec.mode, device=weight.device)
+    if not spec.double_quant:
+        state = QuantState(
+            absmax=scales, shape=weight.shape, code=code, blocksize=BLOCKSIZE_4BIT, quant_type=spec.mode,
+            dtype=weight.dtype,
+        )
+        return data, state
+    # as quantize_4bit(compress_statistics=True) does: the block scales, centred, quantized in blocks of 256
+    offset = scales.mean()
+    qscales, state2 = bnb.functional.quantize_blockwise(scales - offset, blocksize=_NESTED_BLOCKSIZE)
+    state = QuantState(
+        absmax=qscales, shape=weight.shape, code=code, blocksize=BLOCKSIZE_4BIT, quant_type=spec.mode,
+        dtype=weight.dtype, offset=offset, state2=state2,
+    )
+    return data, state
+
+
+def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What Int8Params._quantize does (row-wise absmax int8 from a float16 copy), on CPU rows slice by slice."""
+    w16 = weight.contiguous().to(torch.float16)
+    if w16.device.type != "cpu":
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(w16)
+        return cb, scb
+    rows = max(CHUNK_ELEMENTS // max(w16.shape[1], 1), 1)
+    cb = torch.empty(w16.shape, dtype=torch.int8)
+    scb = torch.empty(w16.shape[0], dtype=torch.float32)
+    for start in range(0, w16.shape[0], rows):
+        c, s, _ = bnb.functional.int8_vectorwise_quant(w16[start : start + rows])
+        cb[start : start + rows], scb[start : start + rows] = c, s
+    return cb, scb
+
+
 def _new_linear8bit(in_features: int, out_features: int, bias: bool, spec: QuantSpec) -> bnb.nn.Linear8bitLt:
     return bnb.nn.Linear8bitLt(
         in_features, out_features, bias, has_fp16_weights=False, threshold=spec.int8_threshold, device="meta"
@@ -154,7 +206,7 @@ def quantize_linear(
     out_features, in_features = weight.shape
     if spec.is_4bit:
         module = _new_linear4bit(in_features, out_features, bias is not None, spec)
-        module.weight = bnb.nn.Params4bit(
+        params = bnb.nn.Params4bit(
             weight.to(device),
             requires_grad=False,
             blocksize=BLOCKSIZE_4BIT,
@@ -162,11 +214,17 @@ def quantize_linear(
             quant_type=spec.mode,
             quant_storage=spec.quant_storage,
             module=module,
-        ).to(device)  # quantizes here (bitsandbytes' Params4bit._quantize)
+        )
+        if device.type == "cpu":
+            params.data, params.quant_state = _quantize_4bit_cpu(params.data, spec)
+            params.bnb_quantized = True
+            module.quant_state = params.quant_state
+        else:
+            params = params.to(device)  # quantizes here (bitsandbytes' Params4bit._quantize)
+        module.weight = params
     else:
         module = _new_linear8bit(in_features, out_features, bias is not None, spec)
-        # what Int8Params._quantize does: row-wise absmax int8 from a float16 copy, on the target device
-        cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.contiguous().to(device=device, dtype=torch.float16))
+        cb, scb = _quantize_int8(weight.to(device))
         module.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
     return _finish(module, bias, device)
 
