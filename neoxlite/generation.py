@@ -90,7 +90,7 @@ class GenerationMixin:
         max_new_tokens: int | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
-        top_k: int | None = None,
+        top_k: int | None = 50,
         top_p: float | None = None,
         repetition_penalty: float = 1.0,
         eos_token_id: int | Sequence[int] | None = None,
@@ -104,6 +104,8 @@ class GenerationMixin:
         """Yields the next token of every row, shape (B,), one decoding step at a time.
 
         Rows that have finished (eos or a stop string) yield `pad_token_id` until every row is done.
+        Defaults follow transformers: sampling keeps the 50 most likely tokens unless top_k says otherwise
+        (0 or None: off); with neither max_length nor max_new_tokens, 20 new tokens.
         """
         unknown = {k for k, v in unused.items() if v is not None} - {"use_cache", "num_beams", "streamer"}
         if unknown:
@@ -125,7 +127,7 @@ class GenerationMixin:
                 f"(keep its last {limit} tokens, or fewer to leave room for the reply)"
             )
         if max_new_tokens is None:
-            max_new_tokens = (max_length if max_length is not None else 20) - prompt_len
+            max_new_tokens = max_length - prompt_len if max_length is not None else 20
         if max_new_tokens <= 0:
             raise ValueError(
                 f"nothing to generate: the prompt already has {prompt_len} tokens and max_length is {max_length}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -58,8 +59,11 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, max_shard_size:
             seen.add(id(tensor))
             state[key] = tensor.detach().to("cpu").contiguous()
     shards = _shards(state, limit)
+    # config.json names the dtype the weights are saved in (a model loaded with dtype="bf16" saves bf16),
+    # which is what transformers loads them as.
+    config = dataclasses.replace(model.config, torch_dtype=str(model.dtype).removeprefix("torch."))
     with atomic_folder(folder, overwrite=True) as tmp:
-        model.config.save_pretrained(tmp)
+        config.save_pretrained(tmp)
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
             return
