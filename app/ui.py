@@ -21,8 +21,11 @@ from app.prompting import Message
 
 MODEL_QUEUE = {"concurrency_id": "model", "concurrency_limit": 1}
 PRIVATE = {"api_visibility": "private"}
+# Replies are shown as the model wrote them (code keeps its indentation), not rendered as Markdown.
 CSS = """
 #neoxlite-header h1 { margin-bottom: 0; }
+#chatbot .message-content { white-space: pre-wrap; }
+#chat-notice { color: var(--color-accent); }
 """
 
 
@@ -102,6 +105,11 @@ def placement_rows(engine: Engine) -> list[list[Any]]:
     return [[task, block, home, _size(size)] for task, block, home, size in engine.placement()]
 
 
+def shown(history: list[Message]) -> list[dict[str, Any]]:
+    """History as the Chatbot shows it: text exactly as written (a plain string would be dedented by Gradio)."""
+    return [{"role": m["role"], "content": {"type": "text", "text": m["content"]}} for m in history]
+
+
 def _sampling(temperature: float, top_p: float, top_k: float, max_new_tokens: float,
               repetition_penalty: float, seed: float | None) -> Sampling:
     """The settings as the UI sends them (floats, seed may be None) -> Sampling."""
@@ -133,7 +141,7 @@ def _chat_tab(engine: Engine) -> None:
     context = engine.sources["chat"].context_length
     with gr.Tab(TASK_TITLES["chat"], id="chat"):
         history = gr.State([])  # list[Message], this session's only
-        chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot", buttons=["copy"],
+        chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot", buttons=["copy"], render_markdown=False,
                              feedback_options=None, placeholder="Ask something; replies stream in here.")
         notice = gr.Markdown("", elem_id="chat-notice")
         status = gr.Markdown("", elem_id="chat-status")
@@ -163,7 +171,7 @@ def _chat_tab(engine: Engine) -> None:
                 gr.Warning("Type a message first.")
                 return gr.skip(), gr.skip(), gr.skip()
             past = past + [{"role": "user", "content": text}]
-            return "", past, past
+            return "", past, shown(past)
 
         @user_errors
         def reply(past: list[Message], system_prompt: str, temperature: float, top_p: float, top_k: float,
@@ -175,17 +183,17 @@ def _chat_tab(engine: Engine) -> None:
             prompt = engine.chat_prompt(system_prompt, past[:-1], past[-1]["content"], sampling)
             answer = {"role": "assistant", "content": ""}
             updated = past + [answer]
-            yield updated, updated, prompt.notice, "Generating…"
+            yield shown(updated), updated, prompt.notice, "Generating…"
             for part in engine.stream_reply(prompt, sampling):
                 answer["content"] = part.text or ("" if not part.done else "(the model ended its reply at once)")
-                yield updated, updated, prompt.notice, part.status
+                yield shown(updated), updated, prompt.notice, part.status
 
         def drop_last_reply(past: list[Message]):
             while past and past[-1]["role"] == "assistant":
                 past = past[:-1]
             if not past:
                 raise gr.Error("Nothing to regenerate yet: send a message first.")
-            return past, past
+            return past, shown(past)
 
         reply_io = {"fn": reply, "inputs": [history, *settings], "outputs": [chatbot, history, notice, status]}
         on_submit = message.submit(take_message, [message, history], [message, history, chatbot],
