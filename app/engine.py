@@ -166,6 +166,12 @@ class Engine:
     def tasks(self) -> list[str]:
         return list(self.sources)
 
+    def context_length(self, task: str) -> int:
+        """Tokens a request may use: the model's context, or less when the load reserved less (max_context)."""
+        reserved = self.load_kwargs.get("max_context")
+        limit = self.sources[task].context_length
+        return min(limit, int(reserved)) if reserved else limit
+
     # --- loading ----------------------------------------------------------------------------------------
 
     def start(self) -> threading.Thread:
@@ -214,7 +220,7 @@ class Engine:
         _, tokenizer = self._get("chat")
         return prompting.build_prompt(tokenizer, system, history, message,
                                       max_new_tokens=int(sampling.max_new_tokens),
-                                      context_length=self.sources["chat"].context_length)
+                                      context_length=self.context_length("chat"))
 
     def stream_reply(self, prompt: prompting.Prompt, sampling: Sampling) -> Iterator[Partial]:
         """Yields the reply so far after each new piece of text, stop strings cut; the last one is final."""
@@ -250,7 +256,7 @@ class Engine:
             raise ValueError(f"Enter the {what} first.")
         model, tokenizer = self._get(task)
         ids = tokenizer.encode(text)
-        limit = self.sources[task].context_length
+        limit = self.context_length(task)
         if len(ids) > limit:
             raise ValueError(f"The {what} is {len(ids)} tokens; this model reads at most {limit}. Shorten it.")
         return model, tokenizer, ids
@@ -284,7 +290,7 @@ class Engine:
             raise ValueError("Enter a question first.")
         model, tokenizer, ctx_ids = self._encode("answer", context, "context")
         q_ids = tokenizer.encode(question.strip() + "\n")
-        limit = self.sources["answer"].context_length
+        limit = self.context_length("answer")
         if len(q_ids) + len(ctx_ids) > limit:
             raise ValueError(f"Question and context are {len(q_ids) + len(ctx_ids)} tokens; this model reads at "
                              f"most {limit}. Shorten the context.")

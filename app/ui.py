@@ -138,7 +138,7 @@ def create_app(engine: Engine, title: str = "neoxlite") -> gr.Blocks:
 
 
 def _chat_tab(engine: Engine) -> None:
-    context = engine.sources["chat"].context_length
+    context = engine.context_length("chat")
     with gr.Tab(TASK_TITLES["chat"], id="chat"):
         history = gr.State([])  # list[Message], this session's only
         chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot", buttons=["copy"], render_markdown=False,

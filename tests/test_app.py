@@ -171,6 +171,8 @@ def test_tabs_follow_the_checkpoints_heads(checkpoints):
         engine.chat_prompt("", [], "hi", Sampling())
     with pytest.raises(ValueError, match="one checkpoint per head"):
         Engine.from_paths(checkpoints["chat"], [checkpoints["tag"], checkpoints["tag"]])
+    assert Engine.from_paths(checkpoints["chat"]).context_length("chat") == CONTEXT
+    assert Engine.from_paths(checkpoints["chat"], max_context=64).context_length("chat") == 64  # reserved less
 
 
 def test_a_failed_load_is_reported_on_every_request(checkpoints, capsys):
