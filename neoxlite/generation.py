@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -167,7 +168,7 @@ class GenerationMixin:
             if eos is not None:
                 unfinished &= ~torch.isin(chosen, eos)
             if stops:
-                unfinished &= ~_hit_stop(tokenizer, torch.stack(new_tokens, 1), stops)
+                unfinished &= ~_hit_stop(tokenizer, torch.cat([seen, chosen[:, None]], dim=1), stops)
             if not bool(unfinished.any()) or step == max_new_tokens - 1:
                 return
             seen = torch.cat([seen, chosen[:, None]], dim=1)
@@ -192,11 +193,18 @@ class GenerationMixin:
         return self.gpt_neox.embed_in.weight.dtype
 
 
-def _hit_stop(tokenizer: Any, new_tokens: torch.Tensor, stops: list[str]) -> torch.Tensor:
-    """True for rows whose generated text now contains a stop string (checked on a short tail only)."""
-    tail = max(len(s) for s in stops) + 8  # a token is at least one character, so this many tokens suffice
-    texts = tokenizer.batch_decode(new_tokens[:, -tail:].tolist())
-    return torch.tensor([any(s in t for s in stops) for t in texts], device=new_tokens.device)
+def _hit_stop(tokenizer: Any, tokens: torch.Tensor, stops: list[str]) -> torch.Tensor:
+    """True for rows where the newest token completes a stop string, as transformers' StopStringCriteria
+    decides: the match may begin in earlier tokens (the prompt's included) and the newest token may run past
+    its end. Only a short tail is decoded: a token is at least one character, so this many tokens suffice."""
+    tail = tokens[:, -(max(len(s) for s in stops) + 8):].tolist()
+    before = tokenizer.batch_decode([row[:-1] for row in tail])
+    after = tokenizer.batch_decode(tail)
+    hits = []
+    for old, new in zip(before, after, strict=True):
+        start = len(os.path.commonprefix([old, new]))  # where the newest token's text begins
+        hits.append(any(s in new[max(0, start - len(s) + 1):] for s in stops))
+    return torch.tensor(hits, device=tokens.device)
 
 
 def stream_text(model: Any, tokenizer: Any, prompt: str | torch.Tensor, **kwargs: Any) -> Iterator[str]:

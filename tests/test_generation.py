@@ -209,21 +209,44 @@ class CharTokenizer:
         return "".join(chr(0x100 + int(i)) for i in ids)
 
 
+def stop_cut(prompt_text: str, new_text: str, stops: list[str]) -> int:
+    """Tokens (= characters here) generated until a stop string ends inside the reply."""
+    text = prompt_text + new_text
+    ends = [text.find(s, i) + len(s) for s in stops for i in range(len(text)) if text.find(s, i) >= 0]
+    ends = [e for e in ends if e > len(prompt_text)]
+    return min(ends, default=len(text)) - len(prompt_text)
+
+
 def test_stop_strings(free, free_runs):
     model, _ = free
     tok = CharTokenizer()
     ids, mask = left_padded()
+    prompts = [tok.decode(r) for r in ids.tolist()]  # padding included, as transformers sees it
     text = [tok.decode(r) for r in free_runs]
     # Row 1 stops at a two-token string, row 2 at a single token; row 0 runs on unless it meets either.
     stops = [text[1][5:7], text[2][8]]
     got = model.generate(ids, mask, max_new_tokens=24, stop_strings=stops, tokenizer=tok, pad_token_id=PAD)
-    cut = [min((t.find(s) + len(s) for s in stops if s in t), default=len(t)) for t in text]
+    cut = [stop_cut(p, t, stops) for p, t in zip(prompts, text, strict=True)]
     assert cut[1] <= 7 and cut[2] <= 9
     width = max(cut)
     want = torch.tensor([r[:c] + [PAD] * (width - c) for r, c in zip(free_runs, cut, strict=True)])
     assert torch.equal(got[:, 9:], want)
     one = model.generate(rows(ids, mask)[1], max_new_tokens=24, stop_strings=stops[0], tokenizer=tok)
     assert tok.decode(one[0, 6:].tolist()).endswith(stops[0])
+
+
+def test_stop_string_may_begin_in_the_prompt_but_must_end_in_the_reply(free, free_runs):
+    model, _ = free
+    tok = CharTokenizer()
+    row = rows(*left_padded())[0]
+    prompt_text, text = tok.decode(row[0].tolist()), tok.decode(free_runs[0])
+    spanning = prompt_text[-2:] + text[:2]
+    got = model.generate(row, max_new_tokens=24, stop_strings=[spanning], tokenizer=tok)
+    assert got.shape[1] == row.shape[1] + stop_cut(prompt_text, text, [spanning]) == row.shape[1] + 2
+    in_prompt = prompt_text[-3:-1]  # already in the prompt: no reason to stop
+    got = model.generate(row, max_new_tokens=24, stop_strings=[in_prompt], tokenizer=tok)
+    assert got.shape[1] == row.shape[1] + stop_cut(prompt_text, text, [in_prompt])
+    assert stop_cut(prompt_text, text, [in_prompt]) > 1
 
 
 def test_stop_strings_need_a_tokenizer(free):

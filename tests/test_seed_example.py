@@ -55,7 +55,8 @@ def test_doc_example_runs_verbatim(real_vocab_checkpoint):
     assert torch.equal(gen_tokens, want)  # transformers draws the same tokens from the same seed
 
 
-def test_stop_strings_match_reference_on_real_text(real_vocab_checkpoint):
+@pytest.mark.parametrize("where", ["inside-the-reply", "spanning-prompt-and-reply"])
+def test_stop_strings_match_reference_on_real_text(real_vocab_checkpoint, where):
     import transformers
 
     from neoxlite import GPTNeoXForCausalLM, GPTNeoXTokenizerFast
@@ -64,17 +65,19 @@ def test_stop_strings_match_reference_on_real_text(real_vocab_checkpoint):
     model = GPTNeoXForCausalLM.from_pretrained(folder, progress=False)
     tokenizer = GPTNeoXTokenizerFast.from_pretrained(folder)
     hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
-    input_ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    prompt = "The capital of France is"
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
     free = model.generate(input_ids, max_new_tokens=30)
-    new = free[0, input_ids.shape[1]:].tolist()
-    # A stop string that starts inside token 10 and ends inside token 12 (overhangs on both sides).
-    pieces = [tokenizer.decode([t]) for t in new]
-    text_before = "".join(pieces[:10])
-    stop = (text_before + pieces[10] + pieces[11] + pieces[12])[len(text_before) + 1:-1]
-    if not stop.strip() or stop in "".join(pieces[:10]):
-        pytest.skip("this random continuation gives no usable stop string")
+    pieces = [tokenizer.decode([t]) for t in free[0, input_ids.shape[1]:].tolist()]
+    if where == "inside-the-reply":  # starts inside token 10, ends inside token 12 (overhangs on both sides)
+        before = "".join(pieces[:10])
+        stop = (before + pieces[10] + pieces[11] + pieces[12])[len(before) + 1:-1]
+        if not stop.strip() or stop in prompt + before:
+            pytest.skip("this random continuation gives no usable stop string")
+    else:  # the last characters of the prompt and the first of the reply
+        stop = prompt[-2:] + pieces[0][:2]
     got = model.generate(input_ids, max_new_tokens=30, stop_strings=[stop], tokenizer=tokenizer)
     want = ref.generate(input_ids, max_new_tokens=30, do_sample=False, stop_strings=[stop], tokenizer=hf_tokenizer,
                         pad_token_id=tokenizer.pad_token_id)
     assert torch.equal(got, want)
-    assert got.shape[1] < free.shape[1] and stop in tokenizer.decode(got[0, input_ids.shape[1]:])
+    assert got.shape[1] < free.shape[1] and stop in tokenizer.decode(got[0])
