@@ -89,7 +89,8 @@ def memory_markdown(engine: Engine) -> str:
         totals[task][home] += size
     if totals:
         lines += ["", "#### Weights"] + [
-            f"- **{TASK_TITLES[task]}**: " + ", ".join(f"{_size(n)} in {home}" for home, n in homes.items())
+            f"- **{TASK_TITLES[task]}** (computes on {engine.models[task].device}): "
+            + ", ".join(f"{_size(n)} {'on' if home in ('GPU', 'disk') else 'in'} {home}" for home, n in homes.items())
             for task, homes in totals.items()]
     lines += ["", "#### Memory", "| | now | peak | total |", "|---|---|---|---|",
               f"| RAM (this process) | {_mib(stats['ram'])} | {_mib(stats['ram_peak'])} | {_mib(stats['ram_total'])} |"]
