@@ -120,6 +120,17 @@ def test_missing_unexpected_and_misshaped_tensors_in_one_error(checkpoint, tmp_p
     assert "gpt_neox.layers.2.attention.dense.weight: checkpoint (64, 32), model (64, 64)" in text
 
 
+def test_lm_head_key_is_read_as_embed_out(checkpoint, tmp_path):
+    """transformers 5 names NeoX's output projection lm_head in memory; a file saved under that name loads."""
+    folder, ref = checkpoint(shard_kb=None)
+    state = load_file(folder / "model.safetensors")
+    state["lm_head.weight"] = state.pop("embed_out.weight")
+    (tmp_path / "ckpt").mkdir()
+    save_file(state, tmp_path / "ckpt" / "model.safetensors")
+    shutil.copy(folder / "config.json", tmp_path / "ckpt" / "config.json")
+    assert_same_logits(load(tmp_path / "ckpt"), ref)
+
+
 class _Boom:
     """Unpickling this creates a file: proof that a loader unpickled it."""
 
