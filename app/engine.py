@@ -216,11 +216,11 @@ class Engine:
     # --- chat -------------------------------------------------------------------------------------------
 
     def chat_prompt(self, system: str, history: list[prompting.Message], message: str,
-                    sampling: Sampling) -> prompting.Prompt:
+                    sampling: Sampling, style: str = "chat") -> prompting.Prompt:
         _, tokenizer = self._get("chat")
         return prompting.build_prompt(tokenizer, system, history, message,
                                       max_new_tokens=int(sampling.max_new_tokens),
-                                      context_length=self.context_length("chat"))
+                                      context_length=self.context_length("chat"), style=style)
 
     def stream_reply(self, prompt: prompting.Prompt, sampling: Sampling) -> Iterator[Partial]:
         """Yields the reply so far after each new piece of text, stop strings cut; the last one is final."""
@@ -241,7 +241,9 @@ class Engine:
                     break
                 text += delta
                 visible, stopped = prompting.cut_at_stop(text, prompt.stop_strings)
-                reply = Partial(visible.strip(), len(tokenizer.encode(text)), time.perf_counter() - started)
+                if prompt.style == "chat":
+                    visible = visible.strip()
+                reply = Partial(visible, len(tokenizer.encode(text)), time.perf_counter() - started)
                 if stopped:
                     break
                 yield reply

@@ -10,6 +10,10 @@ any other gets a plain transcript:
     User: {message}
     Assistant:
 
+That is the "chat" style. The "continue" style is for base models (Pythia, the demo): the conversation is
+one document, the system prompt followed by every message and reply exactly as written, and the model
+continues it.
+
 History is a list of `{"role": "user" | "assistant", "content": str}` dicts, oldest first, the format
 `gr.Chatbot` shows. When the whole history does not fit, the oldest turns are left out (a turn is a user
 message and the replies after it) and the caller gets a notice to show.
@@ -26,6 +30,7 @@ ASSISTANT_PREFIX = "Assistant:"
 PLAIN_STOP_STRINGS = ("\n" + USER_PREFIX,)
 
 Message = dict[str, str]
+STYLES = ("chat", "continue")
 
 
 @dataclass
@@ -36,6 +41,7 @@ class Prompt:
     dropped_messages: int  # oldest history messages left out to fit the context
     stop_strings: tuple[str, ...] = field(default=())
     notice: str = ""  # shown to the user when something was cut; "" otherwise
+    style: str = "chat"  # "continue": the reply is kept exactly as generated (whitespace matters there)
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -57,8 +63,10 @@ def stop_strings(tokenizer: Any) -> tuple[str, ...]:
     return (marker,) if marker and marker != getattr(tokenizer, "eos_token", None) else ()
 
 
-def render(tokenizer: Any, system: str, messages: list[Message]) -> str:
+def render(tokenizer: Any, system: str, messages: list[Message], style: str = "chat") -> str:
     """The prompt text for `messages` (ending with a user message), ready for the assistant's reply."""
+    if style == "continue":
+        return system + "".join(m["content"] for m in messages)
     system = system.strip()
     if has_chat_template(tokenizer):
         full = ([{"role": "system", "content": system}] if system else []) + messages
@@ -77,7 +85,7 @@ def _turn_starts(history: list[Message]) -> list[int]:
 
 
 def build_prompt(tokenizer: Any, system: str, history: list[Message], message: str, *,
-                 max_new_tokens: int, context_length: int) -> Prompt:
+                 max_new_tokens: int, context_length: int, style: str = "chat") -> Prompt:
     """The longest recent part of `history` that, with `message` and the reply budget, fits the context.
 
     Keeps `max_new_tokens` for the reply when it can; with no history left and still too little room, the
@@ -85,10 +93,12 @@ def build_prompt(tokenizer: Any, system: str, history: list[Message], message: s
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    stop = stop_strings(tokenizer)
+    if style not in STYLES:
+        raise ValueError(f"prompt style {style!r} is not one of {', '.join(STYLES)}")
+    stop = stop_strings(tokenizer) if style == "chat" else ()
     ask = [{"role": "user", "content": message}]
     for start in _turn_starts(history):
-        text = render(tokenizer, system, history[start:] + ask)
+        text = render(tokenizer, system, history[start:] + ask, style)
         n_tokens = len(tokenizer.encode(text))
         if n_tokens + max_new_tokens <= context_length:
             break
@@ -108,7 +118,7 @@ def build_prompt(tokenizer: Any, system: str, history: list[Message], message: s
         notice = (f"To fit the model's {context_length}-token context, {' and '.join(notes)} "
                   f"(prompt: {n_tokens} tokens).")
     return Prompt(text=text, n_tokens=n_tokens, max_new_tokens=min(max_new_tokens, room),
-                  dropped_messages=start, stop_strings=stop, notice=notice)
+                  dropped_messages=start, stop_strings=stop, notice=notice, style=style)
 
 
 def cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> tuple[str, bool]:

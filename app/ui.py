@@ -17,7 +17,7 @@ from typing import Any
 import gradio as gr
 
 from app.engine import TASK_TITLES, Engine, LoadError, Sampling, memory_now
-from app.prompting import Message
+from app.prompting import STYLES, Message
 
 MODEL_QUEUE = {"concurrency_id": "model", "concurrency_limit": 1}
 PRIVATE = {"api_visibility": "private"}
@@ -154,18 +154,24 @@ def _chat_tab(engine: Engine) -> None:
         with gr.Row():
             regenerate = gr.Button("Regenerate", size="sm", elem_id="chat-regenerate")
             clear = gr.Button("Clear", size="sm", elem_id="chat-clear")
+        d = Sampling()  # the CLI's defaults
         with gr.Accordion("Settings", open=False):
             system = gr.Textbox("", label="System prompt", lines=2, placeholder="Optional instructions for the model")
+            style = gr.Radio(list(STYLES), value="chat", label="Prompt format", elem_id="chat-format",
+                             info="chat: the checkpoint's chat template, else a User:/Assistant: transcript; "
+                                  "continue: the model continues the conversation as one text (base models)")
             with gr.Row():
-                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0: greedy")
-                top_p = gr.Slider(0.05, 1, value=0.95, step=0.01, label="Top-p", info="1: off")
-                top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k", info="0: off")
+                temperature = gr.Slider(0, 2, value=d.temperature, step=0.05, label="Temperature", info="0: greedy")
+                top_p = gr.Slider(0.05, 1, value=d.top_p, step=0.01, label="Top-p", info="1: off")
+                top_k = gr.Slider(0, 200, value=d.top_k, step=1, label="Top-k", info="0: off")
             with gr.Row():
-                max_new = gr.Slider(1, max(1, context - 1), value=min(128, context - 1), step=1,
+                max_new = gr.Slider(1, max(1, context - 1), value=min(d.max_new_tokens, context - 1), step=1,
                                     label="Max new tokens")
-                rep = gr.Slider(1, 2, value=1.1, step=0.01, label="Repetition penalty", info="1: off")
-                seed = gr.Number(-1, precision=0, label="Seed", info="-1: random each time")
-        settings = [system, temperature, top_p, top_k, max_new, rep, seed]
+                rep = gr.Slider(1, 2, value=d.repetition_penalty, step=0.01, label="Repetition penalty",
+                                info="1: off")
+                seed = gr.Number(-1 if d.seed is None else d.seed, precision=0, label="Seed",
+                                 info="-1: random each time")
+        settings = [system, temperature, top_p, top_k, max_new, rep, seed, style]
 
         def take_message(text: str, past: list[Message]):
             if not text.strip():
@@ -176,12 +182,12 @@ def _chat_tab(engine: Engine) -> None:
 
         @user_errors
         def reply(past: list[Message], system_prompt: str, temperature: float, top_p: float, top_k: float,
-                  max_new_tokens: float, repetition_penalty: float, seed: float | None):
+                  max_new_tokens: float, repetition_penalty: float, seed: float | None, prompt_format: str):
             """Streams the assistant's answer to the last user message in `past` (none: nothing to do)."""
             if not past or past[-1]["role"] != "user":
                 return
             sampling = _sampling(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-            prompt = engine.chat_prompt(system_prompt, past[:-1], past[-1]["content"], sampling)
+            prompt = engine.chat_prompt(system_prompt, past[:-1], past[-1]["content"], sampling, prompt_format)
             answer = {"role": "assistant", "content": ""}
             updated = past + [answer]
             yield shown(updated), updated, prompt.notice, "Generating…"
@@ -201,7 +207,8 @@ def _chat_tab(engine: Engine) -> None:
                                    **PRIVATE).success(**reply_io, **MODEL_QUEUE, **PRIVATE)
         on_send = send.click(take_message, [message, history], [message, history, chatbot],
                              **PRIVATE).success(**reply_io, **MODEL_QUEUE, **PRIVATE)
-        on_regen = regenerate.click(drop_last_reply, history, [history, chatbot], **PRIVATE).success(**reply_io, **MODEL_QUEUE, **PRIVATE)
+        on_regen = regenerate.click(drop_last_reply, history, [history, chatbot],
+                                    **PRIVATE).success(**reply_io, **MODEL_QUEUE, **PRIVATE)
         replying = [on_submit, on_send, on_regen]
         stop.click(lambda: "Stopped.", None, status, queue=False, cancels=replying, **PRIVATE)
         clear.click(lambda: ([], [], "", ""), None, [history, chatbot, notice, status], queue=False,
@@ -215,12 +222,13 @@ def _chat_tab(engine: Engine) -> None:
 
         @user_errors
         def chat(message: str, past: list[Message], system_prompt: str, temperature: float, top_p: float,
-                 top_k: float, max_new_tokens: float, repetition_penalty: float, seed: float | None):
+                 top_k: float, max_new_tokens: float, repetition_penalty: float, seed: float | None,
+                 prompt_format: str):
             """Streams the reply to `message`; the exchange joins this session's history when it completes."""
             if not message.strip():
                 raise ValueError("message is empty: send some text")
             sampling = _sampling(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-            prompt = engine.chat_prompt(system_prompt, past, message, sampling)
+            prompt = engine.chat_prompt(system_prompt, past, message, sampling, prompt_format)
             for part in engine.stream_reply(prompt, sampling):
                 if not part.done:
                     yield part.text, past

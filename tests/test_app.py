@@ -20,6 +20,8 @@ from app.cli import build_parser, launch  # noqa: E402
 from app.engine import Engine, LoadError, Sampling  # noqa: E402
 from app.prompting import build_prompt, cut_at_stop, render  # noqa: E402
 from app.screenshot import CHROMIUM, chat_in_browser, free_port  # noqa: E402
+from neoxlite.api import load  # noqa: E402
+from neoxlite.generation import stream_text  # noqa: E402
 from neoxlite.options import load_kwargs  # noqa: E402
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared/tokenizers/gpt-neox-20b"
@@ -70,7 +72,7 @@ def test_named_endpoints(url):
     assert {"/chat", "/classify", "/tag", "/answer", "/memory"} <= set(endpoints)
     names = [p["parameter_name"] for p in endpoints["/chat"]["parameters"]]
     assert names == ["message", "system_prompt", "temperature", "top_p", "top_k", "max_new_tokens",
-                     "repetition_penalty", "seed"]
+                     "repetition_penalty", "seed", "prompt_format"]
     assert all(p["parameter_has_default"] for p in endpoints["/chat"]["parameters"][1:])
 
 
@@ -210,6 +212,19 @@ def real_tokenizer(tmp_path: Path, chat_template: str | None = None):
 def history(*turns: tuple[str, str]) -> list[dict[str, str]]:
     return [m for user, bot in turns for m in ({"role": "user", "content": user},
                                                 {"role": "assistant", "content": bot})]
+
+
+def test_continue_style_is_one_text_and_keeps_the_reply_as_generated(url, checkpoints):
+    text = "def add(a, b):\n    return"
+    prompt = build_prompt(WordTokenizer(), "# utils\n", history(("x = 1\n", "y = 2\n")), text, max_new_tokens=4,
+                          context_length=100, style="continue")
+    assert prompt.text == "# utils\nx = 1\ny = 2\n" + text and prompt.stop_strings == ()
+    reply = client(url).predict(text, **GREEDY, prompt_format="continue", api_name="/chat")
+    model, tokenizer = load(checkpoints["chat"])
+    settings = Sampling(**GREEDY).generate_kwargs()
+    assert reply == "".join(stream_text(model, tokenizer, text, **settings))  # exactly the continuation
+    with pytest.raises(gradio_client.exceptions.AppError, match="not in the list of choices"):
+        client(url).predict(text, **GREEDY, prompt_format="poem", api_name="/chat")
 
 
 def test_plain_transcript_format():
