@@ -45,9 +45,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def chat_in_browser(url: str, message: str, screenshot: Path, *, timeout_s: float = 60.0,
-                    width: int = 1200, height: int = 900) -> BrowserChat:
-    """Opens `url`, sends `message` in the chat tab, waits for the reply to finish, saves a screenshot."""
+def chat_in_browser(url: str, message: str, screenshot: Path, *, prompt_format: str | None = None,
+                    timeout_s: float = 60.0, width: int = 1200, height: int = 900) -> BrowserChat:
+    """Opens `url`, sends `message` in the chat tab, waits for the reply to finish, saves a screenshot.
+
+    prompt_format picks the Settings' "Prompt format" first ("chat" or "continue"; None leaves the default).
+    """
     from playwright.sync_api import sync_playwright
 
     if not CHROMIUM.exists():
@@ -60,6 +63,10 @@ def chat_in_browser(url: str, message: str, screenshot: Path, *, timeout_s: floa
             page.goto(url)
             box = page.locator("#chat-input textarea")
             box.wait_for()
+            if prompt_format is not None:
+                page.get_by_text("Settings", exact=True).first.click()
+                page.locator("#chat-format").get_by_text(prompt_format, exact=True).click()
+                page.get_by_text("Settings", exact=True).first.click()
             page.evaluate(_WATCH_REPLY)
             box.fill(message)
             box.press("Enter")
@@ -81,12 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-m", "--model", default=None)
     parser.add_argument("--head", action="append", default=[], metavar="PATH")
     parser.add_argument("--out", type=Path, default=Path("docs/app.png"))
-    parser.add_argument("--message", default="Write a Python function that reverses a string.")
+    parser.add_argument("--message", default="def reverse(text):")
+    parser.add_argument("--format", choices=["chat", "continue"], default="continue",
+                        help="prompt format to pick in the settings (default: continue, for base models)")
     add_load_options(parser)
     args = parser.parse_args(argv)
     demo, url = launch(args.model, args.head, port=free_port(), block=False, **load_kwargs(args))
     try:
-        result = chat_in_browser(url, args.message, args.out)
+        result = chat_in_browser(url, args.message, args.out, prompt_format=args.format)
     finally:
         demo.close()
     print(f"{result.screenshot}: {result.status}; the reply streamed in {len(result.seen)} steps")

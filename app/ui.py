@@ -24,7 +24,7 @@ PRIVATE = {"api_visibility": "private"}
 # Replies are shown as the model wrote them (code keeps its indentation), not rendered as Markdown.
 CSS = """
 #neoxlite-header h1 { margin-bottom: 0; }
-#chatbot .message-content { white-space: pre-wrap; }
+#chatbot .message-content { white-space: pre-wrap; font-family: var(--font-mono); font-size: 0.9em; }
 #chat-notice { color: var(--color-accent); }
 """
 
