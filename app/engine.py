@@ -253,11 +253,11 @@ class Engine:
 
     # --- heads ------------------------------------------------------------------------------------------
 
-    def _encode(self, task: str, text: str, what: str) -> tuple[torch.nn.Module, Any, list[int]]:
+    def _encode(self, task: str, text: str, what: str, special: bool = True) -> tuple[torch.nn.Module, Any, list[int]]:
         if not text.strip():
             raise ValueError(f"Enter the {what} first.")
         model, tokenizer = self._get(task)
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode(text, add_special_tokens=special)
         limit = self.context_length(task)
         if len(ids) > limit:
             raise ValueError(f"The {what} is {len(ids)} tokens; this model reads at most {limit}. Shorten it.")
@@ -285,13 +285,14 @@ class Engine:
     def answer(self, question: str, context: str) -> Answer:
         """The best span of `context` answering `question`.
 
-        Input layout (shared with the demo QA head's training): question tokens, then context tokens,
-        where the question text ends with a newline. The span is searched in the context tokens only.
+        Input layout (shared with the demo QA head's training): the tokens of question + "\\n", then the
+        tokens of the context, each encoded alone without special tokens. The span is searched in the
+        context tokens only.
         """
         if not question.strip():
             raise ValueError("Enter a question first.")
-        model, tokenizer, ctx_ids = self._encode("answer", context, "context")
-        q_ids = tokenizer.encode(question.strip() + "\n")
+        model, tokenizer, ctx_ids = self._encode("answer", context, "context", special=False)
+        q_ids = tokenizer.encode(question.strip() + "\n", add_special_tokens=False)
         limit = self.context_length("answer")
         if len(q_ids) + len(ctx_ids) > limit:
             raise ValueError(f"Question and context are {len(q_ids) + len(ctx_ids)} tokens; this model reads at "
