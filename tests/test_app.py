@@ -275,3 +275,16 @@ def test_cli_binds_localhost_without_share_by_default():
     assert args.head == ["a", "b"] and args.host == "0.0.0.0"
     assert load_kwargs(args) | {"device": "cpu"} == {"quant": "nf4", "cpu_memory": "2GiB", "offload_dir": "/tmp/o",
                                                      "device": "cpu"}
+
+
+def test_neoxlite_app_subcommand_has_the_same_flags():
+    import argparse
+
+    from app.cli import register, run
+
+    parser = argparse.ArgumentParser(prog="neoxlite")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["app", "-m", "m", "--head", "h", "--port", "9000", "--gpu-memory", "4GiB"])
+    assert (args.func, args.model, args.head, args.port, args.host, args.share) == (run, "m", ["h"], 9000,
+                                                                                   "127.0.0.1", False)
+    assert load_kwargs(args)["gpu_memory"] == "4GiB"
