@@ -199,6 +199,11 @@ class Engine:
         finally:
             self._loaded.set()
 
+    @property
+    def loading(self) -> bool:
+        """True until every checkpoint has loaded (or one failed)."""
+        return not self._loaded.is_set()
+
     def wait(self) -> None:
         """Blocks until the weights are loaded; raises LoadError if loading failed."""
         self._loaded.wait()

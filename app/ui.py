@@ -186,6 +186,8 @@ def _chat_tab(engine: Engine) -> None:
             """Streams the assistant's answer to the last user message in `past` (none: nothing to do)."""
             if not past or past[-1]["role"] != "user":
                 return
+            if engine.loading:
+                yield gr.skip(), gr.skip(), gr.skip(), "Waiting for the model to load (progress in the Memory tab)…"
             sampling = _sampling(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
             prompt = engine.chat_prompt(system_prompt, past[:-1], past[-1]["content"], sampling, prompt_format)
             answer = {"role": "assistant", "content": ""}
