@@ -21,7 +21,7 @@ from neoxlite.options import (
 )
 
 # Subcommands that live beside their package: each module has register(subparsers).
-EXTENSIONS: tuple[str, ...] = ("quant.cli",)  # lead adds "app.cli", "neoxlite.offload.cli", "quant.cli" as they land
+EXTENSIONS: tuple[str, ...] = ("quant.cli", "neoxlite.offload.cli")  # lead adds "app.cli" as it lands
 
 
 def load_for_cli(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -68,6 +68,11 @@ def load_pretrained(
     revision: str | None = None,
     init_new_heads: bool = False,
     progress: bool = True,
+    gpu_memory: str | int | None = None,
+    cpu_memory: str | int | None = None,
+    offload_dir: str | os.PathLike | None = None,
+    max_batch_size: int = 1,
+    max_context: int | None = None,
     **unknown: Any,
 ) -> nn.Module:
     """Builds `cls` from a checkpoint folder or hub id.
@@ -75,6 +80,9 @@ def load_pretrained(
     dtype: weights' dtype (default: as stored). device: where the model runs (default cpu).
     init_new_heads: give a head the checkpoint lacks (e.g. `score` on a base model) random weights to train,
     instead of refusing.
+    gpu_memory, cpu_memory ("6GiB", "512MB", bytes; default: free memory less a margin) and offload_dir: as soon as
+    one is given, every block gets a home (GPU, RAM or disk) planned within these budgets, with room for the KV
+    cache and activations of max_batch_size sequences of max_context tokens (default: min(2048, the model's)).
     """
     if unknown:
         raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -92,6 +100,12 @@ def load_pretrained(
     has_prefix = any(name.startswith(prefix) for name, _ in model.named_parameters())
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = {"embed_out.weight"} if config.tie_word_embeddings and "embed_out.weight" in params else set()
+    # --- offload: each block's home under the budgets; None when no budget or offload dir is given ---
+    from neoxlite.offload.placement import Offloader
+
+    offloader = Offloader.create(model, folder=folder, dtype=target_dtype, device=device, gpu_memory=gpu_memory,
+                                 cpu_memory=cpu_memory, offload_dir=offload_dir, max_batch_size=max_batch_size,
+                                 max_length=max_context)
 
     by_param: dict[str, str] = {}
     unexpected: list[str] = []
@@ -120,7 +134,11 @@ def load_pretrained(
         if name in by_param or name in new_heads:
             blocks.setdefault(block_of(name), []).append(name)
     bar = tqdm(blocks.items(), desc=f"loading {folder.name}", unit="block", disable=not progress, file=sys.stderr)
-    for _block, names in bar:
+    for block, names in bar:
+        if offloader is not None and not offloader.needs_loading(block):
+            offloader.finish_block(block)  # offload: already intact in the disk store, nothing to read
+            continue
+        block_device = offloader.device_for(block) if offloader is not None else device
         for name in names:
             if name in by_param:
                 tensor = ckpt.read(by_param[name])
@@ -128,11 +146,15 @@ def load_pretrained(
                 tensor = torch.empty(params[name].shape).normal_(std=0.02)
             if tensor.is_floating_point():
                 tensor = tensor.to(target_dtype)
-            _set_param(model, name, tensor.to(device))
+            _set_param(model, name, tensor.to(block_device))
             del tensor  # the float copy goes before the next block is read
+        if offloader is not None:
+            offloader.finish_block(block)  # offload: to its home (RAM, pinned RAM or the disk store), rest freed
     if tied:
         model.embed_out.weight = model.gpt_neox.embed_in.weight
     model.base_model.compute_device = device
+    if offloader is not None:
+        offloader.install()  # offload: the scheduler takes over the block loop
     model.eval()
     return model
 

@@ -17,7 +17,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_SAMPLING = dict(max_new_tokens=128, temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=None)
 
 # flag dest -> from_pretrained keyword (the same names; listed to keep the mapping explicit)
-_LOAD_KEYWORDS = ("dtype", "device", "quant", "compute_dtype", "gpu_memory", "cpu_memory", "offload_dir")
+_LOAD_KEYWORDS = ("dtype", "device", "quant", "compute_dtype", "gpu_memory", "cpu_memory", "offload_dir",
+                  "max_batch_size", "max_context")
 
 
 def add_model_option(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +43,10 @@ def add_load_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                        help='RAM budget for weights, e.g. "8GiB" (default: free RAM less a margin)')
     group.add_argument("--offload-dir", default=None, metavar="DIR",
                        help="folder for blocks that fit in neither budget (default: no disk tier)")
+    group.add_argument("--max-batch-size", type=int, default=None, metavar="N",
+                       help="with budgets: sequences per batch to reserve KV cache and activations for (default 1)")
+    group.add_argument("--max-context", type=int, default=None, metavar="TOKENS",
+                       help="with budgets: prompt + new tokens to reserve room for (default: min(2048, the model's))")
     return parser
 
 

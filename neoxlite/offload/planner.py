@@ -171,8 +171,8 @@ class Plan:
             lines.append(f"  batch {batch:>3}: {moved_text}; at most {self.tokens_per_second(batch):,.1f} tokens/s"
                          f" ({slowest} bound)")
         links = self.links
-        lines.append(f"bandwidths assumed: disk {links.disk / 1e9:g} GB/s, PCIe {links.pcie / 1e9:g} GB/s, "
-                     f"CPU memory {links.cpu_memory / 1e9:g} GB/s, GPU memory {links.gpu_memory / 1e9:g} GB/s")
+        lines.append(f"bandwidths assumed: disk {links.disk / 1e9:.3g} GB/s, PCIe {links.pcie / 1e9:.3g} GB/s, "
+                     f"CPU memory {links.cpu_memory / 1e9:.3g} GB/s, GPU memory {links.gpu_memory / 1e9:.3g} GB/s")
         return "\n".join(lines)
 
 
@@ -204,12 +204,13 @@ def activation_bytes(*, hidden_size: int, intermediate_size: int, num_heads: int
     """Peak activation memory of one forward over `tokens` new tokens per sequence (prefill is the peak).
 
     Counts the residual stream and a layer's intermediates (qkv, attention output, MLP up-projection and its
-    activation), attention scores in float32 as the math attention path materialises them, and float32
+    activation), the attention kernel's float32 score tiles (PyTorch's flash/memory-efficient kernels, masked or
+    not, work through the context in blocks of about 128 keys per query; measured on the CPU), and float32
     logits of the last position (generation keeps only those).
     """
     bt = batch * tokens
     layer = bt * (6 * hidden_size + 2 * intermediate_size) * dtype_bytes
-    scores = batch * num_heads * tokens * context * 4 if tokens > 1 else 0
+    scores = batch * num_heads * tokens * min(context, 128) * 4 if tokens > 1 else 0
     logits = batch * vocab_size * (4 + dtype_bytes)
     return layer + scores + logits
 
@@ -286,8 +287,8 @@ def _place(budgets: dict[str, int], offload_dir: str | None, *, blocks: dict[str
                                 f"alone need {format_size(kv + ws)} on the {compute.upper()}")
     whole = [b for b in blocks if b not in gathered]
     streamable = [b for b in whole if b != HEAD]
-    if sum(blocks[b] for b in whole) <= budgets[compute] - kv - ws:
-        candidates = [0]  # nothing streams: no slots
+    if sum(blocks[b] for b in whole) <= budgets[compute] - kv - ws or (compute == CPU and offload_dir is None):
+        candidates = [0]  # nothing streams (or, on CPU machines without a disk tier, nothing could): no slots
     else:
         # Slot sizes from the largest streamable block down: a smaller slot leaves room for more resident
         # layers, and is valid when every block that ends up streamed fits in it.

@@ -1,0 +1,192 @@
+"""Disk offload under a CPU budget: neoxlite against accelerate's disk offload, in the same run.
+
+    .venv/bin/python bench/offload.py [--shape pythia-1.4b] [--cpu-memory 1GiB] [--batches 1 4 16]
+                                      [--new-tokens 8] [--prompt-tokens 16] [--skip-accelerate] [--cold]
+
+A pythia-1.4b-shaped random checkpoint (2.6 GiB in bf16) is decoded greedily with a 1 GiB CPU budget; whatever
+does not fit is read from the offload dir at every step. Each measurement runs in a fresh process and reports
+  - decode tokens/s (batch x new tokens after the first, over their time; prefill excluded),
+  - peak RSS growth of the process over its state just before loading (VmHWM, reset at that point),
+  - for neoxlite, the share of the disk-read bound: bytes the plan reads per step / the read bandwidth of the
+    store's files measured with the same plain reads right after the run (page cache as it was during the run;
+    --cold drops each block's pages after reading it, so the reads come from the disk itself).
+accelerate runs `AutoModelForCausalLM.from_pretrained(device_map="auto", max_memory={"cpu": budget},
+offload_folder=...)` with the same dtype, prompts and token counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUT, random_checkpoint  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ child processes
+def _baseline() -> int:
+    """Resets the high-water RSS mark to now and returns the current RSS."""
+    import psutil
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def _prompts(batch: int, tokens: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(batch)
+    return torch.randint(100, 50000, (batch, tokens), generator=g)
+
+
+def child_neoxlite(args: argparse.Namespace) -> dict:
+    from neoxlite.config import GPTNeoXConfig
+    from neoxlite.model import GPTNeoXForCausalLM
+    from neoxlite.offload.store import measure_read_bandwidth
+
+    with torch.device("meta"):  # one-time library setup (meta kernels) before the baseline
+        GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=8))
+    before = _baseline()
+    start = time.perf_counter()
+    model = GPTNeoXForCausalLM.from_pretrained(
+        args.ckpt, dtype=torch.bfloat16, cpu_memory=args.cpu_memory, offload_dir=args.offload_dir,
+        max_batch_size=args.batch, max_context=args.prompt_tokens + args.new_tokens, progress=False)
+    load_s = time.perf_counter() - start
+    scheduler = model.gpt_neox.scheduler
+    scheduler.drop_cache = args.cold
+    ids = _prompts(args.batch, args.prompt_tokens)
+    stamps = []
+    for _ in model.stream_generate(ids, max_new_tokens=args.new_tokens, eos_token_id=-1):
+        stamps.append(time.perf_counter())
+    decode_s = stamps[-1] - stamps[0]
+    tok_s = args.batch * (len(stamps) - 1) / decode_s
+    growth = _peak_rss() - before
+    plan = model.offload_plan
+    moved = plan.bytes_moved_per_step(args.batch).get("disk->cpu", 0)
+    files = [src.entry.path for src in scheduler.sources.values()]
+    bandwidth = measure_read_bandwidth(files, cold=args.cold)
+    bound = args.batch / (moved / bandwidth) if moved else float("inf")
+    return dict(tok_s=tok_s, growth=growth, load_s=load_s, read_gbps=bandwidth / 1e9, bound_tok_s=bound,
+                moved=moved, on_disk=len(plan.blocks_on("disk")), blocks=len(plan.homes))
+
+
+def child_accelerate(args: argparse.Namespace) -> dict:
+    import transformers
+    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    transformers.logging.set_verbosity_error()
+    before = _baseline()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        args.ckpt, dtype=torch.bfloat16, device_map="auto", max_memory={"cpu": args.cpu_memory},
+        offload_folder=args.offload_dir)
+    load_s = time.perf_counter() - start
+    stamps: list[float] = []
+
+    class Stamp(LogitsProcessor):  # called once per step, after that step's forward pass
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    ids = _prompts(args.batch, args.prompt_tokens)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                       min_new_tokens=args.new_tokens, do_sample=False, logits_processor=LogitsProcessorList([Stamp()]),
+                       pad_token_id=0)
+    decode_s = stamps[-1] - stamps[0]
+    on_disk = sum(1 for d in model.hf_device_map.values() if d == "disk")
+    return dict(tok_s=args.batch * (len(stamps) - 1) / decode_s, growth=_peak_rss() - before, load_s=load_s,
+                on_disk=on_disk, blocks=len(model.hf_device_map))
+
+
+def run_child(engine: str, args: argparse.Namespace, batch: int, offload_dir: Path) -> dict:
+    cmd = [sys.executable, __file__, "--child", engine, "--ckpt", str(args.ckpt), "--batch", str(batch),
+           "--offload-dir", str(offload_dir), "--cpu-memory", args.cpu_memory,
+           "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens)]
+    if args.cold:
+        cmd.append("--cold")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if run.returncode:
+        raise SystemExit(f"{engine} batch {batch} failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="pythia-1.4b")
+    parser.add_argument("--cpu-memory", default="1GiB")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--skip-accelerate", action="store_true")
+    parser.add_argument("--cold", action="store_true", help="neoxlite drops each block's cached pages after reading")
+    parser.add_argument("--child", choices=["neoxlite", "accelerate"], help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--offload-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        result = (child_neoxlite if args.child == "neoxlite" else child_accelerate)(args)
+        print(json.dumps(result))
+        return
+
+    args.ckpt = random_checkpoint(args.shape, torch.bfloat16)
+    size = sum(f.stat().st_size for f in args.ckpt.glob("*.safetensors"))
+    print(f"{args.shape} bf16 ({size / 2**30:.2f} GiB), cpu_memory={args.cpu_memory}, prompt {args.prompt_tokens} "
+          f"tokens, {args.new_tokens} new, torch threads {torch.get_num_threads()}"
+          f"{', cold reads' if args.cold else ''}", file=sys.stderr)
+    work = Path(tempfile.mkdtemp(prefix="offload-bench-", dir=OUT))
+    ours_dir, theirs_dir = work / "neoxlite", work / "accelerate"
+    ours_dir.mkdir()
+    theirs_dir.mkdir()
+    # The first load writes neoxlite's store (timed separately): later runs reuse it, as users' runs do.
+    first = run_child("neoxlite", args, args.batches[0], ours_dir)
+    print(f"neoxlite first load (writes the store): {first['load_s']:.1f} s", file=sys.stderr)
+    rows = []
+    for batch in args.batches:
+        ours = run_child("neoxlite", args, batch, ours_dir)
+        theirs = None if args.skip_accelerate else run_child("accelerate", args, batch, theirs_dir)
+        rows.append((batch, ours, theirs))
+        line = (f"batch {batch:>2}: neoxlite {ours['tok_s']:6.2f} tok/s, RSS +{ours['growth'] / 2**30:.2f} GiB, "
+                f"{ours['tok_s'] / ours['bound_tok_s']:.0%} of the disk-read bound ({ours['bound_tok_s']:.2f} tok/s "
+                f"at {ours['read_gbps']:.2f} GB/s, {ours['moved'] / 2**30:.2f} GiB/step, "
+                f"{ours['on_disk']}/{ours['blocks']} blocks on disk), load {ours['load_s']:.1f} s")
+        if theirs:
+            line += (f"\n          accelerate {theirs['tok_s']:6.2f} tok/s, RSS +{theirs['growth'] / 2**30:.2f} GiB "
+                     f"({theirs['on_disk']}/{theirs['blocks']} modules on disk), load {theirs['load_s']:.1f} s"
+                     f"\n          ratio {ours['tok_s'] / theirs['tok_s']:.1f}x")
+        print(line, flush=True)
+    budget = _size(args.cpu_memory)
+    print(f"budget {args.cpu_memory}: neoxlite peak RSS growth " +
+          ", ".join(f"b{b} {o['growth'] / budget:.2f}x" for b, o, _ in rows) + " of the budget")
+    if len(rows) > 1:
+        print("neoxlite throughput vs batch 1: " + ", ".join(f"b{b} {o['tok_s'] / rows[0][1]['tok_s']:.1f}x"
+                                                               for b, o, _ in rows))
+    print(f"(stores in {work}; remove with: neoxlite offload clear --offload-dir {ours_dir})", file=sys.stderr)
+
+
+def _size(text: str) -> int:
+    from neoxlite.offload.budget import parse_size
+
+    return parse_size(text)
+
+
+if __name__ == "__main__":
+    main()

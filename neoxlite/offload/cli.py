@@ -1,0 +1,109 @@
+"""`neoxlite plan` (where each block would live, and what speed the links allow) and `neoxlite offload`
+(list or clear the disk stores in an offload dir)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from neoxlite.offload.budget import format_size
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from neoxlite.options import add_load_options, add_model_option
+
+    p = sub.add_parser("plan", help="show where each block would live under the given budgets",
+                       description="Plan a model's placement without loading it: each block's home (gpu, cpu, "
+                       "disk), bytes per tier, bytes moved per generated token and the tokens/s the links allow.")
+    add_model_option(p)
+    add_load_options(p)
+    links = p.add_argument_group("link bandwidths for the speed estimate (GB/s)")
+    links.add_argument("--disk-gbps", type=float, default=None, help="disk read (default 2)")
+    links.add_argument("--pcie-gbps", type=float, default=None, help="CPU -> GPU copies (default 20)")
+    links.add_argument("--cpu-gbps", type=float, default=None, help="CPU memory (default 20)")
+    links.add_argument("--gpu-gbps", type=float, default=None, help="GPU memory (default 1500)")
+    links.add_argument("--measure-disk", action="store_true",
+                       help="measure the disk read speed on the checkpoint's files (uncached reads)")
+    p.set_defaults(func=cmd_plan)
+
+    o = sub.add_parser("offload", help="list or clear the disk stores in an offload dir")
+    osub = o.add_subparsers(dest="action", required=True)
+    for name, helptext in (("list", "show neoxlite's stores and their sizes"),
+                           ("clear", "delete neoxlite's stores (other files stay)")):
+        a = osub.add_parser(name, help=helptext)
+        a.add_argument("--offload-dir", required=True, metavar="DIR")
+        a.set_defaults(func=cmd_offload)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from neoxlite.checkpoint import Checkpoint
+    from neoxlite.config import GPTNeoXConfig
+    from neoxlite.hub import resolve
+    from neoxlite.loading import parse_device, parse_dtype
+    from neoxlite.model import GPTNeoXForCausalLM
+    from neoxlite.offload.placement import Workload, plan_model, quantized_layer_names
+    from neoxlite.offload.planner import Links
+    from neoxlite.offload.store import measure_read_bandwidth
+    from neoxlite.options import load_kwargs
+    from quant.model import resolve_spec
+
+    if args.model is None:
+        from neoxlite.demo import demo_path
+
+        args.model = str(demo_path())
+    kw = load_kwargs(args)
+    folder = resolve(args.model)
+    config = GPTNeoXConfig.from_json_file(folder / "config.json")
+    spec, prequantized = resolve_spec(config.quantization_config, quant=kw.get("quant"),
+                                      compute_dtype=kw.get("compute_dtype"))
+    ckpt = Checkpoint(folder)
+    dtype = parse_dtype(kw.get("dtype")) or next(
+        (ckpt.dtype(k) for k in ckpt.keys if ckpt.dtype(k).is_floating_point), torch.float32)
+    device = parse_device(kw.get("device"))
+    with torch.device("meta"):
+        model = GPTNeoXForCausalLM(config)
+    links = Links()
+    overrides = {name: getattr(args, f"{flag}_gbps") * 1e9 for name, flag in
+                 (("disk", "disk"), ("pcie", "pcie"), ("cpu_memory", "cpu"), ("gpu_memory", "gpu"))
+                 if getattr(args, f"{flag}_gbps") is not None}
+    if args.measure_disk:
+        files = [folder / shard for shard in sorted(set(ckpt.shard_of.values()))]
+        start = time.perf_counter()
+        overrides["disk"] = measure_read_bandwidth(files)
+        print(f"[disk read: {overrides['disk'] / 1e9:.2f} GB/s, measured in {time.perf_counter() - start:.1f} s]",
+              file=sys.stderr)
+    links = dataclasses.replace(links, **overrides)
+    plan = plan_model(model, dtype=dtype, device=device, spec=spec,
+                      quantized=quantized_layer_names(model, spec, prequantized),
+                      gpu_memory=kw.get("gpu_memory"), cpu_memory=kw.get("cpu_memory"),
+                      offload_dir=kw.get("offload_dir"),
+                      workload=Workload(kw.get("max_batch_size", 1), kw.get("max_context")), links=links)
+    what = f"{folder.name}: {len(plan.homes)} blocks, {format_size(sum(plan.block_bytes.values()))} in {dtype}"
+    if spec.enabled:
+        what += f" ({spec.describe()})"
+    print(what)
+    print(plan.explain())
+    return 0
+
+
+def cmd_offload(args: argparse.Namespace) -> int:
+    from neoxlite.offload.store import list_stores, remove
+
+    if args.action == "list":
+        stores = list_stores(args.offload_dir)
+        for path, nbytes in stores:
+            print(f"{format_size(nbytes):>11}  {path}")
+        if not stores:
+            print(f"no neoxlite stores in {args.offload_dir}")
+        return 0
+    removed = remove(args.offload_dir)
+    for path, nbytes in removed:
+        print(f"removed {path} ({format_size(nbytes)})")
+    if not removed:
+        print(f"no neoxlite stores in {args.offload_dir}")
+    return 0
