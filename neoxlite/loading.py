@@ -68,6 +68,11 @@ def load_pretrained(
     revision: str | None = None,
     init_new_heads: bool = False,
     progress: bool = True,
+    quant: str | None = None,
+    compute_dtype: torch.dtype | str | None = None,
+    double_quant: bool = True,
+    int8_threshold: float = 6.0,
+    skip_modules: list[str] | tuple[str, ...] | None = None,
     gpu_memory: str | int | None = None,
     cpu_memory: str | int | None = None,
     offload_dir: str | os.PathLike | None = None,
@@ -80,6 +85,9 @@ def load_pretrained(
     dtype: weights' dtype (default: as stored). device: where the model runs (default cpu).
     init_new_heads: give a head the checkpoint lacks (e.g. `score` on a base model) random weights to train,
     instead of refusing.
+    quant: None | "int8" | "nf4" | "fp4": quantize the linear layers with bitsandbytes while loading (a
+    pre-quantized checkpoint loads in its own mode without this); compute_dtype (default float16),
+    double_quant, int8_threshold and skip_modules (default: embeddings and heads) as in quant.QuantSpec.
     gpu_memory, cpu_memory ("6GiB", "512MB", bytes; default: free memory less a margin) and offload_dir: as soon as
     one is given, every block gets a home (GPU, RAM or disk) planned within these budgets, with room for the KV
     cache and activations of max_batch_size sequences of max_context tokens (default: min(2048, the model's)).
@@ -88,6 +96,12 @@ def load_pretrained(
         raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
     folder = resolve(path_or_id, revision=revision)
     config = GPTNeoXConfig.from_json_file(folder / "config.json")
+    # --- quant: which spec this load uses (the checkpoint's own when pre-quantized) ---
+    from quant.model import QuantPlan, resolve_spec
+
+    spec, prequantized = resolve_spec(config.quantization_config, quant=quant, compute_dtype=compute_dtype,
+                                      double_quant=double_quant, int8_threshold=int8_threshold,
+                                      skip_modules=skip_modules)
     target_dtype = parse_dtype(dtype)
     device = parse_device(device)
     ckpt = Checkpoint(folder)
@@ -100,12 +114,13 @@ def load_pretrained(
     has_prefix = any(name.startswith(prefix) for name, _ in model.named_parameters())
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = {"embed_out.weight"} if config.tie_word_embeddings and "embed_out.weight" in params else set()
+    qplan = QuantPlan(model, spec, prequantized)  # quant: the linear layers built by quant/ instead of copied
     # --- offload: each block's home under the budgets; None when no budget or offload dir is given ---
     from neoxlite.offload.placement import Offloader
 
-    offloader = Offloader.create(model, folder=folder, dtype=target_dtype, device=device, gpu_memory=gpu_memory,
-                                 cpu_memory=cpu_memory, offload_dir=offload_dir, max_batch_size=max_batch_size,
-                                 max_length=max_context)
+    offloader = Offloader.create(model, folder=folder, dtype=target_dtype, device=device, spec=spec,
+                                 prequantized=prequantized, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
+                                 offload_dir=offload_dir, max_batch_size=max_batch_size, max_length=max_context)
 
     by_param: dict[str, str] = {}
     unexpected: list[str] = []
@@ -113,7 +128,7 @@ def load_pretrained(
         if LEGACY_KEY.search(key):
             continue
         name = checkpoint_key_to_param(key, prefix, has_prefix)
-        if name in params:
+        if name in params or qplan.owner(name):
             by_param[name] = key
         elif not _HEAD_KEY.match(name):  # another class's head: loading a base from a CausalLM file is normal
             unexpected.append(key)
@@ -124,8 +139,11 @@ def load_pretrained(
     misshaped = [
         f"{key}: checkpoint {tuple(ckpt.shape(key))}, model {tuple(params[name].shape)}"
         for name, key in by_param.items()
-        if tuple(ckpt.shape(key)) != tuple(params[name].shape)
+        if not qplan.stored_quantized(name) and tuple(ckpt.shape(key)) != tuple(params[name].shape)
     ]
+    quant_missing, quant_unexpected = qplan.check(by_param)
+    missing += quant_missing
+    unexpected += [by_param[name] for name in quant_unexpected]
     if missing or unexpected or misshaped:
         raise ValueError(_mismatch_message(folder, cls.__name__, missing, unexpected, misshaped, new_heads))
 
@@ -140,6 +158,12 @@ def load_pretrained(
             continue
         block_device = offloader.device_for(block) if offloader is not None else device
         for name in names:
+            layer = qplan.owner(name)
+            if layer is not None:  # quant: weight and bias (and quant state) read, quantized and placed together
+                if name == layer + ".weight":
+                    qplan.install(model, layer, lambda n: ckpt.read(by_param[n]) if n in by_param else None,
+                                  target_dtype, block_device)
+                continue
             if name in by_param:
                 tensor = ckpt.read(by_param[name])
             else:
@@ -153,6 +177,7 @@ def load_pretrained(
     if tied:
         model.embed_out.weight = model.gpt_neox.embed_in.weight
     model.base_model.compute_device = device
+    qplan.finish(model)
     if offloader is not None:
         offloader.install()  # offload: the scheduler takes over the block loop
     model.eval()
@@ -166,9 +191,14 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def _stored_float_dtype(ckpt: Checkpoint) -> torch.dtype:
+    # The float dtype holding the most bytes: a pre-quantized checkpoint also has small float32 quant-state
+    # tensors (block scales, code books) beside its float16 embeddings, and safetensors lists float32 first.
+    by_dtype: dict[torch.dtype, int] = {}
     for key in ckpt.keys:
         if ckpt.dtype(key).is_floating_point:
-            return ckpt.dtype(key)
+            by_dtype[ckpt.dtype(key)] = by_dtype.get(ckpt.dtype(key), 0) + ckpt.nbytes(key)
+    if by_dtype:
+        return max(by_dtype, key=by_dtype.get)
     return torch.float32
 
 

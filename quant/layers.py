@@ -12,6 +12,7 @@ model computes the same numbers as transformers + bitsandbytes with the same set
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import bitsandbytes as bnb
@@ -24,9 +25,9 @@ from .spec import BLOCKSIZE_4BIT, QuantSpec
 
 _NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the 4-bit block scales again in blocks of 256
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# CPU quantization runs over slices of this many weights: bitsandbytes' CPU kernels make several float32
-# temporaries of the whole input, which for a 2048x8192 layer would be ~250 MB on top of the weight. Blocks
-# (4-bit) and rows (int8) are quantized independently, so slicing gives the same bits.
+# CPU int8 quantization runs over slices of rows holding about this many weights: bitsandbytes' CPU kernel makes
+# float32 temporaries of its whole input, which for a 2048x8192 layer would be ~130 MB on top of the weight.
+# Rows are quantized independently, so slicing gives the same bits.
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -109,21 +110,74 @@ def _unpack_cpu_weight(packed: torch.Tensor, shape: torch.Size, dtype: torch.dty
     return flat.view(dtype).reshape(shape)
 
 
+# Values per step of the CPU 4-bit quantizer: its temporaries stay in cache, and each op stays under torch's
+# 32768-element grain, below which it runs on one thread without the cost of waking others.
+_FAST_CHUNK = 1 << 14
+
+
+@functools.cache
+def _4bit_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Lookup tables that replace the bucketize of bitsandbytes' CPU quantize_4bit, exactly.
+
+    Indexed by the high 16 bits of a float32 (sign, exponent, 7 mantissa bits), each cell is an interval of
+    floats that holds at most one of the 15 decision bounds: the code is `hi` if the value is above the cell's
+    bound (+inf when it has none), else `lo`. None when this bitsandbytes lacks the bounds we mirror.
+    """
+    try:
+        from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+    except ImportError:
+        return None
+    bounds, order = _get_4bit_quantize_bounds(quant_type, torch.device("cpu"))
+    bounds, order = bounds.float(), order.to(torch.uint8)
+    cells = torch.arange(1 << 16, dtype=torch.int64) - (1 << 15)  # arithmetic shift: high halves as signed
+    first = (cells << 16).to(torch.int32).view(torch.float32)
+    last = ((cells << 16) | 0xFFFF).to(torch.int32).view(torch.float32)
+    low, high = torch.minimum(first, last), torch.maximum(first, last)  # negative floats run backwards
+    finite = torch.isfinite(low) & torch.isfinite(high)
+    low, high = torch.where(finite, low, 0.0), torch.where(finite, high, 0.0)
+    inside = (bounds >= low[:, None]) & (bounds <= high[:, None])
+    if int(inside.sum(1).max()) > 1:
+        return None
+    below = (bounds < low[:, None]).sum(1)  # bounds under the whole cell = bucketize's index there
+    split = torch.full((1 << 16,), float("inf"))
+    rows, cols = inside.nonzero(as_tuple=True)
+    split[rows] = bounds[cols]
+    return split, order[below], order[(below + 1).clamp(max=len(order) - 1)]
+
+
+def _quantize_4bit_blocks(flat: torch.Tensor, tables) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' CPU quantize_4bit kernel for whole 64-value blocks, the same arithmetic without its
+    bucketize: (packed uint8 (n/2,), absmax float32 (n/64,)). ~4x faster, in bounded memory."""
+    split, code_lo, code_hi = tables
+    n = flat.numel()
+    packed = torch.empty(n // 2, dtype=torch.uint8)
+    absmax = torch.empty(n // BLOCKSIZE_4BIT, dtype=torch.float32)
+    for start in range(0, n, _FAST_CHUNK):
+        a = flat[start : start + _FAST_CHUNK].float().view(-1, BLOCKSIZE_4BIT)
+        am = a.abs().amax(dim=1)
+        absmax[start // BLOCKSIZE_4BIT : start // BLOCKSIZE_4BIT + am.numel()] = am
+        scaled = (a * (1.0 / am.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1).view(-1)
+        cell = (scaled.view(torch.int32) >> 16) + (1 << 15)
+        q = torch.where(scaled > split.index_select(0, cell), code_hi.index_select(0, cell),
+                        code_lo.index_select(0, cell))
+        packed[start // 2 : start // 2 + q.numel() // 2] = (q[0::2] << 4) | q[1::2]
+    return packed, absmax
+
+
 def _quantize_4bit_cpu(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, QuantState]:
-    """bitsandbytes.functional.quantize_4bit(weight, blocksize=64, ...) on the CPU, slice by slice: the same
-    packed bytes and quant state, with bounded temporaries."""
+    """bitsandbytes.functional.quantize_4bit(weight, blocksize=64, ...) on the CPU: the same packed bytes and
+    quant state, faster and with bounded temporaries."""
     flat = weight.contiguous().reshape(-1)
-    step = max(CHUNK_ELEMENTS // BLOCKSIZE_4BIT, 1) * BLOCKSIZE_4BIT
-    packed, absmax = [], []
-    for start in range(0, flat.numel(), step):
-        p, a = torch.ops.bitsandbytes.quantize_4bit.default(
-            flat[start : start + step], BLOCKSIZE_4BIT, spec.mode, spec.quant_storage
+    tables = _4bit_tables(spec.mode)
+    if tables is not None and flat.numel() % BLOCKSIZE_4BIT == 0:
+        data, scales = _quantize_4bit_blocks(flat, tables)
+        if spec.quant_storage != torch.uint8:
+            data = data.view(spec.quant_storage)
+        data = data.unsqueeze(1)
+    else:  # a partial last block: bitsandbytes' own kernel
+        data, scales = torch.ops.bitsandbytes.quantize_4bit.default(
+            flat, BLOCKSIZE_4BIT, spec.mode, spec.quant_storage
         )
-        packed.append(p)
-        absmax.append(a)
-    data = torch.cat(packed) if len(packed) > 1 else packed[0]
-    scales = torch.cat(absmax) if len(absmax) > 1 else absmax[0]
-    del packed, absmax
     code = bnb.functional.get_4bit_type(spec.mode, device=weight.device)
     if not spec.double_quant:
         state = QuantState(

@@ -7,7 +7,10 @@ tensors in one go (`install`): quantizing a float weight, or loading a pre-quant
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -150,6 +153,7 @@ class QuantPlan:
             bias = read(layer + ".bias") if module.bias is not None else None
             built = quantize_linear(weight.to(dtype), None if bias is None else bias.to(dtype), self.spec, device)
         model.set_submodule(layer, built)
+        _release_freed_memory()
         return built
 
     def finish(self, model: nn.Module) -> None:
@@ -159,6 +163,22 @@ class QuantPlan:
         config = getattr(model, "config", None)
         if self.layers and config is not None:
             config.quantization_config = self.spec.to_config()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
+
+
+def _release_freed_memory() -> None:
+    """Hands freed heap memory back to the OS. glibc keeps large freed blocks (the float weight just read, the
+    quantizer's temporaries) in the process, where they count in its RSS: without this, loading pythia-1.4b as
+    nf4 peaked ~0.7 GiB above the quantized footprint instead of about one block above it."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _shared_parameters(model: nn.Module) -> set[int]:

@@ -211,7 +211,8 @@ def test_layer_equals_transformers_layer(mode, double_quant, dtype, cpu_kernel):
 @pytest.mark.parametrize(("mode", "double_quant"), [("nf4", True), ("fp4", False), ("int8", True)])
 def test_sliced_cpu_quantization_is_exact(mode, double_quant, shape, monkeypatch):
     """quant quantizes big CPU weights slice by slice (bounded memory); the bits equal one bitsandbytes call."""
-    monkeypatch.setattr(quant.layers, "CHUNK_ELEMENTS", 130)  # 2 blocks of 64 / 2 rows per slice
+    monkeypatch.setattr(quant.layers, "CHUNK_ELEMENTS", 130)  # int8: 2 rows per slice
+    monkeypatch.setattr(quant.layers, "_FAST_CHUNK", 128)  # 4-bit: 2 blocks per step
     spec = QuantSpec(mode, double_quant=double_quant)
     g = torch.Generator().manual_seed(1)
     w = torch.randn(*shape, generator=g).to(torch.bfloat16)
@@ -224,6 +225,33 @@ def test_sliced_cpu_quantization_is_exact(mode, double_quant, shape, monkeypatch
     x = torch.randn(2, shape[1], generator=g).to(torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", MODES_4BIT)
+def test_cpu_4bit_quantizer_equals_bitsandbytes_kernel(mode, dtype):
+    """quant's CPU 4-bit quantizer (lookup tables instead of bucketize) against bitsandbytes' kernel, on values
+    that sit exactly on the decision bounds, next to them, zero blocks, tiny and huge blocks."""
+    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
+    bounds, _ = _get_4bit_quantize_bounds(mode, torch.device("cpu"))
+    g = torch.Generator().manual_seed(2)
+    on = torch.cat([bounds, -bounds, torch.tensor([1.0, -1.0, 0.0, -0.0])])
+    near = torch.cat([torch.nextafter(on, torch.full_like(on, 2.0)), torch.nextafter(on, torch.full_like(on, -2.0))])
+    values = torch.cat([on, near, torch.rand(4096 - 3 * on.numel(), generator=g) * 2 - 1])
+    values = values.view(-1, 64)
+    values[:, 0] = 1.0  # absmax 1: the values are the scaled ones, so exact bound hits survive
+    blocks = torch.cat([
+        values,
+        torch.zeros(2, 64),
+        torch.randn(4, 64, generator=g) * 1e-30,
+        torch.randn(4, 64, generator=g) * 1e4,
+        torch.randn(50, 64, generator=g),
+    ]).to(dtype)
+    spec = QuantSpec(mode, double_quant=False)
+    data, state = quant.layers._quantize_4bit_cpu(blocks, spec)
+    want_data, want_absmax = torch.ops.bitsandbytes.quantize_4bit.default(blocks, 64, mode, torch.uint8)
+    assert torch.equal(data, want_data) and torch.equal(state.absmax, want_absmax)
 
 
 @pytest.mark.parametrize("mode", ["nf4", "fp4", "int8"])

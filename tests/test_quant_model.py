@@ -195,6 +195,15 @@ def test_prequantized_keeps_its_mode(prequantized):
     assert bf16.gpt_neox.layers[0].mlp.dense_4h_to_h.compute_dtype == torch.bfloat16
 
 
+def test_prequantized_keeps_float16_layers_in_float16(checkpoint, tmp_path):
+    """The full-precision layers load in the checkpoint's dtype, not the float32 of the quant-state tensors."""
+    src, _ = checkpoint(dtype=torch.float16, **SHAPE)
+    quantize_checkpoint(src, tmp_path / "nf4", quant="nf4", progress=False)
+    model = load(tmp_path / "nf4")
+    assert model.gpt_neox.embed_in.weight.dtype == model.embed_out.weight.dtype == torch.float16
+    assert model.gpt_neox.layers[0].mlp.dense_h_to_4h.bias.dtype == torch.float16
+
+
 def copy_checkpoint(src, dst):
     shutil.copytree(src, dst)
     return dst
