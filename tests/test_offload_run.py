@@ -187,6 +187,8 @@ def test_bad_offload_dirs_and_sizes(ckpt, tmp_path):
     budget = layer_budget(ckpt, torch.float32, 1)
     with pytest.raises(ValueError, match="does not exist"):
         load(ckpt, torch.float32, cpu_memory=budget, offload_dir=tmp_path / "missing")
+    with pytest.raises(ValueError, match="does not exist"):  # reported even when the plan needs no disk
+        load(ckpt, torch.float32, cpu_memory="1GiB", offload_dir=tmp_path / "missing")
     with pytest.raises(ValueError, match="cpu_memory='lots' is not a size"):
         load(ckpt, torch.float32, cpu_memory="lots", offload_dir=tmp_path)
     with pytest.raises(ValueError, match="gpu_memory"):

@@ -42,7 +42,7 @@ from neoxlite.offload.scheduler import (
     pack,
     pinned_empty,
 )
-from neoxlite.offload.store import BlockStore, fingerprint
+from neoxlite.offload.store import BlockStore, check_offload_dir, fingerprint
 
 DEFAULT_MAX_LENGTH = 2048  # planning context when the caller gives none (capped by the model's own)
 HEAD_MODULES = ("final_layer_norm", "embed_out", "score", "classifier", "qa_outputs")
@@ -206,6 +206,8 @@ class Offloader:
         """An Offloader for `model` (a meta-device skeleton), or None when no budget or offload dir is given."""
         if not wants_offload(gpu_memory, cpu_memory, offload_dir):
             return None
+        if offload_dir is not None:
+            check_offload_dir(offload_dir)  # a bad dir is reported even when this plan needs no disk
         keep_freed_memory_returnable()
         quantized = quantized_layer_names(model, spec, prequantized)
         p = plan_model(model, dtype=dtype, device=device, spec=spec, quantized=quantized, gpu_memory=gpu_memory,
