@@ -11,6 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import neoxlite
 import quant
+import quant.layers
+import quant.model
 from neoxlite.cli import main as cli_main
 from quant import QuantSpec
 from quant.serialize import quantize_checkpoint
