@@ -210,8 +210,7 @@ def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     buf = torch.empty(min(rows, n_rows) * cols, dtype=torch.float32)
     for start in range(0, n_rows, rows):
         a = w16[start : start + rows]
-        low, high = torch.aminmax(a, dim=1)
-        stats = torch.maximum(low.abs(), high).float()  # = max(|a|) per row, as bitsandbytes takes it
+        stats = a.abs().amax(dim=1).float()  # max(|a|) per row, as bitsandbytes takes it
         scb[start : start + rows] = stats
         b = buf[: a.numel()].view(a.shape)
         b.copy_(a)  # float16 -> float32 is exact: the product below is bitsandbytes' a * (127 / stats)
