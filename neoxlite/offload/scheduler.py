@@ -41,6 +41,7 @@ from neoxlite.offload.store import (
     pack_layout,
     read_data,
     views,
+    will_need,
 )
 
 # Tensors of a quantized layer up to this size (quant-state JSON, code books, the int8 weight_format flag)
@@ -287,6 +288,11 @@ class OffloadScheduler:
         """Worker thread: bring layer i's bytes into slot's buffer."""
         src = self.sources[i]
         n = src.layout.nbytes
+        # Ask the kernel to start reading the layer after this one now (page cache, not our RSS): the disk works
+        # on it while this one is copied or computed, a read-ahead one layer deeper than the slots.
+        following = self.sources[self.order[(self.order.index(i) + 1) % len(self.order)]]
+        if isinstance(following, DiskSource) and following is not src:
+            will_need(following.entry)
         if not self.cuda:  # (layers in RAM are resident on CPU machines; the copy serves tests of the RAM path)
             if isinstance(src, DiskSource):
                 slot.data = map_data(src.entry)
