@@ -135,6 +135,13 @@ class GenerationMixin:
                 "raise max_length or pass max_new_tokens"
             )
         max_new_tokens = min(max_new_tokens, limit - prompt_len)
+        reserved = getattr(self, "offload_workload", None)
+        if reserved is not None and (B > reserved[0] or prompt_len + max_new_tokens > reserved[1]):
+            raise ValueError(
+                f"this generation needs room for {B} sequence(s) of {prompt_len + max_new_tokens} tokens, but the "
+                f"memory plan reserved {reserved[0]} of {reserved[1]}; load with max_batch_size={B} and "
+                f"max_context={prompt_len + max_new_tokens} (--max-batch-size/--max-context), or ask for less"
+            )
         if max_new_tokens <= 0:
             return
         eos_ids = _as_list(eos_token_id if eos_token_id is not None else config.eos_token_id)

@@ -38,7 +38,8 @@ MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
 
 def load(folder: Path, dtype: torch.dtype, **budgets) -> GPTNeoXForCausalLM:
     """from_pretrained with offload budgets (max_context small, so tiny budgets mean something)."""
-    return GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype, progress=False, max_context=32, **budgets)
+    return GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype, progress=False, max_context=32, max_batch_size=2,
+                                              **budgets)
 
 
 def generate(model: GPTNeoXForCausalLM) -> torch.Tensor:
@@ -59,7 +60,7 @@ def layer_budget(folder: Path, dtype: torch.dtype, resident_layers: int) -> int:
     with torch.device("meta"):
         model = GPTNeoXForCausalLM(_config(folder))
     plan = plan_model(model, dtype=dtype, device="cpu", cpu_memory=1 << 40, offload_dir=None,
-                      workload=Workload(1, 32))
+                      workload=Workload(2, 32))
     reserved = plan.reserved["cpu"]["kv_cache"] + plan.reserved["cpu"]["workspace"]
     layer = plan.block_bytes["layers.0"]
     spare = plan.block_bytes["embed_in"] // 2  # too little for the embedding: it goes to disk, read by rows
@@ -265,7 +266,7 @@ def test_cli_plan_and_offload_commands(ckpt, tmp_path, capsys):
     from neoxlite.cli import main
 
     budget = str(layer_budget(ckpt, torch.float32, 1))
-    common = ["-m", str(ckpt), "--device", "cpu", "--dtype", "float32", "--max-context", "32"]
+    common = ["-m", str(ckpt), "--device", "cpu", "--dtype", "float32", "--max-context", "32", "--max-batch-size", "2"]
     assert main(["plan", *common, "--cpu-memory", budget, "--offload-dir", str(tmp_path), "--disk-gbps", "1"]) == 0
     out = capsys.readouterr().out
     for text in ("placement:", "cpu   layers.0, head", "disk  embed_in, layers.1-5", "bytes per tier:",
@@ -282,3 +283,12 @@ def test_cli_plan_and_offload_commands(ckpt, tmp_path, capsys):
     assert "removed" in capsys.readouterr().out
     assert not list(tmp_path.glob("neoxlite-*")) and (tmp_path / "mine.txt").exists()
     assert main(["offload", "clear", "--offload-dir", str(tmp_path / "nope")]) == 2
+
+
+def test_generate_refuses_more_than_the_plan_reserved(ckpt):
+    model = GPTNeoXForCausalLM.from_pretrained(ckpt, progress=False, cpu_memory="1GiB", max_context=16)
+    with pytest.raises(ValueError, match="max_batch_size=2"):
+        model.generate(torch.ones(2, 4, dtype=torch.long), max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_context=24"):
+        model.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=20)
+    assert model.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=12).shape == (1, 16)

@@ -173,6 +173,8 @@ def plan_model(model: nn.Module, *, dtype: torch.dtype, device: torch.device | s
 class Offloader:
     """Moves each block of a model being loaded to its planned home and installs the scheduler."""
 
+    workload: tuple[int, int] | None = None  # (sequences, tokens) the plan reserved room for, when known
+
     def __init__(self, model: nn.Module, plan: Plan, *, folder: str | os.PathLike, dtype: torch.dtype,
                  device: torch.device | str, spec: Any = None, settings: dict[str, Any] | None = None,
                  drop_cache: bool = False) -> None:
@@ -213,8 +215,10 @@ class Offloader:
         p = plan_model(model, dtype=dtype, device=device, spec=spec, quantized=quantized, gpu_memory=gpu_memory,
                        cpu_memory=cpu_memory, offload_dir=offload_dir,
                        workload=Workload(max_batch_size, max_length), links=links)
-        return cls(model, p, folder=folder, dtype=dtype, device=device, spec=spec,
-                   settings={"prequantized": prequantized})
+        offloader = cls(model, p, folder=folder, dtype=dtype, device=device, spec=spec,
+                        settings={"prequantized": prequantized})
+        offloader.workload = (max_batch_size, Workload(max_batch_size, max_length).context(model.config))
+        return offloader
 
     # ---------------------------------------------------------------- queries for the loader
     def home(self, block: str) -> str:
@@ -297,6 +301,7 @@ class Offloader:
                 quant_spec=self.spec, drop_cache=self.drop_cache)
         self.base.compute_device = self.device
         self.model.offload_plan = self.plan
+        self.model.offload_workload = self.workload  # (batch, tokens) the plan reserved; generate() holds to it
 
     def apply(self) -> None:
         """Re-homes a model that is already fully built (tests and tools; the loader goes block by block)."""
