@@ -1,6 +1,7 @@
 """Greedy decode speed on this machine: neoxlite against transformers in the same run, and the bandwidth bound.
 
     .venv/bin/python bench/decode.py [--shape pythia-410m] [--dtypes bf16 fp32] [--tokens 64]
+    .venv/bin/python bench/decode.py --dtypes bf16 --quant int8 nf4 fp4    (bitsandbytes layers, compute dtype = dtype)
 
 Decoding one token reads every weight once (the embedding only one row), so tokens/s can be at most
 read bandwidth / weight bytes. Each figure is the median of several timed runs of `tokens` new tokens after
@@ -40,6 +41,9 @@ def decode_rate(run: Callable[[int], None], tokens: int, repeats: int) -> float:
 
 def decode_bytes(model: torch.nn.Module) -> int:
     """Weight bytes one decoded token reads: everything but the input embedding table."""
+    if getattr(model, "quant_spec", None) is not None and model.quant_spec.enabled:  # packed weights + quant state
+        sizes = model.block_sizes()
+        return sum(sizes.values()) - sizes["embed_in"]
     total = 0
     for name, p in model.named_parameters():
         if "embed_in" not in name:
@@ -55,6 +59,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--skip-reference", action="store_true", help="neoxlite only")
+    parser.add_argument("--quant", nargs="+", default=["none"], choices=["none", "int8", "nf4", "fp4"],
+                        help="linear-layer quantization modes to time (bitsandbytes; compute dtype = --dtypes)")
     args = parser.parse_args()
 
     import transformers
@@ -64,21 +70,34 @@ def main() -> None:
     bandwidth = read_bandwidth()
     print(f"machine: {torch.get_num_threads()} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s")
     prompt = torch.randint(2, 50000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    for name in args.dtypes:
+    for name, mode in [(d, q) for d in args.dtypes for q in args.quant]:
         dtype = DTYPES[name]
         folder = random_checkpoint(args.shape, torch.bfloat16 if dtype != torch.float32 else torch.float32)
-        ours = GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype, progress=False)
+        qkw = {} if mode == "none" else {"quant": mode, "compute_dtype": dtype}
+        ours = GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype, progress=False, **qkw)
+        if mode != "none":
+            name = f"{name} {mode}"
         nbytes = decode_bytes(ours)
         bound = bandwidth / nbytes
-        ours_rate = decode_rate(lambda n: ours.generate(prompt, max_new_tokens=n, eos_token_id=[]), args.tokens, args.repeats)
+        ours_rate = decode_rate(lambda n, m=ours: m.generate(prompt, max_new_tokens=n, eos_token_id=[]),
+                                args.tokens, args.repeats)
         ours_tokens = ours.generate(prompt, max_new_tokens=16, eos_token_id=[])
         del ours
         line = (f"{args.shape} {name}: neoxlite {ours_rate:.1f} tok/s = {ours_rate / bound:.0%} of the "
                 f"{bound:.1f} tok/s bound ({nbytes / 1e9:.2f} GB/token)")
         if not args.skip_reference:
-            ref = transformers.GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+            if mode == "none":
+                ref = transformers.GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+            else:
+                from quant import QuantSpec
 
-            def ref_run(n: int) -> None:
+                config = QuantSpec.from_kwargs(**qkw).to_config()
+                bnb = transformers.BitsAndBytesConfig(
+                    **{k: v for k, v in config.items() if not k.startswith("_") and k != "quant_method"})
+                ref = transformers.GPTNeoXForCausalLM.from_pretrained(
+                    folder, dtype=dtype, quantization_config=bnb, device_map="cpu").eval()
+
+            def ref_run(n: int, ref=ref) -> None:
                 ref.generate(prompt, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
 
             ref_rate = decode_rate(ref_run, args.tokens, args.repeats)
