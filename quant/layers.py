@@ -61,7 +61,10 @@ class Linear4bit(bnb.nn.Linear4bit):
         # bitsandbytes casts the bias to the compute dtype in place; casting it each call computes the same
         # numbers and keeps the stored bias as loaded.
         bias = None if self.bias is None else self.bias.data
-        if x.device.type != "cpu" or self.cpu_packed:
+        repacks = (  # bitsandbytes' own condition for repacking on this call
+            x.device.type == "cpu" and self.support_avx512bf16_for_cpu and not self.training and not x.requires_grad
+        )
+        if not repacks or self.cpu_packed:
             out = super().forward(x)
         else:
             before = self.weight.quant_state.as_dict(packed=True)  # references, not copies
