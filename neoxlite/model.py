@@ -120,7 +120,8 @@ class GPTNeoXLayer(nn.Module):
                 kv: tuple[StaticCache, int] | None = None) -> torch.Tensor:
         attn = self.post_attention_dropout(self.attention(self.input_layernorm(x), rope, mask, kv))
         if self.use_parallel_residual:
-            return x + attn + self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(x)))
+            # Summed in the reference's order: in bf16, (a + b) + c and (c + b) + a round differently.
+            return self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(x))) + attn + x
         x = x + attn
         return x + self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(x)))
 
