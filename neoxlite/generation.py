@@ -139,8 +139,9 @@ class GenerationMixin:
         if reserved is not None and (B > reserved[0] or prompt_len + max_new_tokens > reserved[1]):
             raise ValueError(
                 f"this generation needs room for {B} sequence(s) of {prompt_len + max_new_tokens} tokens, but the "
-                f"memory plan reserved {reserved[0]} of {reserved[1]}; load with max_batch_size={B} and "
-                f"max_context={prompt_len + max_new_tokens} (--max-batch-size/--max-context), or ask for less"
+                f"memory plan reserved {reserved[0]} of {reserved[1]}; load with max_batch_size={max(B, reserved[0])} "
+                f"and max_context={max(prompt_len + max_new_tokens, reserved[1])} (--max-batch-size/--max-context), "
+                "or ask for less"
             )
         if max_new_tokens <= 0:
             return

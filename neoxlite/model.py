@@ -30,6 +30,12 @@ _ACT = {
 }
 
 
+def _device(module: nn.Module) -> torch.device:
+    """Where a module's weight lives (a packed CPU linear keeps it outside `.weight`)."""
+    packed = getattr(module, "weight_packed", None)
+    return (packed if packed is not None else module.weight).device
+
+
 # ----------------------------------------------------------------------------------------------- rotary
 def rotary_inv_freq(config: GPTNeoXConfig, seq_len: int) -> torch.Tensor:
     """Inverse frequencies for the rotary dims; dynamic NTK scaling grows the base past the trained context."""
@@ -268,7 +274,7 @@ class GPTNeoXModel(GPTNeoXPreTrainedModel):
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_length:
             raise ValueError(f"{past + T} tokens do not fit the cache of {cache.max_length}; allocate a longer cache")
-        x = self.embed_in(input_ids.to(self.embed_in.weight.device)).to(device)
+        x = self.embed_in(input_ids.to(_device(self.embed_in))).to(device)
         x = self.emb_dropout(x)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=device)[None].expand(B, T)
@@ -283,7 +289,7 @@ class GPTNeoXModel(GPTNeoXPreTrainedModel):
                 hidden_states.append(x)
         if cache is not None:
             cache.length = past + T
-        x = self.final_layer_norm(x.to(self.final_layer_norm.weight.device))
+        x = self.final_layer_norm(x.to(_device(self.final_layer_norm)))
         if hidden_states is not None:
             hidden_states[-1] = x  # the reference reports the normed output as the last hidden state
         return ModelOutput(last_hidden_state=x, hidden_states=tuple(hidden_states) if hidden_states else None)
@@ -312,7 +318,7 @@ class GPTNeoXForCausalLM(GenerationMixin, GPTNeoXPreTrainedModel):
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.embed_out(h.to(self.embed_out.weight.device))
+        logits = self.embed_out(h.to(_device(self.embed_out)))
         loss = None
         if labels is not None:
             shift = logits[:, :-1].float().reshape(-1, logits.shape[-1])
@@ -339,7 +345,7 @@ class GPTNeoXForSequenceClassification(GPTNeoXPreTrainedModel):
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         out = self.gpt_neox(input_ids, attention_mask, position_ids, None, output_hidden_states)
-        logits = self.score(out.last_hidden_state.to(self.score.weight.device))
+        logits = self.score(out.last_hidden_state.to(_device(self.score)))
         B, T = input_ids.shape
         pad = self.config.pad_token_id
         if pad is None:
@@ -382,7 +388,7 @@ class GPTNeoXForTokenClassification(GPTNeoXPreTrainedModel):
         **_: Any,
     ) -> ModelOutput:
         out = self.gpt_neox(input_ids, attention_mask, position_ids, None, output_hidden_states)
-        h = self.dropout(out.last_hidden_state.to(self.classifier.weight.device))
+        h = self.dropout(out.last_hidden_state.to(_device(self.classifier)))
         logits = self.classifier(h)
         loss = None
         if labels is not None:
@@ -407,7 +413,7 @@ class GPTNeoXForQuestionAnswering(GPTNeoXPreTrainedModel):
         **_: Any,
     ) -> ModelOutput:
         out = self.gpt_neox(input_ids, attention_mask, position_ids, None, output_hidden_states)
-        logits = self.qa_outputs(out.last_hidden_state.to(self.qa_outputs.weight.device))
+        logits = self.qa_outputs(out.last_hidden_state.to(_device(self.qa_outputs)))
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
         loss = None
         if start_positions is not None and end_positions is not None:

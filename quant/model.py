@@ -218,6 +218,8 @@ def block_sizes(model: nn.Module, block_of: Callable[[str], str]) -> dict[str, i
                 continue
             seen.add(key)
             sizes[block] = sizes.get(block, 0) + storage.nbytes()
+        if hasattr(module, "packed_nbytes"):  # neoxlite.packing.PackedLinear keeps its weight in oneDNN's layout
+            sizes[block] = sizes.get(block, 0) + module.packed_nbytes()
     return sizes
 
 

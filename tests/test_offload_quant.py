@@ -23,9 +23,10 @@ def test_quantized_layers_travel_quantized(checkpoint, tmp_path):
     want = generate(resident)
     with pytest.raises(BudgetTooSmall) as info:
         GPTNeoXForCausalLM.from_pretrained(folder, quant="nf4", compute_dtype=torch.float32, progress=False,
-                                           cpu_memory=1, offload_dir=tmp_path, max_context=32)
+                                           cpu_memory=1, offload_dir=tmp_path, max_context=32, max_batch_size=2)
     model = GPTNeoXForCausalLM.from_pretrained(folder, quant="nf4", compute_dtype=torch.float32, progress=False,
-                                               cpu_memory=info.value.minimum, offload_dir=tmp_path, max_context=32)
+                                               cpu_memory=info.value.minimum, offload_dir=tmp_path, max_context=32,
+                                               max_batch_size=2)
     assert all(model.offload_plan.homes[f"layers.{i}"] == "disk" for i in range(3))
     assert torch.equal(generate(model), want)
     # on disk: the packed 4-bit weights and their scales, about a quarter of the float32 bytes
