@@ -45,14 +45,19 @@ def random_checkpoint(shape: str, dtype: torch.dtype = torch.bfloat16, folder: P
     return folder
 
 
-def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes per second this machine's cores read from RAM (best of several sums over a buffer larger than cache)."""
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
+    """Bytes per second this machine's cores read from RAM: the best of several streaming reads (a sum and a
+    matrix-vector product) over a buffer four times the size of the L3 cache, repeated, best run kept."""
     x = torch.ones(nbytes // 4, dtype=torch.float32)
+    matrix = x.view(-1, 4096)
+    vector = torch.ones(4096)
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
+    for probe in (x.sum, lambda: torch.mv(matrix, vector)):
+        probe()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            probe()
+            best = min(best, time.perf_counter() - start)
     return nbytes / best
 
 
