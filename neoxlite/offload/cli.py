@@ -94,16 +94,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_offload(args: argparse.Namespace) -> int:
     from neoxlite.offload.store import list_stores, remove
 
-    if args.action == "list":
-        stores = list_stores(args.offload_dir)
-        for path, nbytes in stores:
-            print(f"{format_size(nbytes):>11}  {path}")
-        if not stores:
-            print(f"no neoxlite stores in {args.offload_dir}")
-        return 0
-    removed = remove(args.offload_dir)
-    for path, nbytes in removed:
-        print(f"removed {path} ({format_size(nbytes)})")
-    if not removed:
+    listing = args.action == "list"
+    stores = list_stores(args.offload_dir) if listing else remove(args.offload_dir)
+    for path, nbytes in stores:
+        print(f"{format_size(nbytes):>11}  {path}" if listing else f"removed {path} ({format_size(nbytes)})")
+    if not stores:
         print(f"no neoxlite stores in {args.offload_dir}")
     return 0

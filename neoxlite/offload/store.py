@@ -348,22 +348,22 @@ def map_data(entry: BlockEntry) -> torch.Tensor:
         return torch.from_numpy(np.frombuffer(mapping, dtype=np.uint8))
 
 
-def will_need(entry: BlockEntry) -> None:
-    """Starts an asynchronous kernel read-ahead of the block into the page cache (posix_fadvise WILLNEED)."""
+def _advise(entry: BlockEntry, advice: int) -> None:
     fd = os.open(entry.path, os.O_RDONLY)
     try:
-        os.posix_fadvise(fd, entry.data_offset, entry.data_bytes, os.POSIX_FADV_WILLNEED)
+        os.posix_fadvise(fd, entry.data_offset, entry.data_bytes, advice)
     finally:
         os.close(fd)
+
+
+def will_need(entry: BlockEntry) -> None:
+    """Starts an asynchronous kernel read-ahead of the block into the page cache (posix_fadvise WILLNEED)."""
+    _advise(entry, os.POSIX_FADV_WILLNEED)
 
 
 def drop_cached(entry: BlockEntry) -> None:
     """Tells the kernel the block's cached pages will not be needed soon (posix_fadvise DONTNEED)."""
-    fd = os.open(entry.path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, entry.data_offset, entry.data_bytes, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    _advise(entry, os.POSIX_FADV_DONTNEED)
 
 
 def _file_crc32(path: Path, expected_size: int) -> int | None:
