@@ -87,9 +87,12 @@ class GPTNeoXAttention(nn.Module):
         B, T, C = x.shape
         # NeoX interleaves per head: each head's slice of the fused output is [q | k | v].
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_size).transpose(1, 2)  # (B, nh, T, 3hs)
-        q, k, v = qkv.chunk(3, dim=-1)  # (B, nh, T, hs) each
+        hs = self.head_size
         cos, sin = rope
-        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        # q and k rotated in one pass (half the small ops per layer, which matter at batch 1).
+        qk = _apply_rotary(qkv[..., : 2 * hs].unflatten(-1, (2, hs)), cos[..., None, :], sin[..., None, :])
+        q, k = qk.unbind(-2)  # (B, nh, T, hs) each
+        v = qkv[..., 2 * hs:]
         if kv is not None:
             cache, layer_idx = kv
             k, v = cache.update(layer_idx, k, v)  # (B, nh, past + T, hs)
