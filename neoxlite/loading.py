@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 from neoxlite.checkpoint import LEGACY_KEY, Checkpoint, block_of
 from neoxlite.config import GPTNeoXConfig
 from neoxlite.hub import resolve
-from neoxlite.packing import pack_linears
 
 _DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -181,8 +180,6 @@ def load_pretrained(
     qplan.finish(model)
     if offloader is not None:
         offloader.install()  # offload: the scheduler takes over the block loop
-    elif not init_new_heads:  # resident inference: bf16 CPU linears in oneDNN's faster layout (same bits)
-        pack_linears(model)
     model.eval()
     return model
 

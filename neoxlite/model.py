@@ -17,6 +17,7 @@ from torch import nn
 from neoxlite.cache import StaticCache
 from neoxlite.config import GPTNeoXConfig
 from neoxlite.generation import GenerationMixin
+from neoxlite.linear import Linear
 from neoxlite.outputs import ModelOutput
 
 _ACT = {
@@ -28,12 +29,6 @@ _ACT = {
     "relu": F.relu,
     "silu": F.silu,
 }
-
-
-def _device(module: nn.Module) -> torch.device:
-    """Where a module's weight lives (a packed CPU linear keeps it outside `.weight`)."""
-    packed = getattr(module, "weight_packed", None)
-    return (packed if packed is not None else module.weight).device
 
 
 # ----------------------------------------------------------------------------------------------- rotary
@@ -79,8 +74,8 @@ class GPTNeoXAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_size = config.head_size
         self.dropout = config.attention_dropout
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+        self.query_key_value = Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.dense = Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 kv: tuple[StaticCache, int] | None) -> torch.Tensor:
@@ -106,8 +101,8 @@ class GPTNeoXAttention(nn.Module):
 class GPTNeoXMLP(nn.Module):
     def __init__(self, config: GPTNeoXConfig) -> None:
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense_h_to_4h = Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = Linear(config.intermediate_size, config.hidden_size)
         self.act = _ACT[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,7 +272,7 @@ class GPTNeoXModel(GPTNeoXPreTrainedModel):
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_length:
             raise ValueError(f"{past + T} tokens do not fit the cache of {cache.max_length}; allocate a longer cache")
-        x = self.embed_in(input_ids.to(_device(self.embed_in))).to(device)
+        x = self.embed_in(input_ids.to(self.embed_in.weight.device)).to(device)
         x = self.emb_dropout(x)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=device)[None].expand(B, T)
@@ -292,7 +287,7 @@ class GPTNeoXModel(GPTNeoXPreTrainedModel):
                 hidden_states.append(x)
         if cache is not None:
             cache.length = past + T
-        x = self.final_layer_norm(x.to(_device(self.final_layer_norm)))
+        x = self.final_layer_norm(x.to(self.final_layer_norm.weight.device))
         if hidden_states is not None:
             hidden_states[-1] = x  # the reference reports the normed output as the last hidden state
         return ModelOutput(last_hidden_state=x, hidden_states=tuple(hidden_states) if hidden_states else None)
@@ -302,7 +297,7 @@ class GPTNeoXForCausalLM(GenerationMixin, GPTNeoXPreTrainedModel):
     def __init__(self, config: GPTNeoXConfig) -> None:
         super().__init__(config)
         self.gpt_neox = GPTNeoXModel(config)
-        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.embed_out = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.embed_out.weight = self.gpt_neox.embed_in.weight
 
@@ -321,7 +316,7 @@ class GPTNeoXForCausalLM(GenerationMixin, GPTNeoXPreTrainedModel):
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.embed_out(h.to(_device(self.embed_out)))
+        logits = self.embed_out(h.to(self.embed_out.weight.device))
         loss = None
         if labels is not None:
             shift = logits[:, :-1].float().reshape(-1, logits.shape[-1])
@@ -334,7 +329,7 @@ class GPTNeoXForSequenceClassification(GPTNeoXPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.gpt_neox = GPTNeoXModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.score = Linear(config.hidden_size, config.num_labels, bias=False)
 
     def forward(
         self,
@@ -348,7 +343,7 @@ class GPTNeoXForSequenceClassification(GPTNeoXPreTrainedModel):
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         out = self.gpt_neox(input_ids, attention_mask, position_ids, None, output_hidden_states)
-        logits = self.score(out.last_hidden_state.to(_device(self.score)))
+        logits = self.score(out.last_hidden_state.to(self.score.weight.device))
         B, T = input_ids.shape
         pad = self.config.pad_token_id
         if pad is None:
@@ -379,7 +374,7 @@ class GPTNeoXForTokenClassification(GPTNeoXPreTrainedModel):
         self.num_labels = config.num_labels
         self.gpt_neox = GPTNeoXModel(config)
         self.dropout = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = Linear(config.hidden_size, config.num_labels)
 
     def forward(
         self,
@@ -391,7 +386,7 @@ class GPTNeoXForTokenClassification(GPTNeoXPreTrainedModel):
         **_: Any,
     ) -> ModelOutput:
         out = self.gpt_neox(input_ids, attention_mask, position_ids, None, output_hidden_states)
-        h = self.dropout(out.last_hidden_state.to(_device(self.classifier)))
+        h = self.dropout(out.last_hidden_state.to(self.classifier.weight.device))
         logits = self.classifier(h)
         loss = None
         if labels is not None:
@@ -403,7 +398,7 @@ class GPTNeoXForQuestionAnswering(GPTNeoXPreTrainedModel):
     def __init__(self, config: GPTNeoXConfig) -> None:
         super().__init__(config)
         self.gpt_neox = GPTNeoXModel(config)
-        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.qa_outputs = Linear(config.hidden_size, 2)
 
     def forward(
         self,
@@ -416,7 +411,7 @@ class GPTNeoXForQuestionAnswering(GPTNeoXPreTrainedModel):
         **_: Any,
     ) -> ModelOutput:
         out = self.gpt_neox(input_ids, attention_mask, position_ids, None, output_hidden_states)
-        logits = self.qa_outputs(out.last_hidden_state.to(_device(self.qa_outputs)))
+        logits = self.qa_outputs(out.last_hidden_state.to(self.qa_outputs.weight.device))
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
         loss = None
         if start_positions is not None and end_positions is not None:

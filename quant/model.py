@@ -83,7 +83,7 @@ class QuantPlan:
         self.layers: dict[str, nn.Linear] = {
             name: module
             for name, module in model.named_modules()
-            if spec.enabled and type(module) is nn.Linear and spec.quantizes(name) and id(module.weight) not in shared
+            if spec.enabled and isinstance(module, nn.Linear) and spec.quantizes(name) and id(module.weight) not in shared
         }
 
     def __bool__(self) -> bool:
@@ -218,8 +218,6 @@ def block_sizes(model: nn.Module, block_of: Callable[[str], str]) -> dict[str, i
                 continue
             seen.add(key)
             sizes[block] = sizes.get(block, 0) + storage.nbytes()
-        if hasattr(module, "packed_nbytes"):  # neoxlite.packing.PackedLinear keeps its weight in oneDNN's layout
-            sizes[block] = sizes.get(block, 0) + module.packed_nbytes()
     return sizes
 
 

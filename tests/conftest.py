@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from helpers import make_checkpoint  # tests/ is on sys.path (rootdir-less test 
 # Tiny test models gain nothing from intra-op threads, and on a loaded shared machine OpenMP's spinning threads
 # make each small matmul many times slower (a 100-token generate: 13 s with 2 threads, 0.7 s with 1).
 torch.set_num_threads(int(os.environ.get("NEOXLITE_TEST_THREADS", "1")))
+
+# neoxlite's CPU kernels are built into a cache private to this test session (a fresh build, no stale library).
+os.environ.setdefault("NEOXLITE_CACHE", tempfile.mkdtemp(prefix="neoxlite-test-cache-"))
 
 # The real GPT-NeoX-20B tokenizer, kept next to the repo (never copied into it).
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared/tokenizers/gpt-neox-20b"

@@ -66,9 +66,6 @@ def block_state(module: nn.Module) -> tuple[dict[str, torch.Tensor], tuple[str, 
     Plain parameters and persistent buffers as they are; each bitsandbytes layer in transformers' serialized
     form (`quant.quantized_state`), which is what travels and what `quant.load_quantized_linear` rebuilds.
     """
-    for sub in module.modules():
-        if hasattr(sub, "unpack"):  # neoxlite.packing.PackedLinear: blocks travel as plain tensors
-            sub.unpack()
     qmods = quantized_modules(module)
     state: dict[str, torch.Tensor] = {}
     if qmods:

@@ -1,0 +1,130 @@
+"""neoxlite's C kernels for CPU decoding (neoxlite/csrc), built with the system C compiler at first use.
+
+The build takes about a second and is cached under ~/.cache/neoxlite/kernels (or $NEOXLITE_CACHE/kernels),
+keyed by the source, the flags and the compiler, and written with an atomic rename so that concurrent first
+uses never load half a file. Where the kernels cannot run (not x86-64, no AVX2, no C compiler, a failed
+build, or NEOXLITE_CPU_KERNELS=0) `bf16_kernel()` returns None and callers keep PyTorch's own path;
+`kernel_status()` says which case applies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch  # loaded before the kernel, so the kernel's libgomp.so.1 is torch's and shares its threads
+
+_SOURCE = Path(__file__).with_name("csrc") / "linear_bf16.c"
+_FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
+_ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512-BF16"}
+# Input rows up to which the kernel beats oneDNN's bf16 matmul (bench/decode.py; measured on Sapphire Rapids):
+# AVX512-BF16 forms 32 products per instruction, AVX2 widens bf16 to fp32 first and falls behind sooner.
+_MAX_ROWS = {1: 4, 2: 32}
+
+
+@dataclass(frozen=True)
+class BF16Kernel:
+    """The loaded library, the instruction set it runs with here, and the batch it is used up to."""
+
+    library: ctypes.CDLL
+    isa: int
+    max_rows: int
+
+    @property
+    def isa_name(self) -> str:
+        return _ISA_NAMES[self.isa]
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight.T + bias for contiguous bf16 CPU tensors, fp32 accumulation, one rounding to bf16."""
+        n, k = weight.shape
+        rows = x.reshape(-1, k).contiguous()
+        out = torch.empty((rows.shape[0], n), dtype=torch.bfloat16)
+        self.library.neox_linear_bf16(self.isa, rows.data_ptr(), weight.data_ptr(),
+                                      None if bias is None else bias.data_ptr(), out.data_ptr(),
+                                      rows.shape[0], n, k)
+        return out.view(*x.shape[:-1], n)
+
+
+_lock = threading.Lock()
+_loaded: BF16Kernel | None = None
+_status: str | None = None
+
+
+def bf16_kernel() -> BF16Kernel | None:
+    """The bf16 linear kernel, built and loaded on the first call; None where it cannot run here."""
+    global _loaded, _status
+    if _status is None:
+        with _lock:
+            if _status is None:
+                _loaded, _status = _load()
+    return _loaded
+
+
+def kernel_status() -> str:
+    """One line for logs and benchmarks: which kernel runs, or why none does."""
+    bf16_kernel()
+    assert _status is not None
+    return _status
+
+
+def _load() -> tuple[BF16Kernel | None, str]:
+    if os.environ.get("NEOXLITE_CPU_KERNELS", "1") == "0":
+        return None, "CPU kernels off (NEOXLITE_CPU_KERNELS=0): PyTorch's bf16 matmul"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"no CPU kernels for {platform.machine()}: PyTorch's bf16 matmul"
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler (cc/gcc; or set CC) to build the CPU kernels: PyTorch's bf16 matmul"
+    try:
+        path = _build(compiler)
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"building the CPU kernels failed ({error}): PyTorch's bf16 matmul"
+    library = ctypes.CDLL(str(path))
+    library.neox_best_isa.restype = ctypes.c_int
+    library.neox_linear_bf16.restype = ctypes.c_int
+    library.neox_linear_bf16.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    isa = library.neox_best_isa()
+    if isa not in _ISA_NAMES:
+        return None, "this CPU has neither AVX2+FMA nor AVX512-BF16: PyTorch's bf16 matmul"
+    kernel = BF16Kernel(library, isa, _MAX_ROWS[isa])
+    return kernel, f"neoxlite {kernel.isa_name} kernel for bf16 linears up to {kernel.max_rows} rows"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NEOXLITE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "neoxlite")
+    return Path(root) / "kernels"
+
+
+def _build(compiler: str) -> Path:
+    """Compiles the source once per (source, flags, compiler) and returns the shared library's path."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), *_FLAGS, version]).encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable home: build into a private temporary folder instead
+        folder = Path(tempfile.mkdtemp(prefix="neoxlite-kernels-"))
+    target = folder / f"linear_bf16-{key}.so"
+    if target.exists():
+        return target
+    fd, partial = tempfile.mkstemp(dir=folder, prefix=".linear_bf16-", suffix=".so")
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", partial],
+                                capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise OSError(f"{compiler} exited with {result.returncode}: {result.stderr.strip()[-500:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target

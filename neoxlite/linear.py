@@ -1,0 +1,31 @@
+"""The model's linear layer: nn.Linear, with bf16 CPU calls of a few rows sent to neoxlite's kernel.
+
+At batch 1 a decode step is a chain of matrix-vector products and its speed is how fast the weights stream from
+memory. PyTorch's bf16 path (oneDNN) reaches about 60% of the machine's read bandwidth on them; the kernel in
+neoxlite/csrc/linear_bf16.c reaches about 95% (bench/decode.py). It reads the ordinary row-major weight, so the
+parameter, state_dict(), .to() and saving are untouched. Results are nn.Linear's up to the order of the fp32
+sums (the same single rounding to bf16); tests/test_cpu_kernels.py checks them. Everything else (other dtypes
+and devices, many rows as in a prefill, autograd) is nn.Linear's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neoxlite.cpu_kernels import bf16_kernel
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+                and weight.device.type == "cpu" and weight.is_contiguous()
+                and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous()))
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                   or (bias is not None and bias.requires_grad)))):
+            kernel = bf16_kernel()
+            if kernel is not None and x.numel() <= kernel.max_rows * weight.shape[1]:
+                return kernel.linear(x, weight, bias)
+        return F.linear(x, weight, bias)

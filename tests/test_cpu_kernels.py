@@ -1,0 +1,152 @@
+"""neoxlite's bf16 CPU kernel (neoxlite/csrc/linear_bf16.c): its sums, its use by the model's Linear, its build
+cache and every way of falling back to PyTorch's own matmul."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import neoxlite.linear
+from neoxlite.cpu_kernels import BF16Kernel, bf16_kernel, kernel_status
+from neoxlite.linear import Linear
+
+KERNEL = bf16_kernel()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"no CPU kernel here: {kernel_status()}")
+ISAS = [isa for isa in (1, 2) if KERNEL is not None and isa <= KERNEL.isa]  # an AVX512-BF16 CPU also runs AVX2
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The exact product in float64, for bounding the kernel's fp32 rounding."""
+    y = x.double() @ w.double().T
+    return y + b.double() if b is not None else y
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: {1: "avx2", 2: "avx512bf16"}[i])
+@pytest.mark.parametrize("rows,n,k", [(1, 13, 7), (3, 33, 1000), (5, 64, 64), (9, 130, 4096), (32, 8, 40),
+                                      (2, 4, 31), (4, 7, 33)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_is_the_fp32_sum_rounded_once(isa, rows, n, k, bias, threads):
+    gen = torch.Generator().manual_seed(rows * 1000 + n + k)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    kernel = BF16Kernel(KERNEL.library, isa, KERNEL.max_rows)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = kernel.linear(x, w, b)
+    finally:
+        torch.set_num_threads(previous)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    exact = reference(x, w, b)
+    # one bf16 rounding of a sum whose fp32 error is at most k * 2^-24 * sum |x w| (any order of the sums)
+    slack = k * 2.0**-24 * (x.double().abs() @ w.double().abs().T)
+    assert ((y.double() - exact).abs() <= exact.abs() * 2.0**-8 + slack + 1e-30).all()
+    # and it is nn.Linear's result except where the two fp32 sums straddle a bf16 rounding boundary
+    assert (y != F.linear(x, w, b)).float().mean() <= 0.02
+
+
+@needs_kernel
+def test_kernel_keeps_nan_and_infinity():
+    x = torch.ones(2, 64).bfloat16()
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    y = KERNEL.linear(x, torch.ones(8, 64).bfloat16(), None)
+    assert y[0].isnan().all() and (y[1] == float("inf")).all()
+
+
+@needs_kernel
+def test_linear_uses_the_kernel_for_decode_rows_only(monkeypatch):
+    calls = []
+    real = BF16Kernel.linear
+    monkeypatch.setattr(BF16Kernel, "linear", lambda self, *a: calls.append(a[0].shape) or real(self, *a))
+    layer = Linear(64, 96).to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        layer(torch.randn(1, 1, 64).bfloat16())  # a decode step at batch 1
+        layer(torch.randn(4, 1, 64).bfloat16())  # batch 4
+        assert len(calls) == 2
+        layer(torch.randn(1, KERNEL.max_rows + 1, 64).bfloat16())  # a prefill: PyTorch's matmul
+        layer.float()(torch.randn(1, 1, 64))  # fp32: PyTorch's
+    assert len(calls) == 2
+
+
+@needs_kernel
+def test_training_goes_through_autograd():
+    layer = Linear(16, 8).to(torch.bfloat16)
+    x = torch.randn(1, 16).bfloat16()
+    layer(x).float().sum().backward()  # the kernel has no backward: nn.Linear's forward is used
+    assert layer.weight.grad is not None and layer.weight.grad.shape == (8, 16)
+
+
+@needs_kernel
+def test_only_torchs_openmp_runtime_is_loaded():
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("no /proc/self/maps")
+    libraries = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+    assert len(libraries) == 1, libraries  # the kernel's threads are torch's threads
+
+
+def run_python(code: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NEOXLITE_CACHE": str(tmp_path / "cache"), **env})
+
+
+STATUS_AND_GENERATE = """
+import torch
+from neoxlite.cpu_kernels import bf16_kernel, kernel_status
+from neoxlite.linear import Linear
+print(kernel_status())
+print(bf16_kernel() is None)
+with torch.no_grad():
+    print(Linear(8, 4).to(torch.bfloat16)(torch.ones(1, 8).bfloat16()).shape)
+"""
+
+
+@pytest.mark.parametrize("env,reason", [
+    ({"NEOXLITE_CPU_KERNELS": "0"}, "CPU kernels off (NEOXLITE_CPU_KERNELS=0)"),
+    ({"CC": "/nonexistent/cc", "PATH": "/nonexistent"}, "no C compiler"),
+    ({"CC": "false"}, "building the CPU kernels failed"),
+])
+def test_without_a_kernel_pytorch_computes_and_the_status_says_why(tmp_path, env, reason):
+    if env.get("CC") == "false":  # a compiler that answers --version but fails every build
+        failing = tmp_path / "cc"
+        failing.write_text('#!/bin/sh\n[ "$1" = --version ] && echo cc 1.0 && exit 0\necho "cc: error: simulated" >&2\nexit 1\n')
+        failing.chmod(0o755)
+        env = {**env, "CC": str(failing), "PATH": "/nonexistent"}
+    done = run_python(STATUS_AND_GENERATE, tmp_path, **env)
+    assert done.returncode == 0, done.stderr
+    status, missing, shape = done.stdout.splitlines()
+    assert reason in status and "PyTorch's bf16 matmul" in status
+    assert missing == "True" and shape == "torch.Size([1, 4])"
+
+
+@needs_kernel
+def test_build_is_cached_and_written_whole(tmp_path):
+    first = run_python(STATUS_AND_GENERATE, tmp_path)
+    assert first.returncode == 0 and first.stdout.splitlines()[1] == "False", first.stderr
+    built = list((tmp_path / "cache" / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so" and not built[0].name.startswith(".")
+    stamp = built[0].stat().st_mtime_ns
+    again = run_python(STATUS_AND_GENERATE, tmp_path, CC="/nonexistent/cc-is-not-needed-now")
+    assert again.returncode == 0 and again.stdout.splitlines()[1] == "False", again.stderr
+    assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def test_model_layers_are_neoxlite_linears():
+    from neoxlite.config import GPTNeoXConfig
+    from neoxlite.model import GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=1,
+                           vocab_size=64)
+    model = GPTNeoXForCausalLM(config)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is neoxlite.linear.Linear for m in linears)
