@@ -1,6 +1,7 @@
 """neoxlite: the GPT-NeoX family on one ordinary machine."""
 
 from neoxlite.config import GPTNeoXConfig
+from neoxlite.generation_config import GenerationConfig
 from neoxlite.model import (
     GPTNeoXForCausalLM,
     GPTNeoXForQuestionAnswering,
@@ -24,6 +25,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "GenerationConfig",
     "GPTNeoXConfig",
     "GPTNeoXForCausalLM",
     "GPTNeoXForQuestionAnswering",

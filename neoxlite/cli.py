@@ -36,8 +36,10 @@ def load_for_cli(args: argparse.Namespace) -> tuple[Any, Any]:
 def cmd_generate(args: argparse.Namespace) -> int:
     from neoxlite.generation import stream_text
 
-    sampling = sampling_kwargs(args)
+    sampling_kwargs(args)  # bad flags fail before the load
     model, tokenizer = load_for_cli(args)
+    # Flags the user gave, then the checkpoint's generation_config.json, then the CLI's defaults.
+    sampling = sampling_kwargs(args, getattr(model, "generation_config", None))
     prompt_tokens = len(tokenizer(args.prompt).input_ids)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
@@ -61,8 +63,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from app.prompting import build_prompt, cut_at_stop  # the app's chat formatting, shared with the terminal
     from neoxlite.generation import context_limit, stream_text
 
-    sampling = sampling_kwargs(args)
+    sampling_kwargs(args)  # bad flags fail before the load
     model, tokenizer = load_for_cli(args)
+    # Flags the user gave, then the checkpoint's generation_config.json, then the CLI's defaults.
+    sampling = sampling_kwargs(args, getattr(model, "generation_config", None))
     history: list[dict[str, str]] = []
     print("[chat: empty line or Ctrl-D to quit]", file=sys.stderr)
     while True:

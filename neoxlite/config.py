@@ -10,6 +10,7 @@ from typing import Any
 
 _ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu")
 _ROPE_TYPES = ("default", "linear", "dynamic")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
 @dataclass
@@ -38,6 +39,8 @@ class GPTNeoXConfig:
     num_labels: int = 2
     id2label: dict[int, str] | None = None
     label2id: dict[str, int] | None = None
+    # sequence classification loss: one of PROBLEM_TYPES; None: inferred from num_labels and the labels' dtype
+    problem_type: str | None = None
     # --- special tokens
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 0
@@ -99,6 +102,12 @@ class GPTNeoXConfig:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
             self.label2id = self.label2id or {v: k for k, v in self.id2label.items()}
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type {self.problem_type!r} is not known; use one of {', '.join(PROBLEM_TYPES)} "
+                             "or leave it unset to infer it from the labels")
+        if self.problem_type == "single_label_classification" and self.num_labels == 1:
+            raise ValueError('problem_type="single_label_classification" needs num_labels > 1; for binary '
+                             'classification use num_labels=2, or problem_type="regression" for one output')
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod

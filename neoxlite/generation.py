@@ -9,11 +9,24 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from neoxlite.cache import StaticCache
+from neoxlite.generation_config import GenerationConfig
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+# A keyword left at UNSET takes the model's generation_config value, else transformers' global default.
+UNSET: Any = _Unset()
+# transformers' global defaults (GenerationConfig._get_default_generation_params) for what neoxlite implements.
+GLOBAL_DEFAULTS: dict[str, Any] = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0)
 
 
 @dataclass
@@ -27,6 +40,10 @@ class SamplingSettings:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        # None turns a setting off, as it does in transformers (no warper, no penalty).
+        self.do_sample = bool(self.do_sample)
+        self.temperature = 1.0 if self.temperature is None else self.temperature
+        self.repetition_penalty = 1.0 if self.repetition_penalty is None else self.repetition_penalty
         if self.do_sample and not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}; use do_sample=False for greedy")
         if self.top_k is not None and self.top_k < 0:
@@ -81,6 +98,10 @@ def context_limit(config: Any) -> int:
 class GenerationMixin:
     """generate() and stream_generate() for GPTNeoXForCausalLM."""
 
+    # The checkpoint's generation_config.json, set by from_pretrained; None when the checkpoint has none, and
+    # then the model config's eos_token_id and pad_token_id apply (what transformers builds from config.json).
+    generation_config: GenerationConfig | None = None
+
     @torch.inference_mode()
     def stream_generate(
         self,
@@ -89,38 +110,65 @@ class GenerationMixin:
         *,
         max_length: int | None = None,
         max_new_tokens: int | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = 50,
-        top_p: float | None = None,
-        repetition_penalty: float = 1.0,
+        do_sample: bool = UNSET,
+        temperature: float = UNSET,
+        top_k: int | None = UNSET,
+        top_p: float | None = UNSET,
+        repetition_penalty: float = UNSET,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
         stop_strings: str | Sequence[str] | None = None,
         tokenizer: Any = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
+        generation_config: GenerationConfig | None = None,
         **unused: Any,
     ) -> Iterator[torch.Tensor]:
         """Yields the next token of every row, shape (B,), one decoding step at a time.
 
         Rows that have finished (eos or a stop string) yield `pad_token_id` until every row is done.
-        Defaults follow transformers: sampling keeps the 50 most likely tokens unless top_k says otherwise
-        (0 or None: off); with neither max_length nor max_new_tokens, 20 new tokens.
+        Each setting comes, as in transformers, from the keyword when given, else from `generation_config`
+        (when passed), else from the model's `generation_config` (the checkpoint's generation_config.json),
+        else transformers' default: greedy; sampling keeps the 50 most likely tokens unless top_k says
+        otherwise (0 or None: off); with neither max_length nor max_new_tokens, 20 new tokens. None for
+        max_length, max_new_tokens, eos_token_id or pad_token_id means not given. Without a
+        generation_config.json, eos and pad come from the model config.
         """
         unknown = {k for k, v in unused.items() if v is not None} - {"use_cache", "num_beams", "streamer"}
         if unknown:
             raise TypeError(f"generate() got unsupported arguments: {', '.join(sorted(unknown))}")
         if unused.get("num_beams", 1) not in (None, 1):
             raise ValueError("beam search is not supported; use num_beams=1 (greedy or sampling)")
-        settings = SamplingSettings(do_sample, temperature, top_k, top_p, repetition_penalty)
+        config = self.config
+        # Where unset values come from, first to last; without generation_config.json the model config stands in
+        # for the special tokens only, as transformers' generation config built from config.json does.
+        layers: list[Any] = [c for c in (generation_config, self.generation_config) if c is not None]
+        if self.generation_config is None:
+            layers.append(SimpleNamespace(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id))
+
+        def pick(name: str, given: Any) -> Any:
+            if given is not UNSET and (given is not None or name in GLOBAL_DEFAULTS):
+                return given  # for a sampling setting, an explicit None turns it off, as in transformers
+            for layer in layers:
+                value = getattr(layer, name, None)
+                if value is not None:
+                    return value
+            return GLOBAL_DEFAULTS.get(name)
+
+        settings = SamplingSettings(pick("do_sample", do_sample), pick("temperature", temperature),
+                                    pick("top_k", top_k), pick("top_p", top_p),
+                                    pick("repetition_penalty", repetition_penalty))
+        length_given = max_length is not None
+        max_new_tokens = pick("max_new_tokens", max_new_tokens)  # given or configured, it wins over max_length
+        max_length = pick("max_length", max_length)
+        eos_token_id = pick("eos_token_id", eos_token_id)
+        pad_token_id = pick("pad_token_id", pad_token_id)
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.numel() == 0:
             raise ValueError("input_ids must be a non-empty tensor of token ids, e.g. tokenizer(text, return_tensors='pt').input_ids")
         B, prompt_len = input_ids.shape
-        config = self.config
         limit = context_limit(config)
         if prompt_len > limit:
             raise ValueError(
@@ -130,9 +178,10 @@ class GenerationMixin:
         if max_new_tokens is None:
             max_new_tokens = max_length - prompt_len if max_length is not None else 20
         if max_new_tokens <= 0:
+            where = "" if length_given else " (from the model's generation_config)"
             raise ValueError(
-                f"nothing to generate: the prompt already has {prompt_len} tokens and max_length is {max_length}; "
-                "raise max_length or pass max_new_tokens"
+                f"nothing to generate: the prompt already has {prompt_len} tokens and max_length is {max_length}"
+                f"{where}; raise max_length or pass max_new_tokens"
             )
         max_new_tokens = min(max_new_tokens, limit - prompt_len)
         reserved = getattr(self, "offload_workload", None)
@@ -145,9 +194,9 @@ class GenerationMixin:
             )
         if max_new_tokens <= 0:
             return
-        eos_ids = _as_list(eos_token_id if eos_token_id is not None else config.eos_token_id)
+        eos_ids = _as_list(eos_token_id)
         if pad_token_id is None:
-            pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+            pad_token_id = eos_ids[0] if eos_ids else 0
         stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
         if stops and tokenizer is None:
             raise ValueError("stop_strings needs the tokenizer to read the text: pass tokenizer=... to generate()")
@@ -221,8 +270,14 @@ def stream_text(model: Any, tokenizer: Any, prompt: str | torch.Tensor, **kwargs
         input_ids = tokenizer(prompt, return_tensors="pt").input_ids
     else:
         input_ids = prompt if prompt.dim() == 2 else prompt[None]
-    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
-    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    # The checkpoint's generation_config.json (e.g. several eos ids) first, then the tokenizer's special tokens.
+    generation_config = getattr(model, "generation_config", None)
+    eos = getattr(generation_config, "eos_token_id", None)
+    pad = getattr(generation_config, "pad_token_id", None)
+    kwargs.setdefault("eos_token_id", eos if eos is not None else tokenizer.eos_token_id)
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs.setdefault("pad_token_id", pad)
     eos_ids = set(_as_list(kwargs["eos_token_id"]))
     ids: list[int] = []
     shown = ""

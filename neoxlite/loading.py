@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 
 from neoxlite.checkpoint import LEGACY_KEY, Checkpoint, block_of
 from neoxlite.config import GPTNeoXConfig
+from neoxlite.generation import GenerationMixin
+from neoxlite.generation_config import read_generation_config
 from neoxlite.hub import resolve
 
 _DTYPE_NAMES = {
@@ -96,6 +98,9 @@ def load_pretrained(
         raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
     folder = resolve(path_or_id, revision=revision)
     config = GPTNeoXConfig.from_json_file(folder / "config.json")
+    # generate()'s defaults, as transformers reads them for models that generate (read before the weights: a
+    # malformed file fails fast); None when the checkpoint has no generation_config.json
+    generation_config = read_generation_config(folder) if issubclass(cls, GenerationMixin) else None
     # --- quant: which spec this load uses (the checkpoint's own when pre-quantized) ---
     from quant.model import QuantPlan, resolve_spec
 
@@ -177,6 +182,8 @@ def load_pretrained(
     if tied:
         model.embed_out.weight = model.gpt_neox.embed_in.weight
     model.base_model.compute_device = device
+    if generation_config is not None:
+        model.generation_config = generation_config
     qplan.finish(model)
     if offloader is not None:
         offloader.install()  # offload: the scheduler takes over the block loop

@@ -13,7 +13,8 @@ from typing import Any
 QUANT_MODES = ("none", "int8", "nf4", "fp4")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
-# Sampling defaults for the CLI and the app (the Python API keeps transformers' defaults: greedy).
+# Sampling defaults for the CLI and the app (the Python API keeps transformers' defaults: greedy). On the command
+# line a checkpoint's generation_config.json comes first: these fill only what neither a flag nor it sets.
 DEFAULT_SAMPLING = dict(max_new_tokens=128, temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=None)
 
 # flag dest -> from_pretrained keyword (the same names; listed to keep the mapping explicit)
@@ -68,33 +69,59 @@ def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    # Unset flags stay None, so the checkpoint's generation_config.json (else DEFAULT_SAMPLING) decides them.
     group = parser.add_argument_group("sampling")
     d = DEFAULT_SAMPLING
-    group.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], help="tokens to generate at most")
-    group.add_argument("--temperature", type=float, default=d["temperature"], help="0 means greedy")
-    group.add_argument("--top-k", type=int, default=d["top_k"], help="keep the k most likely tokens (0: off)")
-    group.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling mass (1.0: off)")
-    group.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"], help="1.0: off")
+    then = "default: the checkpoint's generation_config.json, else"
+    group.add_argument("--max-new-tokens", type=int, default=None,
+                       help=f"tokens to generate at most ({then} {d['max_new_tokens']})")
+    group.add_argument("--temperature", type=float, default=None,
+                       help=f"0 means greedy ({then} {d['temperature']})")
+    group.add_argument("--top-k", type=int, default=None,
+                       help=f"keep the k most likely tokens, 0: off ({then} {d['top_k']})")
+    group.add_argument("--top-p", type=float, default=None,
+                       help=f"nucleus sampling mass, 1.0: off ({then} {d['top_p']})")
+    group.add_argument("--repetition-penalty", type=float, default=None,
+                       help=f"1.0: off ({then} {d['repetition_penalty']})")
     group.add_argument("--seed", type=int, default=d["seed"], help="make sampling reproducible")
     return parser
 
 
-def sampling_kwargs(args: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
-    """generate() keywords from parsed flags (or a dict with the same names); temperature 0 means greedy."""
-    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    temperature = float(values.get("temperature", DEFAULT_SAMPLING["temperature"]))
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+def sampling_kwargs(args: argparse.Namespace | dict[str, Any], generation_config: Any = None) -> dict[str, Any]:
+    """generate() keywords from parsed flags (or a dict with the same names); temperature 0 means greedy.
+
+    A setting not given (a flag left unset; a key missing from the dict) comes from `generation_config` (the
+    model's, from the checkpoint's generation_config.json) when it sets it, else from DEFAULT_SAMPLING."""
+    if isinstance(args, argparse.Namespace):
+        values = {k: v for k, v in vars(args).items() if v is not None}  # None: the flag was not given
+    else:
+        values = dict(args)
+
+    def configured(name: str) -> Any:
+        value = getattr(generation_config, name, None)
+        return DEFAULT_SAMPLING[name] if value is None else value
+
+    if "temperature" in values:  # a temperature asks for sampling (or, at 0, for greedy)
+        temperature = float(values["temperature"])
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+        do_sample = temperature > 0
+    else:
+        temperature = float(configured("temperature"))
+        do_sample = getattr(generation_config, "do_sample", None) is not False and temperature > 0
     kwargs: dict[str, Any] = {
-        "max_new_tokens": int(values.get("max_new_tokens", DEFAULT_SAMPLING["max_new_tokens"])),
-        "repetition_penalty": float(values.get("repetition_penalty", DEFAULT_SAMPLING["repetition_penalty"])),
-        "do_sample": temperature > 0,
+        "max_new_tokens": int(values["max_new_tokens"] if "max_new_tokens" in values else configured("max_new_tokens")),
+        "repetition_penalty": float(values["repetition_penalty"] if "repetition_penalty" in values
+                                    else configured("repetition_penalty")),
+        "do_sample": do_sample,
     }
     if kwargs["max_new_tokens"] <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {kwargs['max_new_tokens']}")
-    if temperature > 0:
-        kwargs.update(temperature=temperature, top_k=int(values.get("top_k") or 0),  # 0: off
-                      top_p=float(values.get("top_p") if values.get("top_p") is not None else 1.0))
+    if do_sample:
+        top_k = values["top_k"] if "top_k" in values else configured("top_k")
+        top_p = values["top_p"] if "top_p" in values else configured("top_p")
+        kwargs.update(temperature=temperature, top_k=int(top_k or 0),  # 0: off
+                      top_p=float(top_p if top_p is not None else 1.0))
     seed = values.get("seed")
     if seed is not None and seed != "":
         kwargs["seed"] = int(seed)

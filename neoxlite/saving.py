@@ -46,7 +46,8 @@ def _shards(state: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.
 
 
 def save_pretrained(model: nn.Module, folder: str | os.PathLike, max_shard_size: int | str = "2GiB") -> None:
-    """Writes config.json and the weights; tied weights are stored once, as the hub does."""
+    """Writes config.json, generation_config.json (when the model has one) and the weights; tied weights are
+    stored once, as the hub does."""
     limit = parse_size(max_shard_size)
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -62,8 +63,11 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, max_shard_size:
     # config.json names the dtype the weights are saved in (a model loaded with dtype="bf16" saves bf16),
     # which is what transformers loads them as.
     config = dataclasses.replace(model.config, torch_dtype=str(model.dtype).removeprefix("torch."))
+    generation_config = getattr(model, "generation_config", None)
     with atomic_folder(folder, overwrite=True) as tmp:
         config.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
             return

@@ -1,0 +1,120 @@
+"""GenerationConfig: a checkpoint's generate() defaults, read from generation_config.json as transformers does.
+
+Every field is optional (None: not set). generate() takes a value from its own keyword first, then from the
+model's generation_config, then transformers' global default. Keys neoxlite does not use are kept in `extra`
+and written back on save, so a round trip loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+FILE_NAME = "generation_config.json"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class GenerationConfig:
+    # --- length
+    max_length: int | None = None  # prompt + new tokens
+    max_new_tokens: int | None = None  # wins over max_length when both are set
+    # --- decoding
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    # --- special tokens
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    # Keys we do not interpret, written back on save.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("max_length", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.do_sample is not None and not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be true or false, got {self.do_sample!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None and not _is_number(value):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if self.top_k is not None and not _is_int(self.top_k):
+            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise ValueError(f"{name} must be an integer token id, got {value!r}")
+        eos = self.eos_token_id
+        if eos is not None and not _is_int(eos) and not (isinstance(eos, list) and all(_is_int(i) for i in eos)):
+            raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos!r}")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a generation config is a JSON object of settings, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        extra = {k: v for k, v in data.items() if k not in known}
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> GenerationConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); fix or delete the file") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text ({err}); fix or delete the file") from None
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}; fix or delete the file") from None
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, revision: str | None = None) -> GenerationConfig:
+        """The generation_config.json of a checkpoint folder or hub id; FileNotFoundError when it has none."""
+        from neoxlite.hub import resolve
+
+        path = resolve(path_or_id, revision=revision) / FILE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {FILE_NAME} in {path.parent}")
+        return cls.from_json_file(path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings that are set (None fields left out, as transformers writes its diff from the defaults)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **{k: v for k, v in data.items() if v is not None}}
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        from neoxlite.fileio import atomic_write_text
+
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        atomic_write_text(Path(folder) / FILE_NAME, text)
+
+
+def read_generation_config(folder: str | os.PathLike) -> GenerationConfig | None:
+    """The folder's generation_config.json, or None when it has none."""
+    path = Path(folder) / FILE_NAME
+    if not path.is_file():
+        return None
+    return GenerationConfig.from_json_file(path)
