@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch  # loaded before the kernel, so the kernel's libgomp.so.1 is torch's and shares its threads
 
-_SOURCE = Path(__file__).with_name("csrc") / "linear_bf16.c"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("linear_bf16.c", "decode_attention_bf16.c")]
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
+_LIBS = ["-lm"]
 _ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512-BF16"}
 # Input rows up to which the kernel beats oneDNN's bf16 matmul (bench/decode.py; measured on Sapphire Rapids):
 # AVX512-BF16 forms 32 products per instruction, AVX2 widens bf16 to fp32 first and falls behind sooner.
@@ -42,16 +43,36 @@ class BF16Kernel:
     def isa_name(self) -> str:
         return _ISA_NAMES[self.isa]
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x @ weight.T + bias for contiguous bf16 CPU tensors, fp32 accumulation, one rounding to bf16."""
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               gelu: bool = False) -> torch.Tensor:
+        """x @ weight.T + bias for contiguous bf16 CPU tensors, fp32 accumulation, one rounding to bf16; with
+        `gelu`, F.gelu of that bf16 result (PyTorch's own CPU formula), in the same call."""
         n, k = weight.shape
         rows = x.reshape(-1, k).contiguous()
         out = torch.empty((rows.shape[0], n), dtype=torch.bfloat16)
         self.library.neox_linear_bf16(self.isa, rows.data_ptr(), weight.data_ptr(),
                                       None if bias is None else bias.data_ptr(), out.data_ptr(),
-                                      rows.shape[0], n, k)
+                                      rows.shape[0], n, k, int(gelu))
         return out.view(*x.shape[:-1], n)
 
+    def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                         values: torch.Tensor, past: int, heads: int) -> torch.Tensor:
+        """One decode step of NeoX attention without a mask: rotary on q and k, k and v written into the cache
+        at `past`, attention over positions 0..past. qkv (B, 1, heads * 3 * hs); cos, sin (B, 1, 1, rot);
+        keys, values (B, heads, capacity, hs), contiguous. Returns (B, 1, heads * hs)."""
+        batch, capacity, hs = keys.shape[0], keys.shape[2], keys.shape[3]
+        cos, sin = cos.reshape(batch, -1).contiguous(), sin.reshape(batch, -1).contiguous()
+        qkv = qkv.contiguous()
+        out = torch.empty((batch, 1, heads * hs), dtype=torch.bfloat16)
+        self.library.neox_decode_attention_bf16(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[1],
+                                                keys.data_ptr(), values.data_ptr(), out.data_ptr(), batch, heads,
+                                                hs, cos.shape[1], capacity, past, hs**-0.5)
+        return out
+
+
+# Set to False to compute with PyTorch's operations only: bf16 results then equal transformers' bit for bit
+# (the kernels change only the order of fp32 sums). The environment's NEOXLITE_CPU_KERNELS=0 does the same.
+enabled = True
 
 _lock = threading.Lock()
 _loaded: BF16Kernel | None = None
@@ -61,6 +82,8 @@ _status: str | None = None
 def bf16_kernel() -> BF16Kernel | None:
     """The bf16 linear kernel, built and loaded on the first call; None where it cannot run here."""
     global _loaded, _status
+    if not enabled:
+        return None
     if _status is None:
         with _lock:
             if _status is None:
@@ -70,6 +93,8 @@ def bf16_kernel() -> BF16Kernel | None:
 
 def kernel_status() -> str:
     """One line for logs and benchmarks: which kernel runs, or why none does."""
+    if not enabled:
+        return "CPU kernels off (neoxlite.cpu_kernels.enabled = False): PyTorch's bf16 matmul"
     bf16_kernel()
     assert _status is not None
     return _status
@@ -90,7 +115,10 @@ def _load() -> tuple[BF16Kernel | None, str]:
     library = ctypes.CDLL(str(path))
     library.neox_best_isa.restype = ctypes.c_int
     library.neox_linear_bf16.restype = ctypes.c_int
-    library.neox_linear_bf16.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    library.neox_linear_bf16.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    library.neox_decode_attention_bf16.restype = None
+    library.neox_decode_attention_bf16.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 3
+                                                   + [ctypes.c_int64] * 6 + [ctypes.c_float])
     isa = library.neox_best_isa()
     if isa not in _ISA_NAMES:
         return None, "this CPU has neither AVX2+FMA nor AVX512-BF16: PyTorch's bf16 matmul"
@@ -107,19 +135,19 @@ def _cache_dir() -> Path:
 def _build(compiler: str) -> Path:
     """Compiles the source once per (source, flags, compiler) and returns the shared library's path."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), *_FLAGS, version]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in _SOURCES), *_FLAGS, *_LIBS, version]).encode()).hexdigest()[:16]
     folder = _cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:  # an unwritable home: build into a private temporary folder instead
         folder = Path(tempfile.mkdtemp(prefix="neoxlite-kernels-"))
-    target = folder / f"linear_bf16-{key}.so"
+    target = folder / f"neoxlite-cpu-{key}.so"
     if target.exists():
         return target
-    fd, partial = tempfile.mkstemp(dir=folder, prefix=".linear_bf16-", suffix=".so")
+    fd, partial = tempfile.mkstemp(dir=folder, prefix=".neoxlite-cpu-", suffix=".so")
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", partial],
+        result = subprocess.run([compiler, *_FLAGS, *map(str, _SOURCES), "-o", partial, *_LIBS],
                                 capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise OSError(f"{compiler} exited with {result.returncode}: {result.stderr.strip()[-500:]}")

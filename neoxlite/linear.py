@@ -14,11 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neoxlite.cpu_kernels import bf16_kernel
+from neoxlite.cpu_kernels import BF16Kernel, bf16_kernel
 
 
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self._kernel_for(x)
+        return kernel.linear(x, self.weight, self.bias) if kernel else F.linear(x, self.weight, self.bias)
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """F.gelu(self(x)), fused into the kernel call where the kernel runs."""
+        kernel = self._kernel_for(x)
+        return kernel.linear(x, self.weight, self.bias, gelu=True) if kernel else F.gelu(F.linear(x, self.weight,
+                                                                                                  self.bias))
+
+    def _kernel_for(self, x: torch.Tensor) -> BF16Kernel | None:
         weight, bias = self.weight, self.bias
         if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
                 and weight.device.type == "cpu" and weight.is_contiguous()
@@ -27,5 +37,5 @@ class Linear(nn.Linear):
                                                    or (bias is not None and bias.requires_grad)))):
             kernel = bf16_kernel()
             if kernel is not None and x.numel() <= kernel.max_rows * weight.shape[1]:
-                return kernel.linear(x, weight, bias)
-        return F.linear(x, weight, bias)
+                return kernel
+        return None

@@ -16,6 +16,7 @@ from torch import nn
 
 from neoxlite.cache import StaticCache
 from neoxlite.config import GPTNeoXConfig
+from neoxlite.cpu_kernels import BF16Kernel, bf16_kernel
 from neoxlite.generation import GenerationMixin
 from neoxlite.linear import Linear
 from neoxlite.outputs import ModelOutput
@@ -80,10 +81,18 @@ class GPTNeoXAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 kv: tuple[StaticCache, int] | None) -> torch.Tensor:
         B, T, C = x.shape
-        # NeoX interleaves per head: each head's slice of the fused output is [q | k | v].
-        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_size).transpose(1, 2)  # (B, nh, T, 3hs)
-        hs = self.head_size
+        fused = self.query_key_value(x)
         cos, sin = rope
+        if T == 1 and mask is None and kv is not None:
+            kernel = _decode_attention_kernel(fused, kv)
+            if kernel is not None:  # rotary, cache write and attention in one call (neoxlite/csrc)
+                cache, layer_idx = kv
+                y = kernel.decode_attention(fused, cos, sin, cache.keys[layer_idx], cache.values[layer_idx],
+                                            cache.length, self.num_heads)
+                return self.dense(y)
+        # NeoX interleaves per head: each head's slice of the fused output is [q | k | v].
+        qkv = fused.view(B, T, self.num_heads, 3 * self.head_size).transpose(1, 2)  # (B, nh, T, 3hs)
+        hs = self.head_size
         # q and k rotated in one pass (half the small ops per layer, which matter at batch 1).
         qk = _apply_rotary(qkv[..., : 2 * hs].unflatten(-1, (2, hs)), cos[..., None, :], sin[..., None, :])
         q, k = qk.unbind(-2)  # (B, nh, T, hs) each
@@ -98,15 +107,30 @@ class GPTNeoXAttention(nn.Module):
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
 
 
+def _decode_attention_kernel(qkv: torch.Tensor, kv: tuple[StaticCache, int]) -> BF16Kernel | None:
+    """neoxlite's CPU kernel where it computes this decode step (bf16 on the CPU, no autograd), else None."""
+    cache, layer_idx = kv
+    keys, values = cache.keys[layer_idx], cache.values[layer_idx]
+    if (qkv.dtype != torch.bfloat16 or qkv.device.type != "cpu" or keys.dtype != torch.bfloat16
+            or keys.device.type != "cpu" or not keys.is_contiguous() or not values.is_contiguous()
+            or keys.shape[-1] > 512 or (torch.is_grad_enabled() and qkv.requires_grad)):
+        return None
+    return bf16_kernel()
+
+
 class GPTNeoXMLP(nn.Module):
     def __init__(self, config: GPTNeoXConfig) -> None:
         super().__init__()
         self.dense_h_to_4h = Linear(config.hidden_size, config.intermediate_size)
         self.dense_4h_to_h = Linear(config.intermediate_size, config.hidden_size)
         self.act = _ACT[config.hidden_act]
+        self.exact_gelu = config.hidden_act == "gelu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+        up = self.dense_h_to_4h
+        if self.exact_gelu and type(up) is Linear:  # (a quantized layer is a bitsandbytes class instead)
+            return self.dense_4h_to_h(up.forward_gelu(x))
+        return self.dense_4h_to_h(self.act(up(x)))
 
 
 class GPTNeoXLayer(nn.Module):
@@ -324,6 +348,31 @@ class GPTNeoXForCausalLM(GenerationMixin, GPTNeoXPreTrainedModel):
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
 
 
+def sequence_classification_loss(pooled: torch.Tensor, labels: torch.Tensor, config: GPTNeoXConfig) -> torch.Tensor:
+    """transformers' ForSequenceClassificationLoss: config.problem_type picks MSE, cross entropy or BCE-with-logits;
+    when unset it is inferred (one label: regression; integer labels: single-label; else multi-label) and, as
+    transformers does, recorded in the config, so later calls and save_pretrained keep it."""
+    num_labels = config.num_labels
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    scores = pooled.float()  # the loss in fp32 whatever the weights' dtype
+    labels = labels.to(scores.device)
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(scores.view(-1, num_labels), labels.view(-1), ignore_index=-100)
+    if not labels.is_floating_point():
+        labels = labels.to(scores.dtype)  # integer targets for MSE or BCE
+    if config.problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(scores.squeeze(), labels.squeeze())
+        return F.mse_loss(scores, labels)
+    return F.binary_cross_entropy_with_logits(scores, labels)
+
+
 class GPTNeoXForSequenceClassification(GPTNeoXPreTrainedModel):
     def __init__(self, config: GPTNeoXConfig) -> None:
         super().__init__(config)
@@ -358,13 +407,7 @@ class GPTNeoXForSequenceClassification(GPTNeoXPreTrainedModel):
             not_pad = (input_ids != pad).to(logits.device, torch.int32)
             last = (torch.arange(T, device=logits.device, dtype=torch.int32) * not_pad).argmax(-1)
         pooled = logits[torch.arange(B, device=logits.device), last]
-        loss = None
-        if labels is not None:
-            labels = labels.to(pooled.device)
-            if self.num_labels == 1:
-                loss = F.mse_loss(pooled.squeeze(-1).float(), labels.float())
-            else:
-                loss = F.cross_entropy(pooled.float(), labels)
+        loss = sequence_classification_loss(pooled, labels, self.config) if labels is not None else None
         return ModelOutput(loss=loss, logits=pooled, hidden_states=out.hidden_states)
 
 

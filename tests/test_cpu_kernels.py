@@ -150,3 +150,73 @@ def test_model_layers_are_neoxlite_linears():
     model = GPTNeoXForCausalLM(config)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m) is neoxlite.linear.Linear for m in linears)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: {1: "avx2", 2: "avx512bf16"}[i])
+def test_fused_gelu_is_torchs_gelu_on_every_bf16_value_an_activation_takes(isa):
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    # normal numbers below 1e30 (PyTorch flushes subnormals to zero, and overflows to inf above ~1.7e38)
+    used = every[(every.float().abs() >= 2.0**-126) & (every.float().abs() < 1e30)]
+    x = torch.cat([used, torch.zeros(-len(used) % 64, dtype=torch.bfloat16)]).view(-1, 64)
+    identity = torch.eye(64, dtype=torch.bfloat16)  # x @ I.T is x exactly: only the GELU is compared
+    kernel = BF16Kernel(KERNEL.library, isa, KERNEL.max_rows)
+    ours, torchs = kernel.linear(x, identity, None, gelu=True).float(), F.gelu(x).float()
+    assert (ours == torchs).float().mean() > 0.995
+    # where they differ: one bf16 step; or, for x < -3 where GELU(x) is tiny, both formulas' erf error of ~1e-7
+    # times |x|; or a subnormal result that PyTorch flushes to zero
+    assert ((ours - torchs).abs() <= torchs.abs() * 2.0**-7 + 2e-7 * x.float().abs() + 2.0**-126).all()
+
+
+@needs_kernel
+def test_mlp_uses_the_fused_gelu_only_for_exact_gelu(monkeypatch):
+    from neoxlite.config import GPTNeoXConfig
+    from neoxlite.model import GPTNeoXMLP
+
+    seen = []
+    real = BF16Kernel.linear
+    monkeypatch.setattr(BF16Kernel, "linear", lambda self, *a, **kw: seen.append(kw.get("gelu", False))
+                        or real(self, *a, **kw))
+    for act, fused in [("gelu", True), ("gelu_new", False)]:
+        config = GPTNeoXConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=1,
+                               vocab_size=64, hidden_act=act)
+        mlp = GPTNeoXMLP(config).to(torch.bfloat16).requires_grad_(False)
+        x = torch.randn(1, 1, 32).bfloat16()
+        seen.clear()
+        y = mlp(x)
+        assert seen == [fused, False]
+        torch.testing.assert_close(y, mlp.dense_4h_to_h(mlp.act(F.linear(x, mlp.dense_h_to_4h.weight,
+                                                                         mlp.dense_h_to_4h.bias))), rtol=0.02, atol=0.02)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch,heads,hs,rot,past", [(1, 4, 64, 16, 0), (1, 4, 64, 16, 37), (3, 2, 24, 24, 5),
+                                                     (2, 3, 40, 8, 2100)])
+def test_decode_attention_equals_rotary_cache_write_and_sdpa(batch, heads, hs, rot, past):
+    from neoxlite.model import _apply_rotary
+
+    gen = torch.Generator().manual_seed(past + hs)
+    capacity = past + 3
+    qkv = torch.randn(batch, 1, heads * 3 * hs, generator=gen).bfloat16()
+    angle = torch.randn(batch, 1, 1, rot, generator=gen) * 3
+    cos, sin = angle.cos().bfloat16(), angle.sin().bfloat16()
+    keys = torch.randn(batch, heads, capacity, hs, generator=gen).bfloat16()
+    values = torch.randn(batch, heads, capacity, hs, generator=gen).bfloat16()
+    ref_keys, ref_values = keys.clone(), values.clone()
+
+    out = KERNEL.decode_attention(qkv, cos, sin, keys, values, past, heads)
+
+    split = qkv.view(batch, 1, heads, 3 * hs).transpose(1, 2)  # (B, nh, 1, 3hs)
+    q = _apply_rotary(split[..., :hs], cos, sin)
+    ref_keys[:, :, past:past + 1] = _apply_rotary(split[..., hs:2 * hs], cos, sin)
+    ref_values[:, :, past:past + 1] = split[..., 2 * hs:]
+    assert torch.equal(keys, ref_keys) and torch.equal(values, ref_values)  # the same bits, nothing else touched
+    expected = F.scaled_dot_product_attention(q, ref_keys[:, :, :past + 1], ref_values[:, :, :past + 1])
+    expected = expected.transpose(1, 2).reshape(batch, 1, heads * hs)
+    exact = F.scaled_dot_product_attention(q.double(), ref_keys[:, :, :past + 1].double(),
+                                           ref_values[:, :, :past + 1].double()).transpose(1, 2).reshape_as(out)
+    # at least as close to the exact result as PyTorch's own bf16 attention (which rounds the softmax weights to
+    # bf16 before multiplying by v; the kernel keeps them in fp32 and rounds once)
+    ours_error, torchs_error = (out.double() - exact).abs(), (expected.double() - exact).abs()
+    assert ours_error.max() <= torchs_error.max() * 1.01 + 1e-6
+    assert ours_error.mean() <= torchs_error.mean() * 1.01 + 1e-7
