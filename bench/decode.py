@@ -4,7 +4,9 @@
     .venv/bin/python bench/decode.py --dtypes bf16 --quant int8 nf4 fp4    (bitsandbytes layers, compute dtype = dtype)
 
 Decoding one token reads every weight once (the embedding only one row), so tokens/s can be at most
-read bandwidth / weight bytes. Each figure is the median of several timed runs of `tokens` new tokens after
+read bandwidth / weight bytes. The bandwidth of a shared machine drifts by a third within minutes, so it is
+probed before and after every timed model, and the share of the bound is taken against the highest probe of the
+whole run (the conservative choice; the range seen is printed). Each figure is the median of several timed runs of `tokens` new tokens after
 a fixed prompt, with prefill subtracted (a run of 1 new token is timed the same way).
 """
 
@@ -61,9 +63,11 @@ def main() -> None:
     import transformers
 
     from neoxlite import GPTNeoXForCausalLM
+    from neoxlite.cpu_kernels import kernel_status
 
-    bandwidth = read_bandwidth()
-    print(f"machine: {torch.get_num_threads()} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    probes = [read_bandwidth()]
+    print(f"machine: {torch.get_num_threads()} threads, read bandwidth {probes[0] / 1e9:.1f} GB/s; "
+          f"{kernel_status()}")
     prompt = torch.randint(2, 50000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     for name, mode in [(d, q) for d in args.dtypes for q in args.quant]:
         dtype = DTYPES[name]
@@ -73,13 +77,12 @@ def main() -> None:
         if mode != "none":
             name = f"{name} {mode}"
         nbytes = decode_bytes(ours)
-        bound = bandwidth / nbytes
         ours_rate = decode_rate(lambda n, m=ours: m.generate(prompt, max_new_tokens=n, eos_token_id=[]),
                                 args.tokens, args.repeats)
+        probes.append(read_bandwidth())
         ours_tokens = ours.generate(prompt, max_new_tokens=16, eos_token_id=[])
         del ours
-        line = (f"{args.shape} {name}: neoxlite {ours_rate:.1f} tok/s = {ours_rate / bound:.0%} of the "
-                f"{bound:.1f} tok/s bound ({nbytes / 1e9:.2f} GB/token)")
+        ref_rate = None
         if not args.skip_reference:
             if mode == "none":
                 ref = transformers.GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype).eval()
@@ -96,9 +99,15 @@ def main() -> None:
                 ref.generate(prompt, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
 
             ref_rate = decode_rate(ref_run, args.tokens, args.repeats)
+            probes.append(read_bandwidth())
             same = torch.equal(ref.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None,
                                             pad_token_id=0), ours_tokens)
             del ref
+        bound = max(probes) / nbytes
+        line = (f"{args.shape} {name}: neoxlite {ours_rate:.1f} tok/s = {ours_rate / bound:.0%} of the "
+                f"{bound:.1f} tok/s bound ({nbytes / 1e9:.2f} GB/token; bandwidth probes "
+                f"{min(probes) / 1e9:.1f}-{max(probes) / 1e9:.1f} GB/s, bound from the highest)")
+        if ref_rate is not None:
             line += (f"; transformers {ref_rate:.1f} tok/s = {ref_rate / bound:.0%}; ratio {ours_rate / ref_rate:.2f}x"
                      f"; same tokens: {same}")
         print(line, flush=True)

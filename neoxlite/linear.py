@@ -30,9 +30,9 @@ class Linear(nn.Linear):
 
     def _kernel_for(self, x: torch.Tensor) -> BF16Kernel | None:
         weight, bias = self.weight, self.bias
-        if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-                and weight.device.type == "cpu" and weight.is_contiguous()
-                and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous()))
+        if (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.is_cpu and weight.is_cpu
+                and weight.is_contiguous()
+                and (bias is None or (bias.dtype is torch.bfloat16 and bias.is_contiguous()))
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                    or (bias is not None and bias.requires_grad)))):
             kernel = bf16_kernel()

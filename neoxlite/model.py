@@ -146,12 +146,17 @@ class GPTNeoXLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 kv: tuple[StaticCache, int] | None = None) -> torch.Tensor:
-        attn = self.post_attention_dropout(self.attention(self.input_layernorm(x), rope, mask, kv))
+        # (dropout is called only when training: at batch 1 each module call is a measurable share of a step)
+        attn = self.attention(self.input_layernorm(x), rope, mask, kv)
+        if self.training:
+            attn = self.post_attention_dropout(attn)
         if self.use_parallel_residual:
+            mlp = self.mlp(self.post_attention_layernorm(x))
             # Summed in the reference's order: in bf16, (a + b) + c and (c + b) + a round differently.
-            return self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(x))) + attn + x
+            return (self.post_mlp_dropout(mlp) if self.training else mlp) + attn + x
         x = x + attn
-        return x + self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(x)))
+        mlp = self.mlp(self.post_attention_layernorm(x))
+        return x + (self.post_mlp_dropout(mlp) if self.training else mlp)
 
 
 class ResidentScheduler:
