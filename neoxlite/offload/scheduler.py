@@ -7,8 +7,9 @@ RAM or in the disk store, and is brought into one of a few reusable *slots* on t
 byte buffer plus a layer module whose tensors are views into that buffer. Bringing a layer in is therefore
 one read or one copy of contiguous bytes, with no allocation and no per-tensor work.
 
-- CPU compute: a worker thread reads the next layer's file with read(2) into a free slot's buffer while the
-  current layer computes. No mmap: mapped pages would count in RSS, and the budget is a promise.
+- CPU compute: a worker thread maps the next layer's file from the page cache (store.map_data, every page
+  set up at once) while the current layer computes; done(i) drops the mapping, so at most `slots` layers are
+  mapped (and counted in RSS) at any time, which the planner's budget includes.
 - CUDA compute: layers in RAM sit in page-locked (pinned) memory and are copied into a GPU slot on a
   separate copy stream; layers on disk are read by the worker thread into one of two pinned staging
   buffers and copied from there. CUDA events order everything: a copy into a slot waits until the compute
