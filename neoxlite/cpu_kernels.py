@@ -23,6 +23,7 @@ from pathlib import Path
 import torch  # loaded before the kernel, so the kernel's libgomp.so.1 is torch's and shares its threads
 
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("linear_bf16.c", "decode_attention_bf16.c")]
+_HEADERS = [Path(__file__).with_name("csrc") / "bf16.h"]
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 _LIBS = ["-lm"]
 _ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512-BF16"}
@@ -135,7 +136,8 @@ def _cache_dir() -> Path:
 def _build(compiler: str) -> Path:
     """Compiles the source once per (source, flags, compiler) and returns the shared library's path."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([*(src.read_text() for src in _SOURCES), *_FLAGS, *_LIBS, version]).encode()).hexdigest()[:16]
+    parts = [*(f.read_text() for f in _SOURCES + _HEADERS), *_FLAGS, *_LIBS, version]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     folder = _cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)

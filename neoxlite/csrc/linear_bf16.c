@@ -16,27 +16,14 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define ROWS 4       /* weight rows per task: their 64-byte chunks are read side by side */
 #define MAX_M 4      /* input rows per pass over a weight block (one fp32 accumulator each) */
 #define PREFETCH 512 /* bytes ahead of each weight row's read position, into L1 */
 /* Each row's next task (the same thread's, under a static schedule) is also prefetched into L2 as the current
  * one is read: the memory system then always has two blocks in flight, which takes one core from about 75% to
  * about 100% of the bandwidth that a plain streaming read reaches (measured on Sapphire Rapids). */
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* GELU(x) = x/2 (1 + erf(x / sqrt 2)) with erf as PyTorch's vectorized CPU kernel computes it (Abramowitz and
  * Stegun 7.1.26, |error| < 1.5e-7), in the same order of operations, so the bf16 results agree with F.gelu. */
