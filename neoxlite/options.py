@@ -11,7 +11,8 @@ import argparse
 from typing import Any
 
 QUANT_MODES = ("none", "int8", "nf4", "fp4")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 # Sampling defaults for the CLI and the app (the Python API keeps transformers' defaults: greedy). On the command
 # line a checkpoint's generation_config.json comes first: these fill only what neither a flag nor it sets.
@@ -62,7 +63,7 @@ def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         del kwargs["dtype"]
     for name in ("dtype", "compute_dtype"):
         if name in kwargs:
-            kwargs[name] = getattr(torch, kwargs[name])
+            kwargs[name] = getattr(torch, _DTYPE_ALIASES.get(kwargs[name], kwargs[name]))
     if "device" not in kwargs:
         kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     return kwargs
