@@ -2,8 +2,9 @@
 
     python bench/gpu_bench.py [--shape pythia-1.4b] [--gpu-memory 1GiB] [--batches 1 4 16] [--tokens 32]
 
-1. Resident 4-bit decode: neoxlite nf4 against transformers + bitsandbytes nf4 (same weights, same settings),
-   greedy, batch 1: tokens/s, the weight-read bound from the GPU's measured copy bandwidth, same tokens or not.
+1. Resident decode, fp16 and 4-bit: neoxlite against transformers (fp16) and transformers + bitsandbytes (nf4,
+   same settings), greedy, batch 1: tokens/s, the weight-read bound from the GPU's measured read bandwidth,
+   same tokens or not.
 2. Offloaded decode with a GPU budget smaller than the model: neoxlite (gpu_memory=budget, rest in pinned RAM)
    against accelerate's CPU offload (device_map="auto", max_memory={0: budget, "cpu": ...}) at each batch size:
    tokens/s, peak GPU memory against the budget, and the PCIe bound (bytes the plan moves per step / measured
@@ -17,6 +18,7 @@ import argparse
 import gc
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,39 +91,46 @@ def prompts(batch: int, n: int, device: torch.device) -> torch.Tensor:
     return torch.randint(100, 50000, (batch, n), generator=torch.Generator().manual_seed(batch)).to(device)
 
 
-def resident_4bit(args: argparse.Namespace, folder: Path, device: torch.device) -> None:
+def resident(args: argparse.Namespace, folder: Path, device: torch.device) -> None:
+    """Batch-1 greedy decode with every weight on the GPU: fp16, then nf4, each against transformers."""
     import transformers
 
     from neoxlite import GPTNeoXForCausalLM
     from quant import QuantSpec
 
-    qkw = dict(quant="nf4", compute_dtype=torch.float16)
     ids = prompts(1, args.prompt_tokens, device)
-    ours = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float16, device=device, progress=False, **qkw)
-    nbytes = sum(ours.block_sizes().values()) - ours.block_sizes()["embed_in"]
-    ours_rate = decode_rate(lambda n, m=ours: m.generate(ids, max_new_tokens=n, eos_token_id=[]), args.tokens, 1,
-                            device)
-    ours_tokens = ours.generate(ids, max_new_tokens=16, eos_token_id=[]).cpu()
-    del ours
-    free()
-    config = QuantSpec.from_kwargs(**qkw).to_config()
-    bnb = transformers.BitsAndBytesConfig(**{k: v for k, v in config.items()
-                                             if not k.startswith("_") and k != "quant_method"})
-    ref = transformers.GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float16, quantization_config=bnb,
-                                                          device_map={"": device}).eval()
+    bandwidth = device_read_bandwidth(device)
+    for mode in ("fp16", "nf4"):
+        qkw = {} if mode == "fp16" else dict(quant="nf4", compute_dtype=torch.float16)
+        ours = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float16, device=device, progress=False, **qkw)
+        nbytes = sum(ours.block_sizes().values()) - ours.block_sizes()["embed_in"]
+        ours_rate = decode_rate(lambda n, m=ours: m.generate(ids, max_new_tokens=n, eos_token_id=[]), args.tokens,
+                                1, device)
+        ours_tokens = ours.generate(ids, max_new_tokens=16, eos_token_id=[]).cpu()
+        del ours
+        free()
+        ref_kw = {}
+        if qkw:
+            config = QuantSpec.from_kwargs(**qkw).to_config()
+            ref_kw["quantization_config"] = transformers.BitsAndBytesConfig(
+                **{k: v for k, v in config.items() if not k.startswith("_") and k != "quant_method"})
+        ref = transformers.GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float16, device_map={"": device},
+                                                              **ref_kw).eval()
 
-    def ref_run(n: int, m=ref) -> torch.Tensor:
-        return m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                            do_sample=False, pad_token_id=0)
+        def ref_run(n: int, m=ref) -> torch.Tensor:
+            return m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)
 
-    ref_rate = decode_rate(ref_run, args.tokens, 1, device)
-    same = torch.equal(ref_run(16).cpu(), ours_tokens)
-    del ref, ref_run
-    free()
-    bound = device_read_bandwidth(device) / nbytes
-    print(f"resident nf4 ({args.shape}, batch 1): neoxlite {ours_rate:.1f} tok/s, transformers+bnb {ref_rate:.1f} "
-          f"tok/s, ratio {ours_rate / ref_rate:.2f}x; weight-read bound {bound:.0f} tok/s "
-          f"({nbytes / 1e9:.2f} GB/token) -> neoxlite {ours_rate / bound:.0%}; same tokens: {same}", flush=True)
+        ref_rate = decode_rate(ref_run, args.tokens, 1, device)
+        same = torch.equal(ref_run(16).cpu(), ours_tokens)
+        del ref, ref_run
+        free()
+        bound = bandwidth / nbytes
+        reference = "transformers" + ("+bnb" if qkw else "")
+        print(f"resident {mode} ({args.shape}, batch 1): neoxlite {ours_rate:.1f} tok/s, {reference} "
+              f"{ref_rate:.1f} tok/s, ratio {ours_rate / ref_rate:.2f}x; weight-read bound {bound:.0f} tok/s "
+              f"({nbytes / 1e9:.2f} GB/token at {bandwidth / 1e12:.2f} TB/s) -> neoxlite {ours_rate / bound:.0%}, "
+              f"{reference} {ref_rate / bound:.0%}; same 16 greedy tokens: {same}", flush=True)
 
 
 def offloaded(args: argparse.Namespace, folder: Path, device: torch.device) -> None:
@@ -188,10 +197,19 @@ def main() -> None:
         device = torch.device("cuda")
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     folder = random_checkpoint(args.shape, torch.float16, OUT / f"{args.shape}-float16")
-    if "resident" not in args.skip:
-        resident_4bit(args, folder, device)
-    if "offloaded" not in args.skip:
-        offloaded(args, folder, device)
+    failed = []
+    # Each section runs even when one before it fails: a lent GPU's minutes are too few to rerun everything.
+    for name, section in (("resident", resident), ("offloaded", offloaded)):
+        if name in args.skip:
+            continue
+        try:
+            section(args, folder, device)
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+            free()
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ class SamplingSettings:
             drop_sorted[:, -1] = False  # always keep the most likely token
             scores = scores.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
         probs = scores.softmax(-1)
+        if generator is not None and generator.device != probs.device:
+            # A seed makes a CPU generator: draw on its device, so a seed gives the same tokens on every device.
+            return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(1).to(probs.device)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 

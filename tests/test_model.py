@@ -177,19 +177,6 @@ def test_half_and_to_convert_and_still_run(checkpoint, convert, dtype):
     assert out.shape == (1, 19)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_moves_the_model(checkpoint):
-    folder, ref = checkpoint()
-    model = load(folder).cuda()
-    assert model.device.type == "cuda"
-    ids = torch.randint(0, 96, (1, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids.cuda()).logits.cpu(), ref(ids).logits, atol=1e-3, rtol=0)
-    model = load(folder, device="cuda", dtype="fp16")
-    assert model.device.type == "cuda" and model.dtype == torch.float16
-    assert model.generate(ids, max_new_tokens=4).shape == (1, 20)
-
-
 @pytest.mark.parametrize("arch,names", [
     ("GPTNeoXModel", ["last_hidden_state"]),
     ("GPTNeoXForCausalLM", ["logits"]),
