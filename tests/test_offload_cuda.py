@@ -97,3 +97,13 @@ def test_quantized_layers_stream_quantized(ckpt, tmp_path, mode):
     assert torch.equal(generate(model), want)
     entry = next(s.entry for s in model.gpt_neox.scheduler.sources.values() if hasattr(s, "entry"))
     assert entry.quantized and entry.tensors["attention.dense.weight"].dtype in (torch.uint8, torch.int8)
+
+
+def test_budgets_default_to_free_gpu_memory(ckpt, tmp_path):
+    from neoxlite.offload.budget import default_gpu_budget, free_gpu_memory
+
+    assert 0 < default_gpu_budget("cuda") < free_gpu_memory("cuda") <= torch.cuda.get_device_properties(0).total_memory
+    want = generate(load(ckpt, torch.float16))
+    model = load(ckpt, torch.float16, offload_dir=tmp_path)  # no budgets given: measured free memory, all fits
+    assert set(model.offload_plan.homes.values()) == {"gpu"}, model.offload_plan.explain()
+    assert torch.equal(generate(model), want)

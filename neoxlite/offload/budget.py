@@ -84,11 +84,18 @@ def format_size(nbytes: int | float) -> str:
     raise AssertionError("unreachable")
 
 
+def cuda_device(device: torch.device | str | int | None = None) -> torch.device:
+    """The CUDA device with its index filled in: torch's per-device calls (mem_get_info, set_device) refuse a
+    bare "cuda", which means the current device."""
+    device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device or "cuda")
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
 def free_gpu_memory(device: torch.device | str | int | None = None) -> int:
     """Bytes free on a CUDA device right now (0 when CUDA is unavailable)."""
     if not torch.cuda.is_available():
         return 0
-    free, _total = torch.cuda.mem_get_info(torch.device("cuda", 0) if device is None else torch.device(device))
+    free, _total = torch.cuda.mem_get_info(cuda_device(device))
     return int(free)
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from neoxlite.offload.budget import cuda_device
 from neoxlite.offload.store import (
     BlockEntry,
     TensorEntry,
@@ -186,6 +187,8 @@ class OffloadScheduler:
         self.order = sorted(self.sources)  # streamed layers, in the order the block loop visits them
         self.device = torch.device(compute_device)
         self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self.device = cuda_device(self.device)  # the worker thread's set_device needs the index
         self.quant_spec = quant_spec
         self.drop_cache = drop_cache
         if self.order and slots < 2:
