@@ -46,6 +46,9 @@ STORE_VERSION = 1
 STORE_PREFIX = "neoxlite-"
 MANIFEST = "manifest.json"
 DATA_ALIGN = 4096
+# Every tensor of a block starts on this boundary (cudaMalloc's): bitsandbytes' CUDA kernels read packed weights
+# and scales with vector loads, which fault on views that start mid-vector ("misaligned address").
+TENSOR_ALIGN = 256
 _CHUNK = 16 * 2**20
 
 _DTYPE_NAMES = {
@@ -119,7 +122,7 @@ def pack_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, TensorEn
             raise TypeError(f"tensor {key} has dtype {t.dtype}, which the offload store cannot hold")
         n = t.numel() * t.element_size()
         layout[key] = TensorEntry(t.dtype, tuple(t.shape), offset, offset + n)
-        offset += n
+        offset = -(-(offset + n) // TENSOR_ALIGN) * TENSOR_ALIGN
     return layout, offset
 
 
