@@ -42,7 +42,7 @@ from neoxlite.offload.scheduler import (
     pack,
     pinned_empty,
 )
-from neoxlite.offload.store import BlockStore, check_offload_dir, fingerprint
+from neoxlite.offload.store import TENSOR_ALIGN, BlockStore, check_offload_dir, fingerprint
 
 DEFAULT_MAX_LENGTH = 2048  # planning context when the caller gives none (capped by the model's own)
 HEAD_MODULES = ("final_layer_norm", "embed_out", "score", "classifier", "qa_outputs")
@@ -84,9 +84,16 @@ def quantized_linear_bytes(out_features: int, in_features: int, spec: Any, bias_
         from quant import BLOCKSIZE_4BIT
 
         blocks = -(-n // BLOCKSIZE_4BIT)
-        scales = blocks + 4 * -(-blocks // 256) + 256 * 4 if spec.double_quant else 4 * blocks
-        return -(-n // 2) + scales + 16 * 4 + _QUANT_JSON_BYTES + bias_bytes
-    return n + 4 * out_features + 1 + bias_bytes
+        scales = [blocks, 4 * -(-blocks // 256), 256 * 4] if spec.double_quant else [4 * blocks]
+        tensors = [-(-n // 2), *scales, 16 * 4, _QUANT_JSON_BYTES, bias_bytes]
+    else:
+        tensors = [n, 4 * out_features, 1, bias_bytes]
+    return sum(aligned(t) for t in tensors)
+
+
+def aligned(nbytes: int) -> int:
+    """Bytes a tensor takes in a block's flat buffer, where every tensor starts on a TENSOR_ALIGN boundary."""
+    return -(-nbytes // TENSOR_ALIGN) * TENSOR_ALIGN
 
 
 def quantized_layer_names(model: nn.Module, spec: Any, prequantized: bool = False) -> set[str]:
@@ -115,7 +122,7 @@ def final_block_sizes(model: nn.Module, dtype: torch.dtype, spec: Any = None,
             continue
         for p in module.parameters(recurse=False):
             itemsize = dtype.itemsize if p.is_floating_point() else p.element_size()
-            sizes[block] = sizes.get(block, 0) + p.numel() * itemsize
+            sizes[block] = sizes.get(block, 0) + aligned(p.numel() * itemsize)
     layers = sorted((b for b in sizes if b.startswith("layers.")), key=lambda b: int(b.split(".")[1]))
     order = [EMBED] + layers + [HEAD]
     return {b: sizes[b] for b in order if b in sizes}

@@ -6,9 +6,10 @@ Layout of an offload dir:
     OFFLOAD_DIR/neoxlite-<fingerprint[:16]>/<block>.safetensors
 
 - Each block file is a valid safetensors file (readable with `safetensors.safe_open` for debugging) whose
-  data section starts on a 4 KiB boundary and holds the tensors sorted by element size, so every tensor
-  is naturally aligned inside one flat byte buffer: the scheduler reads a whole block with plain reads into
-  a reused buffer and views the tensors in place, no parsing and no copies.
+  data section starts on a 4 KiB boundary and holds the tensors sorted by element size, each starting on a
+  256-byte boundary (the gaps are listed in the header as `__pad__.<tensor>` byte tensors, so the file stays
+  valid safetensors): the scheduler reads a whole block with plain reads into a reused buffer and views the
+  tensors in place, no parsing and no copies, aligned as CUDA kernels need.
 - Writes are atomic (temporary file, fsync, rename); a block counts as stored only once the manifest,
   itself replaced atomically, records its size and CRC32. A crash or a full disk leaves at worst an
   unlisted temporary file, never a listed broken block.
@@ -42,7 +43,7 @@ import torch
 
 from neoxlite.offload.budget import format_size
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: tensors start on TENSOR_ALIGN boundaries
 STORE_PREFIX = "neoxlite-"
 MANIFEST = "manifest.json"
 DATA_ALIGN = 4096
@@ -265,8 +266,14 @@ class BlockStore:
         order = list(layout)
         header: dict[str, Any] = {"__metadata__": {"format": "pt", "neoxlite_block": block,
                                                    "neoxlite_quantized": ",".join(quantized)}}
-        for key, t in layout.items():
+        gaps: dict[str, int] = {}  # alignment padding, named in the header so the file stays valid safetensors
+        ends = [t.start for t in layout.values()][1:] + [offset]
+        for (key, t), next_start in zip(layout.items(), ends, strict=True):
             header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [t.start, t.end]}
+            if next_start > t.end:
+                gaps[key] = next_start - t.end
+                header[f"__pad__.{key}"] = {"dtype": "U8", "shape": [next_start - t.end],
+                                            "data_offsets": [t.end, next_start]}
         raw = json.dumps(header, separators=(",", ":")).encode()
         # Pad the header with spaces (allowed by the format) so the data starts on a DATA_ALIGN boundary.
         padded = -(-(8 + len(raw)) // DATA_ALIGN) * DATA_ALIGN - 8
@@ -281,6 +288,8 @@ class BlockStore:
                 flat = t.contiguous().reshape(-1)
                 if flat.numel():
                     yield memoryview(flat.view(torch.uint8).numpy())
+                if key in gaps:
+                    yield bytes(gaps[key])
 
         path = self.root / f"{block}.safetensors"
         try:
