@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/offload.py [--shape pythia-1.4b] [--cpu-memory 1GiB] [--batches 1 4 16]
                                       [--new-tokens 8] [--prompt-tokens 16] [--repeats 2] [--threads N]
-                                      [--skip-accelerate] [--cold]
+                                      [--skip-accelerate] [--cold] [--ram-limit 3GiB]
 
 A pythia-1.4b-shaped random checkpoint (2.6 GiB in bf16) is decoded greedily with a 1 GiB CPU budget; whatever
 does not fit is read from the offload dir at every step. Each measurement runs in a fresh process and reports
@@ -15,6 +15,10 @@ does not fit is read from the offload dir at every step. Each measurement runs i
     each block's pages after use, so every step reads from the disk itself.
 accelerate runs `AutoModelForCausalLM.from_pretrained(device_map="auto", max_memory={"cpu": budget},
 offload_folder=...)` with the same dtype, prompts and token counts.
+
+--ram-limit SIZE runs every measurement in a memory cgroup of SIZE (page cache included; needs root and a
+cgroup v1 or v2 memory controller), after dropping the checkpoint and both stores from the page cache: the
+machine the issue describes, whose RAM cannot keep the model cached, so both engines really read the disk.
 """
 
 from __future__ import annotations
@@ -141,6 +145,45 @@ def child_accelerate(args: argparse.Namespace) -> dict:
                 blocks=len(model.hf_device_map))
 
 
+# ------------------------------------------------------------------------------------------ a smaller machine
+class MemoryCgroup:
+    """A memory cgroup (v1 or v2) holding a child process to `limit` bytes of RAM, page cache included."""
+
+    def __init__(self, limit: int) -> None:
+        v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+        if v2.exists() and "memory" in v2.read_text().split():
+            self.path, limit_file = Path(f"/sys/fs/cgroup/neoxlite-bench-{os.getpid()}"), "memory.max"
+        else:
+            self.path, limit_file = Path(f"/sys/fs/cgroup/memory/neoxlite-bench-{os.getpid()}"), "memory.limit_in_bytes"
+        try:
+            self.path.mkdir(exist_ok=True)
+            (self.path / limit_file).write_text(str(limit))
+        except OSError as err:
+            raise SystemExit(f"--ram-limit needs a writable cgroup memory controller (root): {err}") from err
+
+    def enter(self) -> None:  # in the child, before exec
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def close(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
+def drop_page_cache(*folders: Path) -> None:
+    """Evicts every file under `folders` from the page cache (so a limited child starts cold)."""
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
 def run_child(engine: str, args: argparse.Namespace, batch: int, offload_dir: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", engine, "--ckpt", str(args.ckpt), "--batch", str(batch),
            "--offload-dir", str(offload_dir), "--cpu-memory", args.cpu_memory,
@@ -149,9 +192,14 @@ def run_child(engine: str, args: argparse.Namespace, batch: int, offload_dir: Pa
     if args.cold:
         cmd.append("--cold")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    cgroup = args.cgroup
+    if cgroup is not None:
+        drop_page_cache(args.ckpt, offload_dir)
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                         preexec_fn=cgroup.enter if cgroup is not None else None)
     if run.returncode:
-        raise SystemExit(f"{engine} batch {batch} failed:\n{run.stderr[-3000:]}")
+        killed = " (killed: over --ram-limit?)" if run.returncode < 0 or run.returncode == 137 else ""
+        raise SystemExit(f"{engine} batch {batch} failed{killed}:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
@@ -168,6 +216,7 @@ def main() -> None:
                         help="torch threads in both engines (1 is faster on a machine other jobs keep busy)")
     parser.add_argument("--skip-accelerate", action="store_true")
     parser.add_argument("--cold", action="store_true", help="neoxlite drops each block's cached pages after use")
+    parser.add_argument("--ram-limit", help="run each measurement in a memory cgroup of this size (e.g. 3GiB)")
     parser.add_argument("--child", choices=["neoxlite", "accelerate", "resident"], help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -180,11 +229,14 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    args.cgroup = MemoryCgroup(_size(args.ram_limit)) if args.ram_limit else None
     args.ckpt = random_checkpoint(args.shape, torch.bfloat16)
     size = sum(f.stat().st_size for f in args.ckpt.glob("*.safetensors"))
     print(f"{args.shape} bf16 ({size / 2**30:.2f} GiB), cpu_memory={args.cpu_memory}, prompt {args.prompt_tokens} "
           f"tokens, {args.new_tokens} new, torch threads {args.threads}, best of {args.repeats}"
-          f"{', cold reads' if args.cold else ''}", file=sys.stderr)
+          f"{', cold reads' if args.cold else ''}"
+          f"{f', each process limited to {args.ram_limit} of RAM (page cache included)' if args.ram_limit else ''}",
+          file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="offload-bench-", dir=OUT))
     ours_dir, theirs_dir = work / "neoxlite", work / "accelerate"
     ours_dir.mkdir()
@@ -195,15 +247,17 @@ def main() -> None:
     rows = []
     for batch in args.batches:
         ours = run_child("neoxlite", args, batch, ours_dir)
-        resident = run_child("resident", args, batch, ours_dir)
+        # With --ram-limit the whole model does not fit the limited machine's RAM: no all-in-RAM reference there.
+        resident = None if args.cgroup else run_child("resident", args, batch, ours_dir)
         theirs = None if args.skip_accelerate else run_child("accelerate", args, batch, theirs_dir)
         rows.append((batch, ours, theirs))
         line = (f"batch {batch:>2}: neoxlite {ours['tok_s']:6.2f} tok/s, RSS +{ours['growth'] / 2**30:.2f} GiB, "
                 f"{ours['tok_s'] / ours['bound_tok_s']:.0%} of the disk-read bound ({ours['bound_tok_s']:.2f} tok/s "
                 f"at {ours['read_gbps']:.2f} GB/s uncached, {ours['moved'] / 2**30:.2f} GiB/step, "
-                f"{ours['on_disk']}/{ours['blocks']} blocks on disk), load {ours['load_s']:.1f} s"
-                f"\n          all in RAM (no budget) {resident['tok_s']:6.2f} tok/s: offloaded runs at "
-                f"{ours['tok_s'] / resident['tok_s']:.0%} of it")
+                f"{ours['on_disk']}/{ours['blocks']} blocks on disk), load {ours['load_s']:.1f} s")
+        if resident:
+            line += (f"\n          all in RAM (no budget) {resident['tok_s']:6.2f} tok/s: offloaded runs at "
+                     f"{ours['tok_s'] / resident['tok_s']:.0%} of it")
         if theirs:
             line += (f"\n          accelerate {theirs['tok_s']:6.2f} tok/s, RSS +{theirs['growth'] / 2**30:.2f} GiB "
                      f"({theirs['on_disk']}/{theirs['blocks']} modules on disk), load {theirs['load_s']:.1f} s"
@@ -215,6 +269,8 @@ def main() -> None:
     if len(rows) > 1:
         print("neoxlite throughput vs batch 1: " + ", ".join(f"b{b} {o['tok_s'] / rows[0][1]['tok_s']:.1f}x"
                                                                for b, o, _ in rows))
+    if args.cgroup is not None:
+        args.cgroup.close()
     print(f"(stores in {work}; remove with: neoxlite offload clear --offload-dir {ours_dir})", file=sys.stderr)
 
 

@@ -281,6 +281,12 @@ class GPTNeoXModel(GPTNeoXPreTrainedModel):
         self._compute_device = torch.device(device) if device is not None else None
 
     def _apply(self, fn, *args, **kwargs):  # noqa: ANN001 - nn.Module's own signature
+        if getattr(self.scheduler, "sources", None):
+            raise RuntimeError(
+                "this model is offloaded (some layers live in RAM or the offload dir, in the form they were loaded "
+                "in), so .to()/.cuda()/.half() cannot move or cast it; load it again with the dtype, device and "
+                "budgets you want: from_pretrained(..., dtype=..., device=..., gpu_memory=..., cpu_memory=...)"
+            )
         # .to()/.cuda()/.half() move everything to one device: the explicit compute device no longer holds.
         self._compute_device = None
         return super()._apply(fn, *args, **kwargs)

@@ -36,3 +36,9 @@ def test_quantized_layers_travel_quantized(checkpoint, tmp_path):
     assert entry.tensors["attention.dense.weight"].dtype == torch.uint8
     planned = model.offload_plan.block_bytes["layers.0"]
     assert entry.data_bytes <= planned < entry.data_bytes + 4 * 256  # the estimate bounds the quant-state JSON
+    # saved from the store as it is (packed 4-bit), it loads back pre-quantized and generates the same tokens
+    model.save_pretrained(tmp_path / "saved")
+    again = GPTNeoXForCausalLM.from_pretrained(tmp_path / "saved", progress=False)
+    assert torch.equal(generate(again), want)
+    assert torch.equal(again.state_dict()["gpt_neox.layers.1.attention.dense.weight"].cpu(),
+                       resident.state_dict()["gpt_neox.layers.1.attention.dense.weight"].cpu())

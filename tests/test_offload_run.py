@@ -314,3 +314,25 @@ def test_generate_refuses_more_than_the_plan_reserved(ckpt):
     with pytest.raises(ValueError, match="max_context=24"):
         model.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=20)
     assert model.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=12).shape == (1, 16)
+
+
+# ------------------------------------------------------------------------------------------ save and move
+def test_an_offloaded_model_saves_whole_and_refuses_to_move(ckpt, tmp_path):
+    import transformers
+
+    (tmp_path / "store").mkdir()
+    model = load(ckpt, torch.bfloat16, cpu_memory=layer_budget(ckpt, torch.bfloat16, 3), offload_dir=tmp_path / "store")
+    assert homes(model)["embed_in"] == "disk" and homes(model)["layers.5"] == "disk"
+    model.save_pretrained(tmp_path / "saved", max_shard_size="100KB")  # several shards, streamed from the store
+    assert len(list((tmp_path / "saved").glob("*.safetensors"))) > 1
+    resident = load(ckpt, torch.bfloat16)
+    reloaded = load(tmp_path / "saved", torch.bfloat16).state_dict()
+    for key, value in resident.state_dict().items():  # every tensor, the disk-only embedding included
+        assert torch.equal(reloaded[key], value), key
+    ref, info = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "saved", output_loading_info=True)
+    assert ref.dtype == torch.bfloat16 and not info["missing_keys"] and not info["unexpected_keys"], info
+    with pytest.raises(RuntimeError, match="offloaded.*load it again"):
+        model.to(torch.float32)
+    with pytest.raises(RuntimeError, match="offloaded"):
+        model.half()
+    assert torch.equal(generate(model), generate(resident))  # still usable after the refusals

@@ -364,6 +364,16 @@ class OffloadScheduler:
         slot.data = None
         slot.bound = None
 
+    def layer_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Streamed layer i's tensors in final form (keys relative to the layer), in CPU memory: views of its
+        RAM copy, or of a fresh buffer read from the store. For saving; the compute path never calls it."""
+        src = self.sources[i]
+        if isinstance(src, HostSource):
+            return src.layout.views(src.data)
+        buffer = torch.empty(src.layout.nbytes, dtype=torch.uint8)
+        read_data(src.entry, buffer)
+        return src.layout.views(buffer)
+
     def close(self) -> None:
         """Stops the worker thread; the scheduler must not be used afterwards."""
         if self._executor is not None:
@@ -437,6 +447,16 @@ class RowReadEmbedding(nn.Module):
         finally:
             os.close(fd)
         return rows[inverse].reshape(*input_ids.shape, self.embedding_dim)
+
+    def read_table(self) -> torch.Tensor:
+        """The whole table, read into fresh memory (for saving the model)."""
+        table = torch.empty((self.num_embeddings, self.embedding_dim), dtype=self.weight.dtype)
+        view = memoryview(table.view(torch.uint8).numpy()).cast("B")
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            if f.readinto(view) != len(view):
+                raise OSError(f"{self.path} ends early; remove the offload store and load again")
+        return table
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rows read from {self.path}"
