@@ -28,11 +28,15 @@ class Linear(nn.Linear):
         return kernel.linear(x, self.weight, self.bias, gelu=True) if kernel else F.gelu(F.linear(x, self.weight,
                                                                                                   self.bias))
 
+    def kernel_ready(self) -> bool:
+        """The weights are in the form the kernel reads: bf16, contiguous, in RAM."""
+        weight, bias = self.weight, self.bias
+        return (weight.dtype is torch.bfloat16 and weight.is_cpu and weight.is_contiguous()
+                and (bias is None or (bias.dtype is torch.bfloat16 and bias.is_contiguous())))
+
     def _kernel_for(self, x: torch.Tensor) -> BF16Kernel | None:
         weight, bias = self.weight, self.bias
-        if (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.is_cpu and weight.is_cpu
-                and weight.is_contiguous()
-                and (bias is None or (bias.dtype is torch.bfloat16 and bias.is_contiguous()))
+        if (x.dtype is torch.bfloat16 and x.is_cpu and self.kernel_ready()
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                    or (bias is not None and bias.requires_grad)))):
             kernel = bf16_kernel()

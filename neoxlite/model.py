@@ -8,6 +8,7 @@ ready on the compute device, which is where the offload scheduler plugs in.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -146,6 +147,10 @@ class GPTNeoXLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 kv: tuple[StaticCache, int] | None = None) -> torch.Tensor:
+        if x.shape[1] == 1 and mask is None and kv is not None and not self.training:
+            kernel = self._decode_kernel(x, kv)
+            if kernel is not None:
+                return self._decode_step(kernel, x, rope, kv)
         # (dropout is called only when training: at batch 1 each module call is a measurable share of a step)
         attn = self.attention(self.input_layernorm(x), rope, mask, kv)
         if self.training:
@@ -157,6 +162,83 @@ class GPTNeoXLayer(nn.Module):
         x = x + attn
         mlp = self.mlp(self.post_attention_layernorm(x))
         return x + (self.post_mlp_dropout(mlp) if self.training else mlp)
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001 - nn.Module's own signature
+        self.__dict__.pop("_kernel_step", None)  # .to()/.half() change the tensors' data in place: look again
+        return super()._apply(fn, *args, **kwargs)
+
+    def _decode_kernel(self, x: torch.Tensor, kv: tuple[StaticCache, int]) -> BF16Kernel | None:
+        """neoxlite's CPU kernels when they can run this whole decode step (bf16 in RAM, unquantized, no autograd,
+        a batch the linear kernel takes), else None."""
+        if x.dtype is not torch.bfloat16 or not x.is_cpu or torch.is_grad_enabled():
+            return None
+        cached = self.__dict__.get("_kernel_step")  # (parameter slots, _KernelStep or None)
+        if cached is None or not all(params.get(name) is tensor for params, name, tensor in cached[0]):
+            cached = self.__dict__["_kernel_step"] = (_parameter_slots(self), _KernelStep.of(self))
+        if cached[1] is None:
+            return None
+        kernel = _decode_attention_kernel(x, kv)
+        return kernel if kernel is not None and x.shape[0] <= kernel.max_rows else None
+
+    def _decode_step(self, kernel: BF16Kernel, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     kv: tuple[StaticCache, int]) -> torch.Tensor:
+        """forward() for one new token: the same operations in the same order (the same bits as the module path),
+        called directly, without a module call, attribute lookup or check per operation (at batch 1 those cost
+        about a tenth of a step)."""
+        s: _KernelStep = self.__dict__["_kernel_step"][1]
+        cache, layer_idx = kv
+        fused = kernel.linear(F.layer_norm(x, s.shape, *s.norm1), *s.qkv)
+        y = kernel.decode_attention(fused, rope[0], rope[1], cache.keys[layer_idx], cache.values[layer_idx],
+                                    cache.length, s.heads)
+        attn = kernel.linear(y, *s.dense)
+        if not s.parallel:
+            x = x + attn
+        normed = F.layer_norm(x, s.shape, *s.norm2)
+        hidden = kernel.linear(normed, *s.up, gelu=True) if s.act is None else s.act(kernel.linear(normed, *s.up))
+        out = kernel.linear(hidden, *s.down)
+        return out + attn + x if s.parallel else x + out  # the reference's order of bf16 roundings
+
+
+@dataclass(frozen=True)
+class _KernelStep:
+    """A layer's tensors for GPTNeoXLayer._decode_step, looked up once: at batch 1 each nn.Module attribute lookup
+    costs about a microsecond, and a step made about fifty."""
+
+    norm1: tuple[torch.Tensor, torch.Tensor, float]  # weight, bias, eps
+    norm2: tuple[torch.Tensor, torch.Tensor, float]
+    shape: tuple[int, ...]  # the norms' normalized_shape
+    qkv: tuple[torch.Tensor, torch.Tensor | None]  # weight, bias
+    dense: tuple[torch.Tensor, torch.Tensor | None]
+    up: tuple[torch.Tensor, torch.Tensor | None]
+    down: tuple[torch.Tensor, torch.Tensor | None]
+    heads: int
+    parallel: bool
+    act: Any  # None: exact GELU, fused into the first MLP linear
+
+    @classmethod
+    def of(cls, layer: GPTNeoXLayer) -> _KernelStep | None:
+        """None unless every linear is neoxlite's Linear on bf16 weights the kernel reads (quantized layers are
+        bitsandbytes classes) and the norms are bf16 in RAM."""
+        attention, mlp = layer.attention, layer.mlp
+        linears = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if not (all(type(m) is Linear and m.kernel_ready() for m in linears)
+                and all(n.weight is not None and n.bias is not None and n.weight.dtype is torch.bfloat16
+                        and n.bias.dtype is torch.bfloat16 and n.weight.is_cpu for n in norms)):
+            return None
+        qkv, dense, up, down = ((m.weight, m.bias) for m in linears)
+        norm1, norm2 = ((n.weight, n.bias, n.eps) for n in norms)
+        return cls(norm1, norm2, tuple(norms[0].normalized_shape), qkv, dense, up, down, attention.num_heads,
+                   layer.use_parallel_residual, None if mlp.exact_gelu else mlp.act)
+
+
+def _parameter_slots(layer: GPTNeoXLayer) -> tuple[tuple[dict[str, Any], str, Any], ...]:
+    """(module._parameters, name, tensor) for the tensors _KernelStep holds: the same objects later means the
+    same layer (the offload scheduler rebinds them; .to() clears the cache through _apply)."""
+    attention, mlp = layer.attention, layer.mlp
+    modules = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h,
+               layer.input_layernorm, layer.post_attention_layernorm)
+    return tuple((m._parameters, name, m._parameters.get(name)) for m in modules for name in ("weight", "bias"))
 
 
 class ResidentScheduler:

@@ -57,3 +57,37 @@ def test_kernel_is_as_accurate_as_the_reference_and_greedy_tokens_are_its_choice
     shortfall = ref_logits.amax(-1) - ref_logits.gather(-1, chosen[..., None])[..., 0]
     assert shortfall.max() <= 2 * ref_error.max()  # never worse than the reference's own bf16 noise
     assert (shortfall == 0).float().mean() >= 0.9  # and almost always its exact argmax
+
+
+@pytest.mark.skipif(bf16_kernel() is None, reason="neoxlite's CPU kernel cannot run here")
+def test_direct_decode_step_gives_the_module_path_bits(models, monkeypatch):
+    """GPTNeoXLayer._decode_step (kernel calls without module calls) against forward()'s module path, both with
+    the kernels: the same operations in the same order, so the same bits."""
+    import neoxlite.model
+
+    ours, _, _ = models
+    direct = ours.generate(PROMPT, max_new_tokens=24, eos_token_id=[])
+    calls = []
+    step = neoxlite.model.GPTNeoXLayer._decode_step
+    monkeypatch.setattr(neoxlite.model.GPTNeoXLayer, "_decode_step", lambda *a: calls.append(1) or step(*a))
+    assert torch.equal(ours.generate(PROMPT, max_new_tokens=24, eos_token_id=[]), direct)
+    assert len(calls) == 23 * ours.config.num_hidden_layers  # every decode step of every layer took it
+    monkeypatch.setattr(neoxlite.model.GPTNeoXLayer, "_decode_kernel", lambda self, x, kv: None)
+    assert torch.equal(ours.generate(PROMPT, max_new_tokens=24, eos_token_id=[]), direct)
+
+
+@pytest.mark.skipif(bf16_kernel() is None, reason="neoxlite's CPU kernel cannot run here")
+def test_direct_decode_step_follows_changed_weights(checkpoint):
+    folder, _ = checkpoint(hidden_size=128, intermediate_size=512, vocab_size=512)
+    model = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, progress=False)
+    before = model.generate(PROMPT, max_new_tokens=8, eos_token_id=[])
+    dense = model.gpt_neox.layers[0].attention.dense
+    dense.weight = torch.nn.Parameter(dense.weight.detach() * 3)  # a new tensor object: the step looks again
+    changed = model.generate(PROMPT, max_new_tokens=8, eos_token_id=[])
+    fresh = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, progress=False)
+    fresh.gpt_neox.layers[0].attention.dense.weight.data.mul_(3)
+    assert torch.equal(changed, fresh.generate(PROMPT, max_new_tokens=8, eos_token_id=[]))
+    assert not torch.equal(changed, before)
+    model.float()  # .to() changes the data under the same objects: the cached step is dropped
+    assert model.generate(PROMPT, max_new_tokens=8, eos_token_id=[]).shape == before.shape
+    assert torch.equal(model.bfloat16().generate(PROMPT, max_new_tokens=8, eos_token_id=[]), changed)
