@@ -164,8 +164,13 @@ class GPTNeoXLayer(nn.Module):
         return x + (self.post_mlp_dropout(mlp) if self.training else mlp)
 
     def _apply(self, fn, *args, **kwargs):  # noqa: ANN001 - nn.Module's own signature
-        self.__dict__.pop("_kernel_step", None)  # .to()/.half() change the tensors' data in place: look again
+        self.release_cached_tensors()  # .to()/.half() change the tensors' data in place: look again
         return super()._apply(fn, *args, **kwargs)
+
+    def release_cached_tensors(self) -> None:
+        """Drops the references the decode fast path keeps to this layer's tensors. The offload scheduler calls it
+        when it unbinds a layer, so a file mapping the tensors view is released (and leaves RSS) at once."""
+        self.__dict__.pop("_kernel_step", None)
 
     def _decode_kernel(self, x: torch.Tensor, kv: tuple[StaticCache, int]) -> BF16Kernel | None:
         """neoxlite's CPU kernels when they can run this whole decode step (bf16 in RAM, unquantized, no autograd,

@@ -216,3 +216,57 @@ def test_activation_bytes_grow_with_batch_and_prompt():
     decode = activation_bytes(batch=1, tokens=1, context=64, **kw)
     assert decode < activation_bytes(batch=4, tokens=1, context=64, **kw)
     assert activation_bytes(batch=1, tokens=64, context=64, **kw) > 10 * decode
+
+
+# ------------------------------------------------------------------------------------------ measured free memory
+def _cgroup_files(tmp_path, proc_line: str, files: dict[str, str]) -> tuple[str, str]:
+    proc = tmp_path / "cgroup"
+    proc.write_text(proc_line + "\n")
+    for rel, text in files.items():
+        path = tmp_path / "sys" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(proc), str(tmp_path / "sys")
+
+
+@pytest.mark.parametrize("proc_line,files,want", [
+    # cgroup v2: limit less anonymous memory (page cache is reclaimable room)
+    ("0::/job", {"job/memory.max": "3000000000\n", "job/memory.stat": "anon 1000000000\nfile 1500000000\n"},
+     2_000_000_000),
+    ("0::/job", {"job/memory.max": "max\n", "job/memory.stat": "anon 5\n"}, None),
+    # v1, the container's own cgroup mounted at the root rather than at the host's path
+    ("4:memory:/host/path/abc", {"memory/memory.limit_in_bytes": "2684354560\n",
+                                  "memory/memory.stat": "cache 9\nrss 7\ntotal_rss 684354560\n"}, 2_000_000_000),
+    ("4:memory:/", {"memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.stat": "total_rss 1\n"},
+     None),
+    ("4:memory:/x", {}, None),  # nothing readable
+])
+def test_cgroup_memory_room(tmp_path, proc_line, files, want):
+    from neoxlite.offload.budget import cgroup_memory_room
+
+    proc, root = _cgroup_files(tmp_path, proc_line, files)
+    assert cgroup_memory_room(proc, root) == want
+
+
+def test_free_cpu_memory_is_the_smaller_of_the_machine_and_the_cgroup(monkeypatch):
+    import psutil
+
+    from neoxlite.offload import budget
+
+    available = psutil.virtual_memory().available
+    monkeypatch.setattr(budget, "cgroup_memory_room", lambda: 2**30)
+    assert budget.free_cpu_memory() == min(available, 2**30)
+    monkeypatch.setattr(budget, "cgroup_memory_room", lambda: None)
+    assert abs(budget.free_cpu_memory() - available) < 2**30  # (other processes move it a little)
+
+
+def test_uncached_layers_keep_what_fits_the_page_cache_spread_out():
+    from neoxlite.offload.scheduler import uncached_layers
+
+    layers = [(3, 100), (4, 100), (5, 100), (6, 100)]
+    assert uncached_layers(layers, None) == set()  # no limit known: the kernel decides
+    assert uncached_layers(layers, 400) == set()  # all fit: nothing dropped
+    assert uncached_layers(layers, 250) == {3, 5}  # two stay cached, spread among those read from disk
+    assert uncached_layers(layers, 0) == {3, 4, 5, 6}
+    many = [(i, 96) for i in range(18)]
+    assert sorted(uncached_layers(many, 9 * 96)) == list(range(0, 18, 2))  # every other one

@@ -228,7 +228,7 @@ RSS_SCRIPT = textwrap.dedent("""
     import json, sys, psutil, torch
     from neoxlite.config import GPTNeoXConfig
     from neoxlite.model import GPTNeoXForCausalLM
-    folder, offload, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    folder, offload, budget, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), getattr(torch, sys.argv[4])
     torch.set_num_threads(1)
     # One-time costs go before the baseline: torch's thread pool, and its meta-device machinery (~70 MB of code
     # loaded on first use, whatever the model's size).
@@ -256,7 +256,7 @@ RSS_SCRIPT = textwrap.dedent("""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark to the current RSS
     model = GPTNeoXForCausalLM.from_pretrained(folder, cpu_memory=budget, offload_dir=offload, max_context=32,
-                                               progress=False)
+                                               dtype=dtype, progress=False)
     ids = torch.tensor([[5, 17, 3, 44, 9, 12]])
     out = model.generate(ids, max_new_tokens=8)
     # Library code first touched by loading and decoding is not the model's memory, and how much of it stays
@@ -264,16 +264,22 @@ RSS_SCRIPT = textwrap.dedent("""
     peak = status("VmHWM") - max(0, code_rss() - code_before)
     layer = model.offload_plan.block_bytes["layers.0"]
     total = sum(model.offload_plan.block_bytes.values())
-    print(json.dumps({"growth": peak - before, "layer": layer, "total": total, "tokens": out.tolist()}))
+    with open("/proc/self/maps") as f:  # block files mapped now: at most one per slot (the prefetched ones)
+        mapped = len({line.split()[-1] for line in f if line.rstrip().endswith(".safetensors") and offload in line})
+    slots = len(model.gpt_neox.scheduler._slots)
+    print(json.dumps({"growth": peak - before, "layer": layer, "total": total, "tokens": out.tolist(),
+                      "mapped": mapped, "slots": slots}))
 """)
 
 
-def test_peak_rss_growth_stays_within_the_budget(checkpoint, tmp_path):
-    """A 130 MB model under a 48 MiB budget: the process grows by the budget plus about one block, not the model."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # (bf16 decodes through the direct kernel step)
+def test_peak_rss_growth_stays_within_the_budget(checkpoint, tmp_path, dtype):
+    """A 130 MB model (65 MB in bf16) under a budget of about a third of it: the process grows by the budget plus
+    about one block, not the model."""
     folder = checkpoint(hidden_size=512, intermediate_size=2048, num_hidden_layers=10, vocab_size=2048,
                         num_attention_heads=8, shard_kb=None)[0]
-    budget = 48 * 2**20
-    run = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(folder), str(tmp_path), str(budget)],
+    budget = (48 if dtype == "float32" else 24) * 2**20
+    run = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(folder), str(tmp_path), str(budget), dtype],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.splitlines()[-1])
@@ -281,6 +287,7 @@ def test_peak_rss_growth_stays_within_the_budget(checkpoint, tmp_path):
     slack = 8 * 2**20  # interpreter, torch's small allocations, a tensor or two in flight
     print(result["growth"] / 2**20, "MiB growth")
     assert result["growth"] <= budget + result["layer"] + slack, result
+    assert 0 < result["mapped"] <= result["slots"], result  # a used layer's mapping is released at once
 
 
 # ------------------------------------------------------------------------------------------ the commands
@@ -336,3 +343,26 @@ def test_an_offloaded_model_saves_whole_and_refuses_to_move(ckpt, tmp_path):
     with pytest.raises(RuntimeError, match="offloaded"):
         model.half()
     assert torch.equal(generate(model), generate(resident))  # still usable after the refusals
+
+
+def test_layers_the_page_cache_cannot_keep_are_dropped_after_use(ckpt, tmp_path, monkeypatch):
+    import neoxlite.offload.placement as placement
+    import neoxlite.offload.scheduler as scheduler_mod
+
+    want = generate(load(ckpt, torch.float32))
+    budget = layer_budget(ckpt, torch.float32, 0)
+    plan = load(ckpt, torch.float32, cpu_memory=budget, offload_dir=tmp_path).offload_plan
+    layer = plan.block_bytes["layers.0"]
+    # RAM free now: what generation still allocates, the layers in flight, the margin, and room for 2.5 layers
+    upcoming = plan.reserved["cpu"]["kv_cache"] + plan.reserved["cpu"]["workspace"] + 4 * max(layer, plan.slot_bytes)
+    monkeypatch.setattr(placement, "free_cpu_memory", lambda: placement.CACHE_MARGIN_BYTES + upcoming + 5 * layer // 2)
+    dropped = []
+    real_drop = scheduler_mod.drop_cached
+    monkeypatch.setattr(scheduler_mod, "drop_cached", lambda entry: dropped.append(entry.name) or real_drop(entry))
+    model = load(ckpt, torch.float32, cpu_memory=budget, offload_dir=tmp_path)
+    scheduler = model.gpt_neox.scheduler
+    assert list(scheduler.describe().values()) == ["disk"] * 6
+    kept = sorted(set(range(6)) - scheduler.uncached)
+    assert kept == [2, 4], kept  # as many as fit stay cached, spread out
+    assert torch.equal(generate(model), want)
+    assert dropped and set(dropped) == {f"layers.{i}" for i in scheduler.uncached}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
@@ -100,8 +101,40 @@ def free_gpu_memory(device: torch.device | str | int | None = None) -> int:
 
 
 def free_cpu_memory() -> int:
-    """Bytes of RAM the OS could give this process now without swapping (psutil's `available`)."""
-    return int(psutil.virtual_memory().available)
+    """Bytes of RAM the OS could give this process now without swapping: psutil's `available`, or less where
+    the process's memory cgroup (a container's limit) allows less."""
+    available = int(psutil.virtual_memory().available)
+    room = cgroup_memory_room()
+    return available if room is None else min(available, room)
+
+
+def cgroup_memory_room(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes this process's memory cgroup still allows: its limit less the anonymous memory charged to it (page
+    cache is reclaimed under the limit, so it counts as room). None where no limit applies or none is readable.
+    cgroup v2 (memory.max, memory.stat `anon`) and v1 (memory.limit_in_bytes, memory.stat `total_rss`)."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and controllers == "":
+            base, limit_file, anon_key = Path(root), "memory.max", "anon"
+        elif "memory" in controllers.split(","):
+            base, limit_file, anon_key = Path(root) / "memory", "memory.limit_in_bytes", "total_rss"
+        else:
+            continue
+        # A container sees its own cgroup at the root of the mount, not at the host's path.
+        for folder in (base / path.lstrip("/"), base):
+            try:
+                limit_text = (folder / limit_file).read_text().strip()
+                stat = dict(ln.split() for ln in (folder / "memory.stat").read_text().splitlines() if ln.strip())
+            except (OSError, ValueError):
+                continue
+            if limit_text == "max" or int(limit_text) >= 1 << 60:  # (v1 writes "no limit" as ~2**63)
+                break
+            return max(0, int(limit_text) - int(stat.get(anon_key, 0)))
+    return None
 
 
 def _less_margin(free: int, fixed: int) -> int:

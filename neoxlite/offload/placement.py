@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from neoxlite.checkpoint import block_of
-from neoxlite.offload.budget import resolve_budgets
+from neoxlite.offload.budget import free_cpu_memory, resolve_budgets
 from neoxlite.offload.planner import CPU, DISK, EMBED, GPU, HEAD, Links, Plan, activation_bytes, plan
 from neoxlite.offload.scheduler import (
     DiskSource,
@@ -47,6 +47,7 @@ from neoxlite.offload.store import TENSOR_ALIGN, BlockStore, check_offload_dir, 
 DEFAULT_MAX_LENGTH = 2048  # planning context when the caller gives none (capped by the model's own)
 HEAD_MODULES = ("final_layer_norm", "embed_out", "score", "classifier", "qa_outputs")
 _QUANT_JSON_BYTES = 256  # upper bound of a 4-bit layer's quant-state JSON
+CACHE_MARGIN_BYTES = 256 * 2**20  # page cache left to everything else when choosing which disk layers stay cached
 
 
 def keep_freed_memory_returnable() -> None:
@@ -305,10 +306,19 @@ class Offloader:
                 self.base.layers, self.sources, make_layer=make_layer, compute_device=self.device,
                 slots=max(self.plan.slots, 2), slot_bytes=slot_bytes,
                 staging_bytes=2 * slot_bytes if self.cuda and self.plan.reserved.get(CPU, {}).get("staging") else 0,
-                quant_spec=self.spec, drop_cache=self.drop_cache)
+                quant_spec=self.spec, drop_cache=self.drop_cache, cache_room=self._page_cache_room(slot_bytes))
         self.base.compute_device = self.device
         self.model.offload_plan = self.plan
         self.model.offload_workload = self.workload  # (batch, tokens) the plan reserved; generate() holds to it
+
+    def _page_cache_room(self, slot_bytes: int) -> int:
+        """Bytes of page cache the disk layers may keep between steps: the RAM free now (as the process's
+        cgroup allows), less what generation will still allocate (KV cache, workspace), the layers mapped or
+        read ahead at any moment, and a margin."""
+        reserved = self.plan.reserved.get(CPU, {})
+        upcoming = reserved.get("kv_cache", 0) + reserved.get("workspace", 0) + 4 * slot_bytes
+        free = free_cpu_memory() - upcoming
+        return max(0, free - max(CACHE_MARGIN_BYTES, free // 10))
 
     def apply(self) -> None:
         """Re-homes a model that is already fully built (tests and tools; the loader goes block by block)."""

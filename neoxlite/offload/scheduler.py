@@ -181,6 +181,7 @@ class OffloadScheduler:
         staging_bytes: int = 0,
         quant_spec: object | None = None,
         drop_cache: bool = False,
+        cache_room: int | None = None,
     ) -> None:
         self.layers = layers
         self.sources = dict(sources)
@@ -190,7 +191,10 @@ class OffloadScheduler:
         if self.cuda:
             self.device = cuda_device(self.device)  # the worker thread's set_device needs the index
         self.quant_spec = quant_spec
-        self.drop_cache = drop_cache
+        disk = [i for i in self.order if isinstance(self.sources[i], DiskSource)]
+        # Layers on disk whose pages are dropped from the page cache after each use (see uncached_layers).
+        self.uncached: set[int] = set(disk) if drop_cache else uncached_layers(
+            [(i, self.sources[i].layout.nbytes) for i in disk], cache_room)
         if self.order and slots < 2:
             raise ValueError(f"slots={slots}: streaming needs at least 2 (one computing, one arriving)")
         for i, src in self.sources.items():
@@ -258,7 +262,7 @@ class OffloadScheduler:
             slot.released_recorded = True
         elif slot.data is not slot.buffer:  # a file mapping: let it go now, so at most `slots` stay mapped
             self._unbind(slot)
-            if self.drop_cache:
+            if i in self.uncached:
                 drop_cached(self.sources[i].entry)
         self._free.append(slot)
         self._prefetch()
@@ -294,9 +298,14 @@ class OffloadScheduler:
         n = src.layout.nbytes
         # Ask the kernel to start reading the layer after this one now (page cache, not our RSS): the disk works
         # on it while this one is copied or computed, a read-ahead one layer deeper than the slots.
-        following = self.sources[self.order[(self.order.index(i) + 1) % len(self.order)]]
+        position = self.order.index(i)
+        following = self.sources[self.order[(position + 1) % len(self.order)]]
         if isinstance(following, DiskSource) and following is not src:
             will_need(following.entry)
+        if self.uncached:  # and the next dropped layers, which really come from the disk: keep it busy meanwhile
+            ahead = [j for j in self.order[position + 1:] + self.order[:position] if j in self.uncached][:2]
+            for j in ahead:
+                will_need(self.sources[j].entry)
         if not self.cuda:  # (layers in RAM are resident on CPU machines; the copy serves tests of the RAM path)
             if isinstance(src, DiskSource):
                 slot.data = map_data(src.entry)
@@ -309,7 +318,7 @@ class OffloadScheduler:
             self._turn ^= 1
             if self._staging_used[b]:
                 self._staging_done[b].synchronize()  # the previous copy out of this buffer has finished
-            read_data(src.entry, self._staging[b], drop_cache=self.drop_cache)
+            read_data(src.entry, self._staging[b], drop_cache=i in self.uncached)
             host = self._staging[b][:n]
         else:
             host = src.data
@@ -353,6 +362,9 @@ class OffloadScheduler:
 
     def _unbind(self, slot: _Slot) -> None:
         """Drops every reference the slot's module holds into the slot's bytes."""
+        release = getattr(slot.module, "release_cached_tensors", None)
+        if release is not None:
+            release()
         for name in slot.quantized:
             slot.module.set_submodule(name, nn.Identity())
         slot.quantized = ()
@@ -386,6 +398,30 @@ class OffloadScheduler:
             src = self.sources.get(i)
             out[i] = "resident" if src is None else ("ram" if isinstance(src, HostSource) else "disk")
         return out
+
+
+def uncached_layers(disk_layers: list[tuple[int, int]], cache_room: int | None) -> set[int]:
+    """Which layers read from disk to drop from the page cache after each use, given (index, bytes) in the order
+    the block loop reads them and the bytes of page cache they may keep (None: no limit known).
+
+    Every step reads the layers in the same cycle. When they do not all fit the page cache, the kernel's LRU
+    evicts each layer just before its next use, so every read goes to the disk. Keeping as many layers as fit and
+    dropping the rest right after use makes the kept ones hits on every step: the disk then serves only the
+    remainder."""
+    total = sum(nbytes for _, nbytes in disk_layers)
+    if cache_room is None or total <= cache_room:
+        return set()
+    # Kept layers are spread among the dropped ones, so the disk reads the next dropped layer while the cached
+    # ones compute (a run of cached layers would leave it idle, then make the loop wait on a run of reads).
+    share = cache_room / total
+    kept = 0
+    uncached = set()
+    for position, (i, nbytes) in enumerate(disk_layers):
+        if int((position + 1) * share) > int(position * share) and kept + nbytes <= cache_room:
+            kept += nbytes
+        else:
+            uncached.add(i)
+    return uncached
 
 
 # ----------------------------------------------------------------------------------------- pinned memory
