@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch  # loaded before the kernel, so the kernel's libgomp.so.1 is torch's and shares its threads
+import torch.nn.functional as F
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("linear_bf16.c", "decode_attention_bf16.c")]
+_SOURCES = [Path(__file__).with_name("csrc") / name
+            for name in ("linear_bf16.c", "linear_f32.c", "decode_attention_bf16.c")]
 _HEADERS = [Path(__file__).with_name("csrc") / "bf16.h"]
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 _LIBS = ["-lm"]
@@ -30,6 +32,8 @@ _ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512-BF16"}
 # Input rows up to which the kernel beats oneDNN's bf16 matmul (bench/decode.py; measured on Sapphire Rapids):
 # AVX512-BF16 forms 32 products per instruction, AVX2 widens bf16 to fp32 first and falls behind sooner.
 _MAX_ROWS = {1: 4, 2: 32}
+# fp32 rows served by one pass over the weights; beyond that MKL's GEMM reads them once for all rows.
+MAX_ROWS_F32 = 4
 
 
 @dataclass(frozen=True)
@@ -44,16 +48,26 @@ class BF16Kernel:
     def isa_name(self) -> str:
         return _ISA_NAMES[self.isa]
 
+    def rows_for(self, dtype: torch.dtype) -> int:
+        """Input rows up to which the linear kernel serves `dtype` (0: not at all)."""
+        return self.max_rows if dtype is torch.bfloat16 else MAX_ROWS_F32 if dtype is torch.float32 else 0
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                gelu: bool = False) -> torch.Tensor:
-        """x @ weight.T + bias for contiguous bf16 CPU tensors, fp32 accumulation, one rounding to bf16; with
-        `gelu`, F.gelu of that bf16 result (PyTorch's own CPU formula), in the same call."""
+        """x @ weight.T + bias for contiguous CPU tensors of one dtype. bf16: fp32 accumulation, one rounding to
+        bf16, and with `gelu` F.gelu of that bf16 result (PyTorch's own CPU formula) in the same call. fp32: up to
+        MAX_ROWS_F32 rows, GELU applied after."""
         n, k = weight.shape
         rows = x.reshape(-1, k).contiguous()
-        out = torch.empty((rows.shape[0], n), dtype=torch.bfloat16)
-        self.library.neox_linear_bf16(self.isa, rows.data_ptr(), weight.data_ptr(),
-                                      None if bias is None else bias.data_ptr(), out.data_ptr(),
-                                      rows.shape[0], n, k, int(gelu))
+        out = torch.empty((rows.shape[0], n), dtype=x.dtype)
+        bias_ptr = None if bias is None else bias.data_ptr()
+        if x.dtype is torch.float32:
+            self.library.neox_linear_f32(self.isa, rows.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(),
+                                         rows.shape[0], n, k)
+            out = F.gelu(out) if gelu else out
+        else:
+            self.library.neox_linear_bf16(self.isa, rows.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(),
+                                          rows.shape[0], n, k, int(gelu))
         return out.view(*x.shape[:-1], n)
 
     def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
@@ -117,6 +131,8 @@ def _load() -> tuple[BF16Kernel | None, str]:
     library.neox_best_isa.restype = ctypes.c_int
     library.neox_linear_bf16.restype = ctypes.c_int
     library.neox_linear_bf16.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    library.neox_linear_f32.restype = ctypes.c_int
+    library.neox_linear_f32.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     library.neox_decode_attention_bf16.restype = None
     library.neox_decode_attention_bf16.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 3
                                                    + [ctypes.c_int64] * 6 + [ctypes.c_float])

@@ -1,10 +1,11 @@
-"""The model's linear layer: nn.Linear, with bf16 CPU calls of a few rows sent to neoxlite's kernel.
+"""The model's linear layer: nn.Linear, with CPU calls of a few rows sent to neoxlite's kernels.
 
 At batch 1 a decode step is a chain of matrix-vector products and its speed is how fast the weights stream from
 memory. PyTorch's bf16 path (oneDNN) reaches about 60% of the machine's read bandwidth on them; the kernel in
-neoxlite/csrc/linear_bf16.c reaches about 95% (bench/decode.py). It reads the ordinary row-major weight, so the
+neoxlite/csrc/linear_bf16.c reaches about 95% (bench/decode.py). In fp32, neoxlite/csrc/linear_f32.c reads
+about an eighth faster than MKL's GEMV for up to four rows. Both read the ordinary row-major weight, so the
 parameter, state_dict(), .to() and saving are untouched. Results are nn.Linear's up to the order of the fp32
-sums (the same single rounding to bf16); tests/test_cpu_kernels.py checks them. Everything else (other dtypes
+sums (in bf16, the same single rounding); tests/test_cpu_kernels.py checks them. Everything else (other dtypes
 and devices, many rows as in a prefill, autograd) is nn.Linear's own forward.
 """
 
@@ -29,17 +30,20 @@ class Linear(nn.Linear):
                                                                                                   self.bias))
 
     def kernel_ready(self) -> bool:
-        """The weights are in the form the kernel reads: bf16, contiguous, in RAM."""
+        """The weights are in a form the kernel reads: bf16 or fp32, contiguous, in RAM."""
         weight, bias = self.weight, self.bias
-        return (weight.dtype is torch.bfloat16 and weight.is_cpu and weight.is_contiguous()
-                and (bias is None or (bias.dtype is torch.bfloat16 and bias.is_contiguous())))
+        return (weight.dtype in _KERNEL_DTYPES and weight.is_cpu and weight.is_contiguous()
+                and (bias is None or (bias.dtype is weight.dtype and bias.is_contiguous())))
 
     def _kernel_for(self, x: torch.Tensor) -> BF16Kernel | None:
         weight, bias = self.weight, self.bias
-        if (x.dtype is torch.bfloat16 and x.is_cpu and self.kernel_ready()
+        if (x.dtype is weight.dtype and x.is_cpu and self.kernel_ready()
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                    or (bias is not None and bias.requires_grad)))):
             kernel = bf16_kernel()
-            if kernel is not None and x.numel() <= kernel.max_rows * weight.shape[1]:
+            if kernel is not None and x.numel() <= kernel.rows_for(x.dtype) * weight.shape[1]:
                 return kernel
         return None
+
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)

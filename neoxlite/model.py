@@ -81,16 +81,20 @@ class GPTNeoXAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 kv: tuple[StaticCache, int] | None) -> torch.Tensor:
-        B, T, C = x.shape
-        fused = self.query_key_value(x)
+        return self.dense(self.attend(self.query_key_value(x), rope, mask, kv))
+
+    def attend(self, fused: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+               kv: tuple[StaticCache, int] | None) -> torch.Tensor:
+        """(B, T, 3C) fused q/k/v projections -> (B, T, C) attention output, before the output projection."""
+        B, T, _ = fused.shape
+        C = self.num_heads * self.head_size
         cos, sin = rope
         if T == 1 and mask is None and kv is not None:
             kernel = _decode_attention_kernel(fused, kv)
             if kernel is not None:  # rotary, cache write and attention in one call (neoxlite/csrc)
                 cache, layer_idx = kv
-                y = kernel.decode_attention(fused, cos, sin, cache.keys[layer_idx], cache.values[layer_idx],
-                                            cache.length, self.num_heads)
-                return self.dense(y)
+                return kernel.decode_attention(fused, cos, sin, cache.keys[layer_idx], cache.values[layer_idx],
+                                               cache.length, self.num_heads)
         # NeoX interleaves per head: each head's slice of the fused output is [q | k | v].
         qkv = fused.view(B, T, self.num_heads, 3 * self.head_size).transpose(1, 2)  # (B, nh, T, 3hs)
         hs = self.head_size
@@ -105,7 +109,7 @@ class GPTNeoXAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.dense(y.transpose(1, 2).reshape(B, T, C))
+        return y.transpose(1, 2).reshape(B, T, C)
 
 
 def _decode_attention_kernel(qkv: torch.Tensor, kv: tuple[StaticCache, int]) -> BF16Kernel | None:
@@ -173,17 +177,17 @@ class GPTNeoXLayer(nn.Module):
         self.__dict__.pop("_kernel_step", None)
 
     def _decode_kernel(self, x: torch.Tensor, kv: tuple[StaticCache, int]) -> BF16Kernel | None:
-        """neoxlite's CPU kernels when they can run this whole decode step (bf16 in RAM, unquantized, no autograd,
-        a batch the linear kernel takes), else None."""
-        if x.dtype is not torch.bfloat16 or not x.is_cpu or torch.is_grad_enabled():
+        """neoxlite's CPU kernels when they can run this decode step's linears (bf16 or fp32 in RAM, unquantized,
+        no autograd, a batch the linear kernel takes), else None."""
+        if (x.dtype is not torch.bfloat16 and x.dtype is not torch.float32) or not x.is_cpu or torch.is_grad_enabled():
             return None
         cached = self.__dict__.get("_kernel_step")  # (parameter slots, _KernelStep or None)
         if cached is None or not all(params.get(name) is tensor for params, name, tensor in cached[0]):
             cached = self.__dict__["_kernel_step"] = (_parameter_slots(self), _KernelStep.of(self))
-        if cached[1] is None:
+        if cached[1] is None or cached[1].dtype is not x.dtype:
             return None
-        kernel = _decode_attention_kernel(x, kv)
-        return kernel if kernel is not None and x.shape[0] <= kernel.max_rows else None
+        kernel = bf16_kernel()
+        return kernel if kernel is not None and x.shape[0] <= kernel.rows_for(x.dtype) else None
 
     def _decode_step(self, kernel: BF16Kernel, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                      kv: tuple[StaticCache, int]) -> torch.Tensor:
@@ -191,11 +195,8 @@ class GPTNeoXLayer(nn.Module):
         called directly, without a module call, attribute lookup or check per operation (at batch 1 those cost
         about a tenth of a step)."""
         s: _KernelStep = self.__dict__["_kernel_step"][1]
-        cache, layer_idx = kv
         fused = kernel.linear(F.layer_norm(x, s.shape, *s.norm1), *s.qkv)
-        y = kernel.decode_attention(fused, rope[0], rope[1], cache.keys[layer_idx], cache.values[layer_idx],
-                                    cache.length, s.heads)
-        attn = kernel.linear(y, *s.dense)
+        attn = kernel.linear(s.attention.attend(fused, rope, None, kv), *s.dense)
         if not s.parallel:
             x = x + attn
         normed = F.layer_norm(x, s.shape, *s.norm2)
@@ -216,24 +217,26 @@ class _KernelStep:
     dense: tuple[torch.Tensor, torch.Tensor | None]
     up: tuple[torch.Tensor, torch.Tensor | None]
     down: tuple[torch.Tensor, torch.Tensor | None]
-    heads: int
+    attention: GPTNeoXAttention  # its attend(): the decode kernel in bf16, PyTorch's ops otherwise
+    dtype: torch.dtype
     parallel: bool
     act: Any  # None: exact GELU, fused into the first MLP linear
 
     @classmethod
     def of(cls, layer: GPTNeoXLayer) -> _KernelStep | None:
-        """None unless every linear is neoxlite's Linear on bf16 weights the kernel reads (quantized layers are
-        bitsandbytes classes) and the norms are bf16 in RAM."""
+        """None unless every linear is neoxlite's Linear on weights the kernel reads (quantized layers are
+        bitsandbytes classes) and the norms are in RAM, all in one dtype."""
         attention, mlp = layer.attention, layer.mlp
         linears = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        if not (all(type(m) is Linear and m.kernel_ready() for m in linears)
-                and all(n.weight is not None and n.bias is not None and n.weight.dtype is torch.bfloat16
-                        and n.bias.dtype is torch.bfloat16 and n.weight.is_cpu for n in norms)):
+        dtype = attention.query_key_value.weight.dtype
+        if not (all(type(m) is Linear and m.kernel_ready() and m.weight.dtype is dtype for m in linears)
+                and all(n.weight is not None and n.bias is not None and n.weight.dtype is dtype
+                        and n.bias.dtype is dtype and n.weight.is_cpu for n in norms)):
             return None
         qkv, dense, up, down = ((m.weight, m.bias) for m in linears)
         norm1, norm2 = ((n.weight, n.bias, n.eps) for n in norms)
-        return cls(norm1, norm2, tuple(norms[0].normalized_shape), qkv, dense, up, down, attention.num_heads,
+        return cls(norm1, norm2, tuple(norms[0].normalized_shape), qkv, dense, up, down, attention, dtype,
                    layer.use_parallel_residual, None if mlp.exact_gelu else mlp.act)
 
 

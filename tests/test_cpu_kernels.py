@@ -1,5 +1,5 @@
-"""neoxlite's bf16 CPU kernel (neoxlite/csrc/linear_bf16.c): its sums, its use by the model's Linear, its build
-cache and every way of falling back to PyTorch's own matmul."""
+"""neoxlite's CPU kernels (neoxlite/csrc: bf16 and fp32 linears, bf16 decode attention): their sums, their use by
+the model's Linear, their build cache and every way of falling back to PyTorch's own ops."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import neoxlite.linear
-from neoxlite.cpu_kernels import BF16Kernel, bf16_kernel, kernel_status
+from neoxlite.cpu_kernels import MAX_ROWS_F32, BF16Kernel, bf16_kernel, kernel_status
 from neoxlite.linear import Linear
 
 KERNEL = bf16_kernel()
@@ -74,8 +74,38 @@ def test_linear_uses_the_kernel_for_decode_rows_only(monkeypatch):
         layer(torch.randn(4, 1, 64).bfloat16())  # batch 4
         assert len(calls) == 2
         layer(torch.randn(1, KERNEL.max_rows + 1, 64).bfloat16())  # a prefill: PyTorch's matmul
-        layer.float()(torch.randn(1, 1, 64))  # fp32: PyTorch's
-    assert len(calls) == 2
+        assert len(calls) == 2
+        layer.float()(torch.randn(2, 1, 64))  # fp32 decode rows: the fp32 kernel
+        assert len(calls) == 3
+        layer(torch.randn(1, MAX_ROWS_F32 + 1, 64))  # more fp32 rows than one pass serves: MKL
+        layer.half()(torch.randn(1, 1, 64).half())  # other dtypes: PyTorch's
+    assert len(calls) == 3
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS, ids=lambda i: {1: "avx2", 2: "avx512"}[i])
+@pytest.mark.parametrize("rows,n,k", [(1, 13, 7), (3, 33, 1000), (4, 64, 64), (2, 130, 4096), (1, 4, 31),
+                                      (4, 7, 33), (2, 5, 17)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp32_kernel_is_an_fp32_sum(isa, rows, n, k, bias, threads):
+    gen = torch.Generator().manual_seed(rows * 1000 + n + k)
+    x, w = torch.randn(rows, k, generator=gen), torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    kernel = BF16Kernel(KERNEL.library, isa, KERNEL.max_rows)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = kernel.linear(x, w, b)
+    finally:
+        torch.set_num_threads(previous)
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    exact = reference(x, w, b)
+    slack = (k + 1) * 2.0**-24 * (x.double().abs() @ w.double().abs().T + (b.double().abs() if bias else 0))
+    assert ((y.double() - exact).abs() <= slack + 1e-30).all()
+    # each row is summed the same way whatever the batch: batched decoding equals row by row
+    assert torch.equal(kernel.linear(x[-1:], w, b), y[-1:])
+    assert torch.equal(kernel.linear(x, w, b, gelu=True), F.gelu(y))
 
 
 @needs_kernel
