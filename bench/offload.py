@@ -260,7 +260,7 @@ def main() -> None:
                 f"{ours['tok_s'] / ours['bound_tok_s']:.0%} of the disk-read bound ({ours['bound_tok_s']:.2f} tok/s "
                 f"at {ours['read_gbps']:.2f} GB/s uncached, {ours['moved'] / 2**30:.2f} GiB/step, "
                 f"{ours['on_disk']}/{ours['blocks']} blocks on disk), load {ours['load_s']:.1f} s")
-        if ours["uncached"] < ours["moved"]:
+        if 0 < ours["uncached"] < ours["moved"]:  # (with no limit known, the kernel's own LRU decides)
             line += (f"\n          page cache keeps {(ours['moved'] - ours['uncached']) / 2**30:.2f} GiB of them: "
                      f"{ours['uncached'] / 2**30:.2f} GiB/step read from disk, bound for that "
                      f"{ours['uncached_bound_tok_s']:.2f} tok/s -> {ours['tok_s'] / ours['uncached_bound_tok_s']:.0%}")
