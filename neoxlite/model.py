@@ -241,12 +241,15 @@ class _KernelStep:
 
 
 def _parameter_slots(layer: GPTNeoXLayer) -> tuple[tuple[dict[str, Any], str, Any], ...]:
-    """(module._parameters, name, tensor) for the tensors _KernelStep holds: the same objects later means the
-    same layer (the offload scheduler rebinds them; .to() clears the cache through _apply)."""
+    """(owner dict, name, object) for the submodules and tensors _KernelStep holds: the same objects later means
+    the same layer (the offload scheduler rebinds tensors and swaps quantized modules; .to() clears the cache
+    through _apply)."""
     attention, mlp = layer.attention, layer.mlp
-    modules = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h,
-               layer.input_layernorm, layer.post_attention_layernorm)
-    return tuple((m._parameters, name, m._parameters.get(name)) for m in modules for name in ("weight", "bias"))
+    owners = ((layer, ("attention", "mlp", "input_layernorm", "post_attention_layernorm")),
+              (attention, ("query_key_value", "dense")), (mlp, ("dense_h_to_4h", "dense_4h_to_h")))
+    modules = tuple((m._modules, name, m._modules.get(name)) for m, names in owners for name in names)
+    leaves = [module for _, _, module in modules if module is not None and module not in (attention, mlp)]
+    return modules + tuple((m._parameters, name, m._parameters.get(name)) for m in leaves for name in ("weight", "bias"))
 
 
 class ResidentScheduler:

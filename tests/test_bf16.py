@@ -91,3 +91,18 @@ def test_direct_decode_step_follows_changed_weights(checkpoint):
     model.float()  # .to() changes the data under the same objects: the cached step is dropped
     assert model.generate(PROMPT, max_new_tokens=8, eos_token_id=[]).shape == before.shape
     assert torch.equal(model.bfloat16().generate(PROMPT, max_new_tokens=8, eos_token_id=[]), changed)
+
+
+@pytest.mark.skipif(bf16_kernel() is None, reason="neoxlite's CPU kernel cannot run here")
+def test_direct_decode_step_follows_a_replaced_module(checkpoint):
+    folder, _ = checkpoint(hidden_size=128, intermediate_size=512, vocab_size=512)
+    model = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, progress=False)
+    model.generate(PROMPT, max_new_tokens=4, eos_token_id=[])  # the layers' steps are cached now
+    mlp = model.gpt_neox.layers[1].mlp
+    replacement = torch.nn.Linear(512, 128).to(torch.bfloat16)  # a plain nn.Linear: only the module path runs it
+    replacement.load_state_dict(mlp.dense_4h_to_h.state_dict())
+    mlp.dense_4h_to_h = replacement
+    calls = []
+    replacement.register_forward_hook(lambda *_: calls.append(1))
+    model.generate(PROMPT, max_new_tokens=8, eos_token_id=[])
+    assert len(calls) == 8  # the prefill and every decode step used the new module, none the cached tensors
