@@ -356,9 +356,11 @@ def test_layers_the_page_cache_cannot_keep_are_dropped_after_use(ckpt, tmp_path,
     # RAM free now: what generation still allocates, the layers in flight, the margin, and room for 2.5 layers
     upcoming = plan.reserved["cpu"]["kv_cache"] + plan.reserved["cpu"]["workspace"] + 4 * max(layer, plan.slot_bytes)
     monkeypatch.setattr(placement, "free_cpu_memory", lambda: placement.CACHE_MARGIN_BYTES + upcoming + 5 * layer // 2)
-    dropped = []
-    real_drop = scheduler_mod.drop_cached
+    dropped, read_ahead = [], []
+    real_drop, real_read_ahead = scheduler_mod.drop_cached, scheduler_mod.read_ahead
     monkeypatch.setattr(scheduler_mod, "drop_cached", lambda entry: dropped.append(entry.name) or real_drop(entry))
+    monkeypatch.setattr(scheduler_mod, "read_ahead",
+                        lambda entry: read_ahead.append(entry.name) or real_read_ahead(entry))
     model = load(ckpt, torch.float32, cpu_memory=budget, offload_dir=tmp_path)
     scheduler = model.gpt_neox.scheduler
     assert list(scheduler.describe().values()) == ["disk"] * 6
@@ -366,3 +368,9 @@ def test_layers_the_page_cache_cannot_keep_are_dropped_after_use(ckpt, tmp_path,
     assert kept == [2, 4], kept  # as many as fit stay cached, spread out
     assert torch.equal(generate(model), want)
     assert dropped and set(dropped) == {f"layers.{i}" for i in scheduler.uncached}
+    # the reader thread brought each dropped layer back ahead of its use, in the loop's order, each once per pass
+    scheduler.close()
+    uncached = [f"layers.{i}" for i in sorted(scheduler.uncached)]
+    assert read_ahead[:len(uncached)] == uncached[1:] + uncached[:1]
+    assert all(a != b for a, b in zip(read_ahead, read_ahead[1:], strict=False))
+    assert set(read_ahead) == set(uncached)

@@ -226,3 +226,86 @@ def test_manifest_records_layout(tmp_path):
     assert data["fingerprint"] == FP and data["describe"] == {"checkpoint": "x"}
     assert data["blocks"]["embed_in"]["tensors"]["weight"] == ["F32", [10, 4], 0, 160]
     assert entry.tensors["weight"].end == 160
+
+
+# ------------------------------------------------------------------------------ mapping with huge pages
+HUGE = 2 * 2**20
+
+
+def pmd_mapped_bytes() -> int:
+    """Bytes of file pages this process maps with 2 MiB page-table entries (smaps' FilePmdMapped)."""
+    with open("/proc/self/smaps") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("FilePmdMapped:")) * 1024
+
+
+def huge_file_folios_possible(directory: Path) -> bool:
+    """Whether this kernel and filesystem read a file into 2 MiB page-cache folios for a MADV_HUGEPAGE mapping
+    (THP enabled, a filesystem with large folios such as ext4 on Linux 6.16+ or xfs)."""
+    import mmap
+
+    probe = directory / "probe"
+    probe.write_bytes(os.urandom(4 * HUGE))
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with mmap.mmap(fd, 4 * HUGE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as m:
+            try:
+                m.madvise(mmap.MADV_HUGEPAGE)
+                m.madvise(store_mod.MADV_POPULATE_READ)
+            except OSError:
+                return False
+            return pmd_mapped_bytes() > 0
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def test_mapped_block_uses_huge_pages_right_after_writing(tmp_path):
+    """A block written to the store and then mapped comes in 2 MiB page-table entries, which makes mapping and
+    unmapping each streamed block per step nearly free; this needs the written pages dropped from the page cache
+    (the write path caches them in small folios) and the mapping to ask for huge pages."""
+    if not Path("/proc/self/smaps").exists() or not huge_file_folios_possible(tmp_path):
+        pytest.skip("this kernel or filesystem gives no 2 MiB page-cache folios")
+    s = BlockStore(tmp_path, FP)
+    # written in pieces smaller than 2 MiB, as a layer's tensors are, so the write path caches small folios
+    tensors = {f"w{k}": torch.randint(0, 255, (HUGE // 4,), dtype=torch.uint8) for k in range(36)}
+    entry = s.write("layers.0", tensors)
+    before = pmd_mapped_bytes()
+    data = store_mod.map_data(entry)
+    # every 2 MiB stretch of the file that lies wholly in the data section, but the first: the kernel's read-ahead
+    # from the mapping's first page brings that one in smaller folios
+    first = -(-entry.data_offset // HUGE) * HUGE
+    whole = (entry.data_offset + entry.data_bytes - first) // HUGE * HUGE
+    assert pmd_mapped_bytes() - before in (whole - HUGE, whole)
+    assert same(entry.views(data), tensors)
+    del data
+    assert pmd_mapped_bytes() == before  # unmapped with the last view
+
+
+def cached_fraction(entry: store_mod.BlockEntry) -> float:
+    """Share of the block's data pages in the page cache (mincore on a fresh mapping, which faults nothing in)."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(entry.path, "rb") as f, mmap.mmap(f.fileno(), entry.data_bytes, flags=mmap.MAP_SHARED,
+                                                 prot=mmap.PROT_READ, offset=entry.data_offset) as m:
+        pages = -(-entry.data_bytes // mmap.PAGESIZE)
+        vec = (ctypes.c_ubyte * pages)()
+        address = np.frombuffer(m, dtype=np.uint8).ctypes.data
+        assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(entry.data_bytes), vec) == 0
+        return sum(v & 1 for v in vec) / pages
+
+
+def test_read_ahead_fills_the_page_cache_and_maps_nothing_afterwards(tmp_path):
+    s = BlockStore(tmp_path, FP)
+    entry = s.write("layers.0", {f"w{k}": torch.randint(0, 255, (3 * 2**20,), dtype=torch.uint8) for k in range(7)})
+    store_mod.drop_cached(entry)
+    assert cached_fraction(entry) < 0.1
+    store_mod.read_ahead(entry, window=4 * 2**20)
+    assert cached_fraction(entry) == 1.0
+    with open("/proc/self/maps") as f:
+        assert str(entry.path) not in f.read()  # every window was unmapped again: nothing counts in RSS

@@ -8,8 +8,10 @@ byte buffer plus a layer module whose tensors are views into that buffer. Bringi
 one read or one copy of contiguous bytes, with no allocation and no per-tensor work.
 
 - CPU compute: a worker thread maps the next layer's file from the page cache (store.map_data, every page
-  set up at once) while the current layer computes; done(i) drops the mapping, so at most `slots` layers are
-  mapped (and counted in RSS) at any time, which the planner's budget includes.
+  set up at once, in 2 MiB pages) while the current layer computes; done(i) drops the mapping, so at most
+  `slots` layers are mapped (and counted in RSS) at any time, which the planner's budget includes. When the
+  disk layers do not all fit the page cache, some are dropped from it after each use (uncached_layers), and a
+  reader thread brings the next of those back into the page cache ahead of the slots (store.read_ahead).
 - CUDA compute: layers in RAM sit in page-locked (pinned) memory and are copied into a GPU slot on a
   separate copy stream; layers on disk are read by the worker thread into one of two pinned staging
   buffers and copied from there. CUDA events order everything: a copy into a slot waits until the compute
@@ -41,9 +43,9 @@ from neoxlite.offload.store import (
     drop_cached,
     map_data,
     pack_layout,
+    read_ahead,
     read_data,
     views,
-    will_need,
 )
 
 # Tensors of a quantized layer up to this size (quant-state JSON, code books, the int8 weight_format flag)
@@ -234,6 +236,13 @@ class OffloadScheduler:
         ) if self.order else None
         if self._executor is not None:
             weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
+        # CPU compute: reads dropped layers from the disk ahead of the slots (see _read_ahead_after); the CUDA
+        # path reads them into its staging buffers itself.
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neoxlite-readahead") \
+            if self.uncached and not self.cuda else None
+        self._read_ahead_of: int | None = None
+        if self._reader is not None:
+            weakref.finalize(self, self._reader.shutdown, wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- the model's two calls
     def fetch(self, i: int) -> nn.Module:
@@ -277,6 +286,19 @@ class OffloadScheduler:
             slot = self._free.pop(0)
             self._loaded[i] = slot
             slot.future = self._executor.submit(self._load, i, slot)
+            self._read_ahead_after(i)
+
+    def _read_ahead_after(self, i: int) -> None:
+        """Has the reader thread bring the next dropped layer after i into the page cache. Dropped layers come
+        from the disk at every step; reading the next one while the slots' layers load and compute keeps the
+        disk busy instead of waiting for a slot to free (one layer deep: the page cache room counts it)."""
+        if self._reader is None:
+            return
+        position = self.order.index(i)
+        ahead = next((j for j in self.order[position + 1:] + self.order[:position] if j in self.uncached), None)
+        if ahead is not None and ahead != self._read_ahead_of:
+            self._read_ahead_of = ahead
+            self._reader.submit(read_ahead, self.sources[ahead].entry)  # advisory: a failure shows in _load
 
     def _restart(self, at: int) -> None:
         for slot in self._loaded.values():
@@ -296,16 +318,6 @@ class OffloadScheduler:
         """Worker thread: bring layer i's bytes into slot's buffer."""
         src = self.sources[i]
         n = src.layout.nbytes
-        # Ask the kernel to start reading the layer after this one now (page cache, not our RSS): the disk works
-        # on it while this one is copied or computed, a read-ahead one layer deeper than the slots.
-        position = self.order.index(i)
-        following = self.sources[self.order[(position + 1) % len(self.order)]]
-        if isinstance(following, DiskSource) and following is not src:
-            will_need(following.entry)
-        if self.uncached:  # and the next dropped layers, which really come from the disk: keep it busy meanwhile
-            ahead = [j for j in self.order[position + 1:] + self.order[:position] if j in self.uncached][:2]
-            for j in ahead:
-                will_need(self.sources[j].entry)
         if not self.cuda:  # (layers in RAM are resident on CPU machines; the copy serves tests of the RAM path)
             if isinstance(src, DiskSource):
                 slot.data = map_data(src.entry)
@@ -388,8 +400,9 @@ class OffloadScheduler:
 
     def close(self) -> None:
         """Stops the worker thread; the scheduler must not be used afterwards."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        for pool in (self._executor, self._reader):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def describe(self) -> dict[int, str]:
         """Layer index -> "resident" | "ram" | "disk" (for memory panels and tests)."""

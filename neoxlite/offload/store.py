@@ -22,6 +22,7 @@ Layout of an offload dir:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -51,6 +52,11 @@ DATA_ALIGN = 4096
 # and scales with vector loads, which fault on views that start mid-vector ("misaligned address").
 TENSOR_ALIGN = 256
 _CHUNK = 16 * 2**20
+MADV_POPULATE_READ = 22  # Linux 5.14+; not in Python 3.11's mmap module
+HUGE_PAGE = 2 * 2**20
+READ_AHEAD_WINDOW = 8 * 2**20
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 _DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -298,6 +304,9 @@ class BlockStore:
             raise _disk_error(err, self.offload_dir, f"writing block {block} ({format_size(len(head) + offset)})") from err
         entry = BlockEntry(name=block, path=path, data_offset=len(head), data_bytes=offset, crc32=crc, tensors=layout,
                            quantized=tuple(quantized))
+        # The written pages sit in the page cache in the write path's small folios, which map one 4 KiB page at a
+        # time. Dropping them (they are on disk now) lets the first map_data read them back as 2 MiB folios.
+        drop_cached(entry)
         try:
             with self._locked():
                 self._entries[block] = entry
@@ -347,17 +356,48 @@ def read_data(entry: BlockEntry, buffer: torch.Tensor, *, drop_cache: bool = Fal
 def map_data(entry: BlockEntry) -> torch.Tensor:
     """The block's data section mapped read-only, as a uint8 CPU tensor: zero copies from the page cache.
 
-    MAP_POPULATE sets up every page at once (a fraction of a millisecond per 100 MB when cached, where read(2)
-    copies at a few GB/s), so computing with the block takes no page faults. The pages count in the process's
-    RSS while mapped, as a slot buffer would; the mapping goes away when the last tensor viewing it does.
-    Never written to: the mapping is read-only.
+    Every page is set up at once (MADV_POPULATE_READ), so computing with the block takes no page faults. The
+    mapping asks for huge pages first (MADV_HUGEPAGE): pages the kernel reads in for it then arrive as 2 MiB
+    folios, and a cached 2 MiB folio maps with one page-table entry instead of 512, which makes mapping and
+    unmapping a block per step nearly free (~0.2 ms instead of ~2.5 ms per 100 MB). The pages count in the
+    process's RSS while mapped, as a slot buffer would; the mapping goes away when the last tensor viewing it
+    does. Never written to: the mapping is read-only.
     """
     with open(entry.path, "rb") as f:
-        mapping = mmap.mmap(f.fileno(), entry.data_bytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                            prot=mmap.PROT_READ, offset=entry.data_offset)
+        mapping = mmap.mmap(f.fileno(), entry.data_bytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
+                            offset=entry.data_offset)
+    _populate(mapping)
     with warnings.catch_warnings():  # torch warns that the buffer is read-only: it is, on purpose
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(np.frombuffer(mapping, dtype=np.uint8))
+
+
+def read_ahead(entry: BlockEntry, window: int = READ_AHEAD_WINDOW) -> None:
+    """Reads the block's data into the page cache (not into this process's memory) and returns when it is there.
+
+    posix_fadvise(WILLNEED) would not do: Linux reads only the first few MiB of a large range that way, in
+    small folios. Instead each `window` of the block is mapped, populated as map_data does (so the pages arrive
+    as 2 MiB folios) and unmapped at once: at most one window counts in RSS at any time.
+    """
+    with open(entry.path, "rb") as f:
+        first = entry.data_offset // HUGE_PAGE * HUGE_PAGE  # windows on 2 MiB boundaries of the file
+        for offset in range(first, entry.data_offset + entry.data_bytes, window):
+            length = min(window, entry.data_offset + entry.data_bytes - offset)
+            with mmap.mmap(f.fileno(), length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=offset) as m:
+                _populate(m)
+
+
+def _populate(mapping: mmap.mmap) -> None:
+    """Sets up every page of `mapping`, in huge pages where the kernel allows, reading what is not cached.
+
+    Called through ctypes rather than mmap.madvise, which holds the GIL: a populate that waits for the disk
+    must not stop the thread that computes.
+    """
+    address = ctypes.c_void_p(np.frombuffer(mapping, dtype=np.uint8).ctypes.data)
+    length = ctypes.c_size_t(len(mapping))
+    _libc.madvise(address, length, mmap.MADV_HUGEPAGE)  # refused when THP is off: small pages then
+    if _libc.madvise(address, length, MADV_POPULATE_READ) != 0:  # before Linux 5.14: touch a byte per page
+        np.frombuffer(mapping, dtype=np.uint8)[::mmap.PAGESIZE].max()
 
 
 def _advise(entry: BlockEntry, advice: int) -> None:
@@ -366,11 +406,6 @@ def _advise(entry: BlockEntry, advice: int) -> None:
         os.posix_fadvise(fd, entry.data_offset, entry.data_bytes, advice)
     finally:
         os.close(fd)
-
-
-def will_need(entry: BlockEntry) -> None:
-    """Starts an asynchronous kernel read-ahead of the block into the page cache (posix_fadvise WILLNEED)."""
-    _advise(entry, os.POSIX_FADV_WILLNEED)
 
 
 def drop_cached(entry: BlockEntry) -> None:
