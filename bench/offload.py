@@ -10,9 +10,10 @@ does not fit is read from the offload dir at every step. Each measurement runs i
     --repeats generations in the same process), and neoxlite's with every weight in RAM for reference,
   - peak RSS growth of the process over its state just before loading (VmHWM, reset at that point),
   - for neoxlite, the share of the disk-read bound: bytes the plan reads per step / the disk's read bandwidth for
-    those blocks (read the way the scheduler reads them, after dropping them from the page cache). Without --cold
-    the store stays in the page cache of a machine with RAM to spare and runs can beat that bound; --cold drops
-    each block's pages after use, so every step reads from the disk itself.
+    those blocks (read the ways the scheduler reads them, one or two at a time, after dropping them from the page
+    cache; the faster counts). Without --cold the store stays in the page cache of a machine with RAM to spare
+    and runs can beat that bound; --cold drops each block's pages after use, so every step reads from the disk
+    itself.
 accelerate runs `AutoModelForCausalLM.from_pretrained(device_map="auto", max_memory={"cpu": budget},
 offload_folder=...)` with the same dtype, prompts and token counts.
 
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -83,7 +85,7 @@ def child_resident(args: argparse.Namespace) -> dict:
 def child_neoxlite(args: argparse.Namespace) -> dict:
     from neoxlite.config import GPTNeoXConfig
     from neoxlite.model import GPTNeoXForCausalLM
-    from neoxlite.offload.store import drop_cached, map_data
+    from neoxlite.offload.store import drop_cached, map_data, read_ahead
 
     with torch.device("meta"):  # one-time library setup (meta kernels) before the baseline
         GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
@@ -101,14 +103,18 @@ def child_neoxlite(args: argparse.Namespace) -> dict:
     growth = _peak_rss() - before
     plan = model.offload_plan
     moved = plan.bytes_moved_per_step(args.batch).get("disk->cpu", 0)
-    # The disk's speed for the scheduler's own reads of these blocks (mapped and populated), caches dropped first.
+    # The disk's speed for the scheduler's own reads of these blocks, caches dropped first: one after the other
+    # (mapped and populated, as the worker thread does), and two at a time (the worker and the reader thread);
+    # the faster of the two is the bound.
     entries = [src.entry for src in scheduler.sources.values()]
-    for entry in entries:
-        drop_cached(entry)
-    start = time.perf_counter()
-    for entry in entries:
-        map_data(entry)  # populated at once, unmapped as soon as it is dropped
-    bandwidth = sum(e.data_bytes for e in entries) / (time.perf_counter() - start)
+    bandwidth = 0.0
+    for streams in (1, 2):
+        for entry in entries:
+            drop_cached(entry)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(streams) as pool:
+            list(pool.map(map_data if streams == 1 else read_ahead, entries))
+        bandwidth = max(bandwidth, sum(e.data_bytes for e in entries) / (time.perf_counter() - start))
     bound = args.batch / (moved / bandwidth) if moved else float("inf")
     # Disk layers the page cache cannot keep are dropped after use (scheduler.uncached); the others stay cached,
     # so only the uncached bytes come from the disk once the first step has read everything.
