@@ -358,8 +358,8 @@ def map_data(entry: BlockEntry) -> torch.Tensor:
 
     Every page is set up at once (MADV_POPULATE_READ), so computing with the block takes no page faults. The
     mapping asks for huge pages first (MADV_HUGEPAGE): pages the kernel reads in for it then arrive as 2 MiB
-    folios, and a cached 2 MiB folio maps with one page-table entry instead of 512, which makes mapping and
-    unmapping a block per step nearly free (~0.2 ms instead of ~2.5 ms per 100 MB). The pages count in the
+    folios, and a cached 2 MiB folio maps with one page-table entry instead of 512 (mapping 100 MB of cached
+    blocks then takes ~0.2 ms instead of 1.3-2.2 ms). The pages count in the
     process's RSS while mapped, as a slot buffer would; the mapping goes away when the last tensor viewing it
     does. Never written to: the mapping is read-only.
     """
