@@ -309,3 +309,14 @@ def test_read_ahead_fills_the_page_cache_and_maps_nothing_afterwards(tmp_path):
     assert cached_fraction(entry) == 1.0
     with open("/proc/self/maps") as f:
         assert str(entry.path) not in f.read()  # every window was unmapped again: nothing counts in RSS
+
+
+def test_map_data_without_populate_read_touches_every_page(tmp_path, monkeypatch):
+    """Kernels before Linux 5.14 refuse MADV_POPULATE_READ: the block is mapped and read page by page instead."""
+    s = BlockStore(tmp_path, FP)
+    tensors = {"w": torch.randint(0, 255, (3 * 2**20 + 5,), dtype=torch.uint8)}
+    entry = s.write("layers.0", tensors)
+    monkeypatch.setattr(store_mod, "MADV_POPULATE_READ", 0x7FFF)  # an advice no kernel knows: EINVAL
+    assert same(entry.views(store_mod.map_data(entry)), tensors)
+    store_mod.read_ahead(entry)
+    assert cached_fraction(entry) == 1.0

@@ -30,6 +30,7 @@ import json
 import mmap
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -53,6 +54,7 @@ DATA_ALIGN = 4096
 TENSOR_ALIGN = 256
 _CHUNK = 16 * 2**20
 MADV_POPULATE_READ = 22  # Linux 5.14+; not in Python 3.11's mmap module
+_LINUX = sys.platform.startswith("linux")  # the madvise values below are Linux's
 HUGE_PAGE = 2 * 2**20
 READ_AHEAD_WINDOW = 8 * 2**20
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -395,8 +397,9 @@ def _populate(mapping: mmap.mmap) -> None:
     """
     address = ctypes.c_void_p(np.frombuffer(mapping, dtype=np.uint8).ctypes.data)
     length = ctypes.c_size_t(len(mapping))
-    _libc.madvise(address, length, mmap.MADV_HUGEPAGE)  # refused when THP is off: small pages then
-    if _libc.madvise(address, length, MADV_POPULATE_READ) != 0:  # before Linux 5.14: touch a byte per page
+    if _LINUX:
+        _libc.madvise(address, length, mmap.MADV_HUGEPAGE)  # refused when THP is off: small pages then
+    if not _LINUX or _libc.madvise(address, length, MADV_POPULATE_READ) != 0:  # before 5.14: touch every page
         np.frombuffer(mapping, dtype=np.uint8)[::mmap.PAGESIZE].max()
 
 
