@@ -354,7 +354,8 @@ def test_layers_the_page_cache_cannot_keep_are_dropped_after_use(ckpt, tmp_path,
     plan = load(ckpt, torch.float32, cpu_memory=budget, offload_dir=tmp_path).offload_plan
     layer = plan.block_bytes["layers.0"]
     # RAM free now: what generation still allocates, the layers in flight, the margin, and room for 2.5 layers
-    upcoming = plan.reserved["cpu"]["kv_cache"] + plan.reserved["cpu"]["workspace"] + 4 * max(layer, plan.slot_bytes)
+    upcoming = (plan.reserved["cpu"]["kv_cache"] + plan.reserved["cpu"]["workspace"]
+                + (plan.slots + 1) * max(layer, plan.slot_bytes))
     monkeypatch.setattr(placement, "free_cpu_memory", lambda: placement.CACHE_MARGIN_BYTES + upcoming + 5 * layer // 2)
     dropped, read_ahead = [], []
     real_drop, real_read_ahead = scheduler_mod.drop_cached, scheduler_mod.read_ahead

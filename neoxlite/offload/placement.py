@@ -313,10 +313,10 @@ class Offloader:
 
     def _page_cache_room(self, slot_bytes: int) -> int:
         """Bytes of page cache the disk layers may keep between steps: the RAM free now (as the process's
-        cgroup allows), less what generation will still allocate (KV cache, workspace), the layers mapped or
-        read ahead at any moment, and a margin."""
+        cgroup allows), less what generation will still allocate (KV cache, workspace), the layers mapped (one
+        per slot) or read ahead (one) at any moment, and a margin."""
         reserved = self.plan.reserved.get(CPU, {})
-        upcoming = reserved.get("kv_cache", 0) + reserved.get("workspace", 0) + 4 * slot_bytes
+        upcoming = reserved.get("kv_cache", 0) + reserved.get("workspace", 0) + (self.plan.slots + 1) * slot_bytes
         free = free_cpu_memory() - upcoming
         return max(0, free - max(CACHE_MARGIN_BYTES, free // 10))
 
