@@ -375,3 +375,22 @@ def test_layers_the_page_cache_cannot_keep_are_dropped_after_use(ckpt, tmp_path,
     assert read_ahead[:len(uncached)] == uncached[1:] + uncached[:1]
     assert all(a != b for a, b in zip(read_ahead, read_ahead[1:], strict=False))
     assert set(read_ahead) == set(uncached)
+
+
+def test_layers_marked_uncached_later_are_read_ahead_too(ckpt, tmp_path, monkeypatch):
+    """bench/offload.py --cold marks every disk layer uncached after loading: the reader thread starts then."""
+    import neoxlite.offload.scheduler as scheduler_mod
+
+    want = generate(load(ckpt, torch.float32))
+    read_ahead = []
+    real_read_ahead = scheduler_mod.read_ahead
+    monkeypatch.setattr(scheduler_mod, "read_ahead",
+                        lambda entry: read_ahead.append(entry.name) or real_read_ahead(entry))
+    model = load(ckpt, torch.float32, cpu_memory=layer_budget(ckpt, torch.float32, 0), offload_dir=tmp_path)
+    scheduler = model.gpt_neox.scheduler
+    assert not scheduler.uncached  # this machine's page cache holds them all
+    assert torch.equal(generate(model), want) and not read_ahead
+    scheduler.uncached = set(range(6))
+    assert torch.equal(generate(model), want)
+    scheduler.close()
+    assert set(read_ahead) == {f"layers.{i}" for i in range(6)}

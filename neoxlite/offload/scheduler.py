@@ -236,13 +236,10 @@ class OffloadScheduler:
         ) if self.order else None
         if self._executor is not None:
             weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
-        # CPU compute: reads dropped layers from the disk ahead of the slots (see _read_ahead_after); the CUDA
-        # path reads them into its staging buffers itself.
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neoxlite-readahead") \
-            if self.uncached and not self.cuda else None
+        # CPU compute: reads dropped layers from the disk ahead of the slots (see _read_ahead_after), started
+        # at the first need; the CUDA path reads them into its staging buffers itself.
+        self._reader: ThreadPoolExecutor | None = None
         self._read_ahead_of: int | None = None
-        if self._reader is not None:
-            weakref.finalize(self, self._reader.shutdown, wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- the model's two calls
     def fetch(self, i: int) -> nn.Module:
@@ -292,8 +289,11 @@ class OffloadScheduler:
         """Has the reader thread bring the next dropped layer after i into the page cache. Dropped layers come
         from the disk at every step; reading the next one while the slots' layers load and compute keeps the
         disk busy instead of waiting for a slot to free (one layer deep: the page cache room counts it)."""
-        if self._reader is None:
+        if self.cuda or not self.uncached:
             return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neoxlite-readahead")
+            weakref.finalize(self, self._reader.shutdown, wait=False, cancel_futures=True)
         position = self.order.index(i)
         ahead = next((j for j in self.order[position + 1:] + self.order[:position] if j in self.uncached), None)
         if ahead is not None and ahead != self._read_ahead_of:
