@@ -320,3 +320,22 @@ def test_map_data_without_populate_read_touches_every_page(tmp_path, monkeypatch
     assert same(entry.views(store_mod.map_data(entry)), tensors)
     store_mod.read_ahead(entry)
     assert cached_fraction(entry) == 1.0
+
+
+def test_a_block_truncated_under_its_mapping_is_an_error_not_a_crash(tmp_path):
+    import mmap
+    import platform
+    import re
+
+    release = re.match(r"(\d+)\.(\d+)", platform.release())
+    if platform.system() != "Linux" or not release or tuple(map(int, release.groups())) < (5, 14):
+        pytest.skip("needs MADV_POPULATE_READ (Linux 5.14+); older kernels would be touched into a SIGBUS")
+
+    path = tmp_path / "block"
+    path.write_bytes(os.urandom(8 * 2**20))
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 8 * 2**20, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    os.truncate(path, 2**20)  # what touching the missing pages would turn into a SIGBUS
+    with pytest.raises(OSError, match="truncated while in use.*offload clear"):
+        store_mod._populate(m, path)
+    m.close()

@@ -368,7 +368,7 @@ def map_data(entry: BlockEntry) -> torch.Tensor:
     with open(entry.path, "rb") as f:
         mapping = mmap.mmap(f.fileno(), entry.data_bytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
                             offset=entry.data_offset)
-    _populate(mapping)
+    _populate(mapping, entry.path)
     with warnings.catch_warnings():  # torch warns that the buffer is read-only: it is, on purpose
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(np.frombuffer(mapping, dtype=np.uint8))
@@ -386,21 +386,29 @@ def read_ahead(entry: BlockEntry, window: int = READ_AHEAD_WINDOW) -> None:
         for offset in range(first, entry.data_offset + entry.data_bytes, window):
             length = min(window, entry.data_offset + entry.data_bytes - offset)
             with mmap.mmap(f.fileno(), length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=offset) as m:
-                _populate(m)
+                _populate(m, entry.path)
 
 
-def _populate(mapping: mmap.mmap) -> None:
-    """Sets up every page of `mapping`, in huge pages where the kernel allows, reading what is not cached.
+def _populate(mapping: mmap.mmap, path: Path) -> None:
+    """Sets up every page of `mapping` (of the file at `path`), in huge pages where the kernel allows, reading
+    what is not cached.
 
     Called through ctypes rather than mmap.madvise, which holds the GIL: a populate that waits for the disk
-    must not stop the thread that computes.
+    must not stop the thread that computes. A failed read (a file truncated under the mapping, a disk error)
+    is an OSError here rather than a SIGBUS when the computation touches the page.
     """
     address = ctypes.c_void_p(np.frombuffer(mapping, dtype=np.uint8).ctypes.data)
     length = ctypes.c_size_t(len(mapping))
     if _LINUX:
         _libc.madvise(address, length, mmap.MADV_HUGEPAGE)  # refused when THP is off: small pages then
-    if not _LINUX or _libc.madvise(address, length, MADV_POPULATE_READ) != 0:  # before 5.14: touch every page
-        np.frombuffer(mapping, dtype=np.uint8)[::mmap.PAGESIZE].max()
+        if _libc.madvise(address, length, MADV_POPULATE_READ) == 0:
+            return
+        err = ctypes.get_errno()
+        if err != errno.EINVAL:
+            raise OSError(err, f"cannot read the offload block {path} ({os.strerror(err)}): it was changed or "
+                               "truncated while in use, or the disk failed. Remove the store with `neoxlite "
+                               "offload clear --offload-dir DIR` and load the model again")
+    np.frombuffer(mapping, dtype=np.uint8)[::mmap.PAGESIZE].max()  # before Linux 5.14: touch every page
 
 
 def _advise(entry: BlockEntry, advice: int) -> None:
