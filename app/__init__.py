@@ -1,8 +1,9 @@
 """neoxlite's Gradio app: chat, the classification heads, and a memory panel.
 
-`python -m app`, `neoxlite app`, or from Python: `app.launch(model, heads, port=...)`.
+`neoxlite app`, `python -m neoxlite.app`, or from Python: `neoxlite.app.launch(model, heads, port=...)`.
+The repository keeps it in the top-level `app/` folder; it installs as `neoxlite.app`.
 """
 
-from app.cli import build_parser, launch, main
+from neoxlite.app.cli import build_parser, launch, main
 
 __all__ = ["build_parser", "launch", "main"]

@@ -1,4 +1,4 @@
-"""`python -m app` / `neoxlite app`: load a model (and heads) and serve the Gradio app."""
+"""`neoxlite app` (or `python -m neoxlite.app`): load a model (and heads) and serve the Gradio app."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
-def build_parser(prog: str = "python -m app") -> argparse.ArgumentParser:
+def build_parser(prog: str = "neoxlite app") -> argparse.ArgumentParser:
     return add_app_arguments(argparse.ArgumentParser(prog=prog, description=DESCRIPTION))
 
 
@@ -53,8 +53,8 @@ def launch(model: str | Path | None = None, heads: Sequence[str | Path] = (), *,
     With block=False returns (demo, url) at once; call `demo.close()` to stop. With block=True serves
     until interrupted.
     """
-    from app.engine import Engine
-    from app.ui import CSS, create_app
+    from neoxlite.app.engine import Engine
+    from neoxlite.app.ui import CSS, create_app
 
     engine = Engine.from_paths(model, heads, **load)
     demo = create_app(engine)
@@ -71,8 +71,8 @@ def launch(model: str | Path | None = None, heads: Sequence[str | Path] = (), *,
     return demo, url
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m app") -> int:
-    """`python -m app [flags]`; user errors print one line and exit 2."""
+def main(argv: Sequence[str] | None = None, prog: str = "neoxlite app") -> int:
+    """`python -m neoxlite.app [flags]`; user errors print one line and exit 2."""
     args = build_parser(prog).parse_args(argv)
     try:
         return run(args)

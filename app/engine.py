@@ -18,8 +18,8 @@ from typing import Any
 
 import psutil
 import torch
+from neoxlite.app import prompting
 
-from app import prompting
 from neoxlite.config import GPTNeoXConfig
 from neoxlite.generation import context_limit
 from neoxlite.options import DEFAULT_SAMPLING, sampling_kwargs

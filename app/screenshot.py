@@ -1,6 +1,6 @@
 """Drive the running app in headless chromium: send a chat message, watch the reply stream, screenshot.
 
-    python -m app.screenshot [-m MODEL] [--head PATH ...] [--out docs/app.png] [--message TEXT]
+    python -m neoxlite.app.screenshot [-m MODEL] [--head PATH ...] [--out docs/app.png] [--message TEXT]
 
 starts the app on a free port, does that, and writes the screenshot (the README's picture). The browser
 test calls `chat_in_browser` the same way. Needs playwright (a test extra) and Debian's chromium at
@@ -81,10 +81,11 @@ def chat_in_browser(url: str, message: str, screenshot: Path, *, prompt_format: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from app.cli import launch
+    from neoxlite.app.cli import launch
+
     from neoxlite.options import add_load_options, load_kwargs
 
-    parser = argparse.ArgumentParser(prog="python -m app.screenshot", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m neoxlite.app.screenshot", description=__doc__.split("\n")[0])
     parser.add_argument("-m", "--model", default=None)
     parser.add_argument("--head", action="append", default=[], metavar="PATH")
     parser.add_argument("--out", type=Path, default=Path("docs/app.png"))

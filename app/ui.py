@@ -15,9 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
-
-from app.engine import TASK_TITLES, Engine, LoadError, Sampling, memory_now
-from app.prompting import STYLES, Message
+from neoxlite.app.engine import TASK_TITLES, Engine, LoadError, Sampling, memory_now
+from neoxlite.app.prompting import STYLES, Message
 
 MODEL_QUEUE = {"concurrency_id": "model", "concurrency_limit": 1}
 PRIVATE = {"api_visibility": "private"}

@@ -87,7 +87,7 @@ def main() -> None:
             if mode == "none":
                 ref = transformers.GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype).eval()
             else:
-                from quant import QuantSpec
+                from neoxlite.quant import QuantSpec
 
                 config = QuantSpec.from_kwargs(**qkw).to_config()
                 bnb = transformers.BitsAndBytesConfig(

@@ -94,9 +94,9 @@ def prompts(batch: int, n: int, device: torch.device) -> torch.Tensor:
 def resident(args: argparse.Namespace, folder: Path, device: torch.device) -> None:
     """Batch-1 greedy decode with every weight on the GPU: fp16, then nf4, each against transformers."""
     import transformers
+    from neoxlite.quant import QuantSpec
 
     from neoxlite import GPTNeoXForCausalLM
-    from quant import QuantSpec
 
     ids = prompts(1, args.prompt_tokens, device)
     bandwidth = device_read_bandwidth(device)

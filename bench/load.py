@@ -38,8 +38,7 @@ def child(case: str, mode: str, folder: str) -> dict:
 
     if case == "transformers":
         import transformers
-
-        from quant import QuantSpec
+        from neoxlite.quant import QuantSpec
 
         config = QuantSpec(mode).to_config()
         bnb = transformers.BitsAndBytesConfig(
@@ -74,7 +73,7 @@ def run_child(case: str, mode: str, folder: Path) -> dict:
 
 def prequantized(folder: Path, mode: str) -> Path:
     """The pre-quantized checkpoint (written once by quant.serialize, reused)."""
-    from quant.serialize import quantize_checkpoint
+    from neoxlite.quant.serialize import quantize_checkpoint
 
     dst = folder.with_name(f"{folder.name}-{mode}")
     if not (dst / "config.json").exists():

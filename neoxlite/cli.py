@@ -21,7 +21,7 @@ from neoxlite.options import (
 )
 
 # Subcommands that live beside their package: each module has register(subparsers).
-EXTENSIONS: tuple[str, ...] = ("quant.cli", "neoxlite.offload.cli")  # lead adds "app.cli" as it lands
+EXTENSIONS: tuple[str, ...] = ("neoxlite.quant.cli", "neoxlite.offload.cli", "neoxlite.app.cli")
 
 
 def load_for_cli(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -60,7 +60,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from app.prompting import build_prompt, cut_at_stop  # the app's chat formatting, shared with the terminal
+    from neoxlite.app.prompting import (  # the app's chat formatting, shared with the terminal
+        build_prompt,
+        cut_at_stop,
+    )
     from neoxlite.generation import context_limit, stream_text
 
     sampling_kwargs(args)  # bad flags fail before the load

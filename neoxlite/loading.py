@@ -89,7 +89,7 @@ def load_pretrained(
     instead of refusing.
     quant: None | "int8" | "nf4" | "fp4": quantize the linear layers with bitsandbytes while loading (a
     pre-quantized checkpoint loads in its own mode without this); compute_dtype (default float16),
-    double_quant, int8_threshold and skip_modules (default: embeddings and heads) as in quant.QuantSpec.
+    double_quant, int8_threshold and skip_modules (default: embeddings and heads) as in neoxlite.quant.QuantSpec.
     gpu_memory, cpu_memory ("6GiB", "512MB", bytes; default: free memory less a margin) and offload_dir: as soon as
     one is given, every block gets a home (GPU, RAM or disk) planned within these budgets, with room for the KV
     cache and activations of max_batch_size sequences of max_context tokens (default: min(2048, the model's)).
@@ -102,7 +102,7 @@ def load_pretrained(
     # malformed file fails fast); None when the checkpoint has no generation_config.json
     generation_config = read_generation_config(folder) if issubclass(cls, GenerationMixin) else None
     # --- quant: which spec this load uses (the checkpoint's own when pre-quantized) ---
-    from quant.model import QuantPlan, resolve_spec
+    from neoxlite.quant.model import QuantPlan, resolve_spec
 
     spec, prequantized = resolve_spec(config.quantization_config, quant=quant, compute_dtype=compute_dtype,
                                       double_quant=double_quant, int8_threshold=int8_threshold,

@@ -319,7 +319,7 @@ class GPTNeoXPreTrainedModel(nn.Module):
         """Bytes each block holds now ('embed_in', 'layers.i', 'head'); quantized layers count their packed
         weights and quant state; a tensor shared by two blocks counts once."""
         from neoxlite.checkpoint import block_of
-        from quant.model import block_sizes
+        from neoxlite.quant.model import block_sizes
 
         return block_sizes(self, block_of)
 

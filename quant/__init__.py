@@ -1,4 +1,4 @@
-"""quant: the only package that knows bitsandbytes.
+"""neoxlite.quant (the repository's top-level `quant/` folder): the only package that knows bitsandbytes.
 
 `QuantSpec` says how a model is quantized (none | int8 | nf4 | fp4, compute dtype, double quant, int8 outlier
 threshold, modules kept in full precision); the layer functions turn a float weight into a bitsandbytes layer on a

@@ -250,7 +250,7 @@ def _finish(module: nn.Module, bias: torch.Tensor | None, device: torch.device) 
 
 def _check_spec(spec: QuantSpec) -> None:
     if not isinstance(spec, QuantSpec):
-        raise TypeError(f"spec must be a quant.QuantSpec, got {type(spec).__name__}")
+        raise TypeError(f"spec must be a neoxlite.quant.QuantSpec, got {type(spec).__name__}")
     if not spec.enabled:
         raise ValueError("QuantSpec(mode='none') quantizes nothing; keep the layer as a plain nn.Linear")
 

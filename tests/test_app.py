@@ -15,11 +15,11 @@ gradio_client = pytest.importorskip("gradio_client")
 transformers = pytest.importorskip("transformers")
 
 from helpers import make_checkpoint  # noqa: E402  (tests/ is on sys.path)
+from neoxlite.app.cli import build_parser, launch  # noqa: E402
+from neoxlite.app.engine import Engine, LoadError, Sampling  # noqa: E402
+from neoxlite.app.prompting import build_prompt, cut_at_stop, render  # noqa: E402
+from neoxlite.app.screenshot import CHROMIUM, chat_in_browser, free_port  # noqa: E402
 
-from app.cli import build_parser, launch  # noqa: E402
-from app.engine import Engine, LoadError, Sampling  # noqa: E402
-from app.prompting import build_prompt, cut_at_stop, render  # noqa: E402
-from app.screenshot import CHROMIUM, chat_in_browser, free_port  # noqa: E402
 from neoxlite.api import load  # noqa: E402
 from neoxlite.generation import stream_text  # noqa: E402
 from neoxlite.options import load_kwargs  # noqa: E402
@@ -280,7 +280,7 @@ def test_cli_binds_localhost_without_share_by_default():
 def test_neoxlite_app_subcommand_has_the_same_flags():
     import argparse
 
-    from app.cli import register, run
+    from neoxlite.app.cli import register, run
 
     parser = argparse.ArgumentParser(prog="neoxlite")
     register(parser.add_subparsers(dest="command"))

@@ -4,11 +4,11 @@ Skipped without a GPU (tests/conftest.py); bench/gpu_check.sh runs them on a len
 
 from __future__ import annotations
 
+import neoxlite.quant as quant
 import pytest
 import torch
 
 import neoxlite
-import quant
 from neoxlite import GPTNeoXForCausalLM
 
 transformers = pytest.importorskip("transformers")
@@ -82,7 +82,7 @@ def test_half_precision_is_as_accurate_as_the_reference_and_greedy_tokens_are_it
 @pytest.mark.parametrize("mode", ["nf4", "fp4", "int8"])
 def test_quantized_layers_equal_transformers_bitsandbytes_on_the_gpu(checkpoint, mode):
     pytest.importorskip("bitsandbytes")
-    from quant import QuantSpec
+    from neoxlite.quant import QuantSpec
 
     folder, _ = checkpoint(**SHAPE)
     spec = QuantSpec.from_kwargs(quant=mode, compute_dtype=torch.float16)

@@ -86,7 +86,7 @@ def test_head_in_ram_when_the_gpu_is_small(ckpt, tmp_path):
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_quantized_layers_stream_quantized(ckpt, tmp_path, mode):
     pytest.importorskip("bitsandbytes")
-    from quant import QuantSpec
+    from neoxlite.quant import QuantSpec
 
     kw = dict(quant=mode, compute_dtype=torch.float16)
     want = generate(load(ckpt, torch.float16, **kw))

@@ -128,7 +128,7 @@ def test_interrupted_forward_pass_recovers(ckpt, tmp_path):
 
 
 def test_quantized_linear_bytes_match_serialized_sizes():
-    quant = pytest.importorskip("quant")
+    quant = pytest.importorskip("neoxlite.quant")
     pytest.importorskip("bitsandbytes")
     for spec in (quant.QuantSpec(mode="nf4"), quant.QuantSpec(mode="fp4", double_quant=False),
                  quant.QuantSpec(mode="int8")):

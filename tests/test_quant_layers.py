@@ -6,13 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import neoxlite.quant as quant
 import pytest
 import torch
+from neoxlite.quant import QuantSpec
 from safetensors.torch import load_file, save_file
-
-import quant
-import quant.layers
-from quant import QuantSpec
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -175,7 +173,7 @@ def test_spec_from_config_errors(config, message):
 
 
 def test_import_quant_does_not_import_bitsandbytes():
-    code = "import sys, quant; quant.QuantSpec('nf4'); assert 'bitsandbytes' not in sys.modules"
+    code = "import sys, neoxlite.quant as quant; quant.QuantSpec('nf4'); assert 'bitsandbytes' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 import shutil
 
+import neoxlite.quant as quant
+import neoxlite.quant.layers
+import neoxlite.quant.model
 import pytest
 import torch
+from neoxlite.quant import QuantSpec
+from neoxlite.quant.serialize import quantize_checkpoint
 from safetensors.torch import load_file, save_file
 
 import neoxlite
-import quant
-import quant.layers
-import quant.model
 from neoxlite.cli import main as cli_main
-from quant import QuantSpec
-from quant.serialize import quantize_checkpoint
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")

@@ -50,7 +50,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from neoxlite.offload.planner import Links
     from neoxlite.offload.store import measure_read_bandwidth
     from neoxlite.options import load_kwargs
-    from quant.model import resolve_spec
+    from neoxlite.quant.model import resolve_spec
 
     if args.model is None:
         from neoxlite.demo import demo_path

@@ -82,7 +82,7 @@ def quantized_linear_bytes(out_features: int, in_features: int, spec: Any, bias_
     """
     n = out_features * in_features
     if spec.is_4bit:
-        from quant import BLOCKSIZE_4BIT
+        from neoxlite.quant import BLOCKSIZE_4BIT
 
         blocks = -(-n // BLOCKSIZE_4BIT)
         scales = [blocks, 4 * -(-blocks // 256), 256 * 4] if spec.double_quant else [4 * blocks]
@@ -100,7 +100,7 @@ def aligned(nbytes: int) -> int:
 def quantized_layer_names(model: nn.Module, spec: Any, prequantized: bool = False) -> set[str]:
     if spec is None or not spec.enabled:
         return set()
-    from quant.model import QuantPlan
+    from neoxlite.quant.model import QuantPlan
 
     return set(QuantPlan(model, spec, prequantized).layers)
 

@@ -59,7 +59,7 @@ def quantized_modules(module: nn.Module) -> dict[str, nn.Module]:
     """Submodules of `module` that are bitsandbytes layers, by relative name."""
     if "bitsandbytes" not in sys.modules:  # no bitsandbytes layer can exist before it is imported
         return {}
-    import quant
+    import neoxlite.quant as quant
 
     return {name: m for name, m in module.named_modules() if name and quant.is_quantized(m)}
 
@@ -73,7 +73,7 @@ def block_state(module: nn.Module) -> tuple[dict[str, torch.Tensor], tuple[str, 
     qmods = quantized_modules(module)
     state: dict[str, torch.Tensor] = {}
     if qmods:
-        import quant
+        import neoxlite.quant as quant
 
         for name, m in qmods.items():
             state.update({f"{name}.{k}": v for k, v in quant.quantized_state(m).items()})
@@ -363,7 +363,7 @@ class OffloadScheduler:
                     owner._parameters[leaf] = nn.Parameter(view, requires_grad=False)
             slot.bound = layout.key
         if layout.quantized:
-            import quant
+            import neoxlite.quant as quant
 
             views = layout.views(slot.data)
             for name in layout.quantized:
