@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from typing import Any
 
 from neoxlite.offload.budget import format_size
+from neoxlite.offload.planner import Links, Plan
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +42,36 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from neoxlite.checkpoint import Checkpoint
+    from neoxlite.hub import resolve
+    from neoxlite.offload.planner import Links
+    from neoxlite.offload.store import measure_read_bandwidth
+    from neoxlite.options import load_kwargs
+
+    if args.model is None:
+        from neoxlite.demo import demo_path
+
+        args.model = str(demo_path())
+    overrides = {name: getattr(args, f"{flag}_gbps") * 1e9 for name, flag in
+                 (("disk", "disk"), ("pcie", "pcie"), ("cpu_memory", "cpu"), ("gpu_memory", "gpu"))
+                 if getattr(args, f"{flag}_gbps") is not None}
+    if args.measure_disk:
+        folder = resolve(args.model)
+        ckpt = Checkpoint(folder)
+        files = [folder / shard for shard in sorted(set(ckpt.shard_of.values()))]
+        start = time.perf_counter()
+        overrides["disk"] = measure_read_bandwidth(files)
+        print(f"[disk read: {overrides['disk'] / 1e9:.2f} GB/s, measured in {time.perf_counter() - start:.1f} s]",
+              file=sys.stderr)
+    what, plan = plan_checkpoint(args.model, load_kwargs(args), dataclasses.replace(Links(), **overrides))
+    print(what)
+    print(plan.explain())
+    return 0
+
+
+def plan_checkpoint(model: str | os.PathLike, kw: dict[str, Any], links: Links | None = None) -> tuple[str, Plan]:
+    """(one line naming the checkpoint, its size and dtype; the plan) for a folder or hub id under the
+    `from_pretrained` keywords `kw` (quant, dtype, device, budgets...), without loading any weights."""
     import torch
 
     from neoxlite.checkpoint import Checkpoint
@@ -47,17 +80,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from neoxlite.loading import parse_device, parse_dtype
     from neoxlite.model import GPTNeoXForCausalLM
     from neoxlite.offload.placement import Workload, plan_model, quantized_layer_names
-    from neoxlite.offload.planner import Links
-    from neoxlite.offload.store import measure_read_bandwidth
-    from neoxlite.options import load_kwargs
     from neoxlite.quant.model import resolve_spec
 
-    if args.model is None:
-        from neoxlite.demo import demo_path
-
-        args.model = str(demo_path())
-    kw = load_kwargs(args)
-    folder = resolve(args.model)
+    folder = resolve(model)
     config = GPTNeoXConfig.from_json_file(folder / "config.json")
     spec, prequantized = resolve_spec(config.quantization_config, quant=kw.get("quant"),
                                       compute_dtype=kw.get("compute_dtype"))
@@ -66,29 +91,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         (ckpt.dtype(k) for k in ckpt.keys if ckpt.dtype(k).is_floating_point), torch.float32)
     device = parse_device(kw.get("device"))
     with torch.device("meta"):
-        model = GPTNeoXForCausalLM(config)
-    links = Links()
-    overrides = {name: getattr(args, f"{flag}_gbps") * 1e9 for name, flag in
-                 (("disk", "disk"), ("pcie", "pcie"), ("cpu_memory", "cpu"), ("gpu_memory", "gpu"))
-                 if getattr(args, f"{flag}_gbps") is not None}
-    if args.measure_disk:
-        files = [folder / shard for shard in sorted(set(ckpt.shard_of.values()))]
-        start = time.perf_counter()
-        overrides["disk"] = measure_read_bandwidth(files)
-        print(f"[disk read: {overrides['disk'] / 1e9:.2f} GB/s, measured in {time.perf_counter() - start:.1f} s]",
-              file=sys.stderr)
-    links = dataclasses.replace(links, **overrides)
-    plan = plan_model(model, dtype=dtype, device=device, spec=spec,
-                      quantized=quantized_layer_names(model, spec, prequantized),
+        skeleton = GPTNeoXForCausalLM(config)
+    plan = plan_model(skeleton, dtype=dtype, device=device, spec=spec,
+                      quantized=quantized_layer_names(skeleton, spec, prequantized),
                       gpu_memory=kw.get("gpu_memory"), cpu_memory=kw.get("cpu_memory"),
                       offload_dir=kw.get("offload_dir"),
-                      workload=Workload(kw.get("max_batch_size", 1), kw.get("max_context")), links=links)
+                      workload=Workload(kw.get("max_batch_size", 1), kw.get("max_context")), links=links or Links())
     what = f"{folder.name}: {len(plan.homes)} blocks, {format_size(sum(plan.block_bytes.values()))} in {dtype}"
     if spec.enabled:
         what += f" ({spec.describe()})"
-    print(what)
-    print(plan.explain())
-    return 0
+    return what, plan
 
 
 def cmd_offload(args: argparse.Namespace) -> int:
