@@ -90,6 +90,7 @@ class Tour:
     reply: str  # the chat's last reply as shown
     after_reload: list[str]  # the chat's messages as shown after reloading the page
     exported: str  # the chat exported as JSON
+    after_edit: list[str]  # the chat's messages after editing the first one ([] when no edit was asked for)
     screenshots: dict[str, Path]  # tab id -> screenshot
 
 
@@ -101,11 +102,13 @@ def _messages(page) -> list[str]:
     return [m.inner_text().strip() for m in page.locator("#chatbot .message-content").all()]
 
 
-def tour(url: str, out: Path, *, message: str, load: str | None = None, prompt_format: str | None = None,
-         timeout_s: float = 120.0, width: int = 1200, height: int = 900, prefix: str = "app") -> Tour:
+def tour(url: str, out: Path, *, message: str, load: str | None = None, edit: str | None = None,
+         prompt_format: str | None = None, timeout_s: float = 120.0, width: int = 1200, height: int = 900,
+         prefix: str = "app") -> Tour:
     """The page as a visitor uses it: loads `load` from the Models tab (when given), chats, reloads the page
-    (the chat must come back), exports the chat as JSON, tries each head on its first example, and saves a
-    screenshot of every tab as out/{prefix}-{tab}.png (the chat tab: out/{prefix}.png)."""
+    (the chat must come back), exports the chat as JSON, edits the first message to `edit` (when given; the
+    reply is regenerated), tries each head on its first example, and saves a screenshot of every tab as
+    out/{prefix}-{tab}.png (the chat tab: out/{prefix}.png)."""
     from playwright.sync_api import sync_playwright
 
     if not CHROMIUM.exists():
@@ -154,6 +157,14 @@ def tour(url: str, out: Path, *, message: str, load: str | None = None, prompt_f
                 page.locator("#chat-export-json").click()
                 page.locator("#chat-exported a").first.click()
             exported = Path(download.value.path()).read_text(encoding="utf-8")
+            after_edit = []
+            if edit is not None:
+                page.locator("#chatbot [data-testid=user]").first.hover()
+                page.locator("#chatbot button[aria-label='Edit']").first.click()
+                page.locator("#chatbot textarea").first.fill(edit)
+                page.locator("#chatbot button[aria-label='Submit']").first.click()
+                page.locator("#chat-status").get_by_text("Done:").wait_for()
+                after_edit = _messages(page)
             for tab, run in (("classify", "Classify"), ("tag", "Tag"), ("answer", "Answer")):
                 tab_button = page.get_by_role("tab", name=TABS[tab], exact=True)
                 if not tab_button.is_visible():
@@ -174,7 +185,7 @@ def tour(url: str, out: Path, *, message: str, load: str | None = None, prompt_f
             shoot(page, "memory")
         finally:
             browser.close()
-    return Tour(loaded, reply, after_reload, exported, shots)
+    return Tour(loaded, reply, after_reload, exported, after_edit, shots)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -209,8 +209,9 @@ class Page:
                 self.loaded]
 
     def loaded_rows(self) -> list[list[str]]:
+        order = list(TASK_TITLES)
         return [[TASK_TITLES[task], name, state, f"{seconds:.1f} s"]
-                for task, name, state, seconds, _ in self.engine.load_status()]
+                for task, name, state, seconds, _ in sorted(self.engine.load_status(), key=lambda s: order.index(s[0]))]
 
     def update(self) -> list[Any]:
         engine = self.engine

@@ -18,7 +18,7 @@ from neoxlite.app.cli import launch  # noqa: E402
 from neoxlite.app.engine import Engine, tier_usage  # noqa: E402
 from neoxlite.app.heads import guide  # noqa: E402
 from neoxlite.app.screenshot import CHROMIUM, free_port, tour  # noqa: E402
-from neoxlite.app.ui import tier_chart_html  # noqa: E402
+from neoxlite.app.ui import _unfenced, shown, tier_chart_html  # noqa: E402
 from test_app import SENTIMENT, TOKEN_TYPES, TOKENIZER, make_head_checkpoint  # noqa: E402
 
 from neoxlite.demo import demo_path  # noqa: E402
@@ -94,7 +94,7 @@ def test_browser_loads_chats_reloads_exports_and_shows_every_tab(folders, tmp_pa
     pytest.importorskip("playwright.sync_api")
     demo, url = launch(folders["chat"], [folders["classify"], folders["tag"]], port=free_port(), block=False)
     try:
-        result = tour(url, tmp_path, message="Hello there", load=str(folders["second"]))
+        result = tour(url, tmp_path, message="Hello there", load=str(folders["second"]), edit="Goodbye")
     finally:
         demo.close()
     assert result.loaded.startswith("Loaded second-lm for chat"), result.loaded
@@ -102,6 +102,7 @@ def test_browser_loads_chats_reloads_exports_and_shows_every_tab(folders, tmp_pa
     exported = json.loads(result.exported)
     assert [m["role"] for m in exported] == ["user", "assistant"] and exported[0]["content"] == "Hello there"
     assert exported[1]["content"].strip() == result.reply
+    assert len(result.after_edit) == 2 and result.after_edit[0] == "Goodbye"  # edited, and answered again
     assert set(result.screenshots) == {"chat", "classify", "tag", "models", "memory"}  # no QA head: no QA tab
     assert all(path.stat().st_size > 10_000 for path in result.screenshots.values())
 
@@ -145,6 +146,15 @@ def test_chat_files_round_trip_and_refuse_what_is_not_a_chat():
                          ('[{"role": "user", "content": "x"}, {"role": "system", "content": "y"}]', "after the")):
         with pytest.raises(ValueError, match=message):
             chats.from_json(bad)
+
+
+def test_message_views():
+    history = [{"role": "user", "content": "def f():"}, {"role": "assistant", "content": "    return 1"}]
+    assert [m["content"]["text"] for m in shown(history, "Markdown")] == ["def f():", "    return 1"]
+    code = [m["content"]["text"] for m in shown(history, "Python code")]
+    assert code == ["```python\ndef f():\n```", "```python\n    return 1\n```"]
+    assert _unfenced(code[1]) == "    return 1"  # an edit made in the code view comes back without fences
+    assert _unfenced("plain") == "plain"
 
 
 def test_head_guides_come_from_id2label_and_the_model_card(tmp_path):
