@@ -46,7 +46,7 @@ CSS = """
 .tiers { display: grid; grid-template-columns: 7em 1fr 22em; gap: 0.5em 0.8em; align-items: center; }
 .tiers .track { position: relative; height: 1.3em; background: var(--neutral-100); border-radius: 4px;
                 overflow: hidden; border: 1px solid var(--neutral-300); }
-.tiers .used { position: absolute; left: 0; top: 0; bottom: 0; background: var(--color-accent); }
+.tiers .used { position: absolute; left: 0; top: 0; bottom: 0; min-width: 2px; background: var(--color-accent); }
 .tiers .budget { position: absolute; top: 0; bottom: 0; border-right: 2px dashed var(--neutral-700); }
 .tiers .note { font-size: 0.85em; color: var(--body-text-color-subdued); }
 """
