@@ -255,7 +255,9 @@ def _chat_tab(engine: Engine, page: Page, demo: gr.Blocks) -> None:
     context = engine.context_length("chat") if "chat" in engine.sources else 2048
     with gr.Tab(TASK_TITLES["chat"], id="chat", visible="chat" in engine.sources) as tab:
         page.tabs["chat"] = tab
-        history = gr.BrowserState([], storage_key=CHAT_KEY)  # list[Message]: this browser's chat, kept on reload
+        # list[Message]: this browser's chat, kept in its localStorage. The page hands the browser the key it
+        # encrypts with, so a fixed one is no weaker than Gradio's random one, and the chat outlives a restart.
+        history = gr.BrowserState([], storage_key=CHAT_KEY, secret=CHAT_KEY)
         chatbot = gr.Chatbot(label="Chat", height=420, elem_id="chatbot", buttons=["copy"], render_markdown=True,
                              feedback_options=None, editable="user",
                              placeholder="Ask something; replies stream in here. Edit a message of yours "
