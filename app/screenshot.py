@@ -10,6 +10,7 @@ picture) and docs/app-<tab>.png. The browser tests call `chat_in_browser` and `t
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,6 +92,8 @@ class Tour:
     after_reload: list[str]  # the chat's messages as shown after reloading the page
     exported: str  # the chat exported as JSON
     after_edit: list[str]  # the chat's messages after editing the first one ([] when no edit was asked for)
+    after_import: list[str]  # the chat's messages after importing the exported JSON back
+    checkpoint_field: str  # the Models tab's checkpoint field after loading
     screenshots: dict[str, Path]  # tab id -> screenshot
 
 
@@ -109,6 +112,7 @@ def tour(url: str, out: Path, *, message: str, load: str | None = None, edit: st
     (the chat must come back), exports the chat as JSON, edits the first message to `edit` (when given; the
     reply is regenerated), tries each head on its first example, and saves a screenshot of every tab as
     out/{prefix}-{tab}.png (the chat tab: out/{prefix}.png)."""
+    from neoxlite.app.models import display_name
     from playwright.sync_api import sync_playwright
 
     if not CHROMIUM.exists():
@@ -138,6 +142,9 @@ def tour(url: str, out: Path, *, message: str, load: str | None = None, edit: st
                 page.locator("#models-load").click()
                 page.locator("#models-status").get_by_text("Loaded").wait_for()
                 loaded = page.locator("#models-status").inner_text().strip()
+                page.wait_for_function("name => document.querySelector('#models-checkpoint input').value == name",
+                                       arg=display_name(load))
+            checkpoint_field = page.locator("#models-checkpoint input").input_value() if load is not None else ""
             _open_tab(page, "chat")
             if prompt_format is not None:
                 page.get_by_text("Settings", exact=True).first.click()
@@ -165,6 +172,15 @@ def tour(url: str, out: Path, *, message: str, load: str | None = None, edit: st
                 page.locator("#chatbot button[aria-label='Submit']").first.click()
                 page.locator("#chat-status").get_by_text("Done:").wait_for()
                 after_edit = _messages(page)
+            exported_file = out / f"{prefix}-chat.json"
+            exported_file.write_text(exported, encoding="utf-8")
+            with page.expect_file_chooser() as chooser:
+                page.locator("#chat-import").click()
+            chooser.value.set_files(str(exported_file))
+            first = next(m["content"] for m in json.loads(exported) if m["role"] == "user").strip()
+            page.wait_for_function("text => { const m = document.querySelector('#chatbot .message-content');"
+                                   " return m && m.innerText.trim() == text; }", arg=first)
+            after_import = _messages(page)
             for tab, run in (("classify", "Classify"), ("tag", "Tag"), ("answer", "Answer")):
                 tab_button = page.get_by_role("tab", name=TABS[tab], exact=True)
                 if not tab_button.is_visible():
@@ -185,7 +201,7 @@ def tour(url: str, out: Path, *, message: str, load: str | None = None, edit: st
             shoot(page, "memory")
         finally:
             browser.close()
-    return Tour(loaded, reply, after_reload, exported, after_edit, shots)
+    return Tour(loaded, reply, after_reload, exported, after_edit, after_import, checkpoint_field, shots)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -477,8 +477,9 @@ def _models_tab(engine: Engine, page: Page, started_with: list[str]) -> None:
     catalog: dict[str, str] = {}  # page name -> location (folder or hub id); never shown
 
     def rescan() -> list[str]:
+        loaded = [str(source.folder) for source in engine.sources.values()]  # loaded from a typed folder too
         catalog.clear()
-        catalog.update({c.name: c.location for c in models.choices(started_with)})
+        catalog.update({c.name: c.location for c in models.choices(started_with + loaded)})
         return list(catalog)
 
     names = rescan()
@@ -564,8 +565,11 @@ def _models_tab(engine: Engine, page: Page, started_with: list[str]) -> None:
 
     rescan_button.click(lambda: gr.Dropdown(choices=rescan()), None, checkpoint, **PRIVATE)
     plan_button.click(plan_fn, fields, plan_text, **PRIVATE)
-    load_button.click(load_fn, fields, load_status, **MODEL_QUEUE, **PRIVATE).then(
-        page.update, None, page.outputs, show_progress="hidden", **PRIVATE)
+    loading = load_button.click(load_fn, fields, load_status, **MODEL_QUEUE, **PRIVATE)
+    loading.then(page.update, None, page.outputs, show_progress="hidden", **PRIVATE)
+    # a folder typed in full is listed by its name from now on
+    loading.success(lambda name: gr.Dropdown(choices=rescan(), value=models.display_name(location(name))),
+                    checkpoint, checkpoint, show_progress="hidden", **PRIVATE)
     unload_button.click(unload_fn, unload_task, load_status, **MODEL_QUEUE, **PRIVATE).then(
         page.update, None, page.outputs, show_progress="hidden", **PRIVATE)
 

@@ -103,6 +103,8 @@ def test_browser_loads_chats_reloads_exports_and_shows_every_tab(folders, tmp_pa
     assert [m["role"] for m in exported] == ["user", "assistant"] and exported[0]["content"] == "Hello there"
     assert exported[1]["content"].strip() == result.reply
     assert len(result.after_edit) == 2 and result.after_edit[0] == "Goodbye"  # edited, and answered again
+    assert result.after_import == result.after_reload  # the export, imported back
+    assert result.checkpoint_field == "second-lm"  # the typed folder, now named by its name
     assert set(result.screenshots) == {"chat", "classify", "tag", "models", "memory"}  # no QA head: no QA tab
     assert all(path.stat().st_size > 10_000 for path in result.screenshots.values())
 
