@@ -374,50 +374,57 @@ def _chat_tab(engine: Engine, page: Page, demo: gr.Blocks) -> None:
         # the chat kept in this browser comes back on load, as it was left
         demo.load(show, [history, view], chatbot, show_progress="hidden", **PRIVATE).then(**meter_io)
 
-        def export(past: list[Message], system_prompt: str, kind: str):
-            if not past:
-                raise gr.Error("Nothing to export yet: send a message first.")
-            folder = Path(tempfile.mkdtemp(prefix="neoxlite-chat-"))
-            if kind == "json":
-                path, text = folder / "chat.json", chats.to_json(system_prompt, past)
-            else:
-                path, text = folder / "chat.md", chats.to_markdown(system_prompt, past)
-            path.write_text(text, encoding="utf-8")
-            return gr.File(str(path), visible=True)
+        export_json.click(lambda p, s: _export(p, s, "json"), [history, system], exported, **PRIVATE)
+        export_md.click(lambda p, s: _export(p, s, "md"), [history, system], exported, **PRIVATE)
 
-        export_json.click(lambda p, s: export(p, s, "json"), [history, system], exported, **PRIVATE)
-        export_md.click(lambda p, s: export(p, s, "md"), [history, system], exported, **PRIVATE)
-
-        @user_errors
-        def import_chat(data: bytes, how: str):
-            system_prompt, past = chats.from_json(data)
-            return past, shown(past, how), system_prompt, ""
-
-        import_json.upload(import_chat, [import_json, view], [history, chatbot, system, status],
+        import_json.upload(_import_chat, [import_json, view], [history, chatbot, system, status],
                            **PRIVATE).then(**meter_io)
+        _chat_api(engine, settings)
 
-        # /chat for API clients: message in, reply text out (streamed); history kept per client session
-        api_history = gr.State([])
-        api_message = gr.Textbox(visible=False, label="Message")
-        api_reply = gr.Textbox(visible=False, label="Reply")
 
-        @user_errors
-        def chat(message: str, past: list[Message], system_prompt: str, temperature: float, top_p: float,
-                 top_k: float, max_new_tokens: float, repetition_penalty: float, seed: float | None,
-                 prompt_format: str):
-            """Streams the reply to `message`; the exchange joins this session's history when it completes."""
-            if not message.strip():
-                raise ValueError("message is empty: send some text")
-            sampling = _sampling(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
-            prompt = engine.chat_prompt(system_prompt, past, message, sampling, prompt_format)
-            for part in engine.stream_reply(prompt, sampling):
-                if not part.done:
-                    yield part.text, past
-            yield part.text, past + [{"role": "user", "content": message},
-                                     {"role": "assistant", "content": part.text}]
+def _export(past: list[Message], system_prompt: str, kind: str):
+    """The chat as a file to download: JSON (OpenAI messages) or Markdown."""
+    if not past:
+        raise gr.Error("Nothing to export yet: send a message first.")
+    folder = Path(tempfile.mkdtemp(prefix="neoxlite-chat-"))
+    if kind == "json":
+        path, text = folder / "chat.json", chats.to_json(system_prompt, past)
+    else:
+        path, text = folder / "chat.md", chats.to_markdown(system_prompt, past)
+    path.write_text(text, encoding="utf-8")
+    return gr.File(str(path), visible=True)
 
-        gr.Button(visible=False).click(chat, [api_message, api_history, *settings], [api_reply, api_history],
-                                       api_name="chat", **MODEL_QUEUE)
+
+@user_errors
+def _import_chat(data: bytes, how: str):
+    """A chat from a JSON file (OpenAI messages): history, its view, the system prompt, and a cleared status."""
+    system_prompt, past = chats.from_json(data)
+    return past, shown(past, how), system_prompt, ""
+
+
+def _chat_api(engine: Engine, settings: list[gr.components.Component]) -> None:
+    """/chat for API clients: message in, reply text out (streamed); history kept per client session."""
+    api_history = gr.State([])
+    api_message = gr.Textbox(visible=False, label="Message")
+    api_reply = gr.Textbox(visible=False, label="Reply")
+
+    @user_errors
+    def chat(message: str, past: list[Message], system_prompt: str, temperature: float, top_p: float,
+             top_k: float, max_new_tokens: float, repetition_penalty: float, seed: float | None,
+             prompt_format: str):
+        """Streams the reply to `message`; the exchange joins this session's history when it completes."""
+        if not message.strip():
+            raise ValueError("message is empty: send some text")
+        sampling = _sampling(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
+        prompt = engine.chat_prompt(system_prompt, past, message, sampling, prompt_format)
+        for part in engine.stream_reply(prompt, sampling):
+            if not part.done:
+                yield part.text, past
+        yield part.text, past + [{"role": "user", "content": message},
+                                 {"role": "assistant", "content": part.text}]
+
+    gr.Button(visible=False).click(chat, [api_message, api_history, *settings], [api_reply, api_history],
+                                   api_name="chat", **MODEL_QUEUE)
 
 
 def _guide(engine: Engine, page: Page, task: str, inputs: list[gr.components.Component]) -> None:
