@@ -102,7 +102,9 @@ def _open_tab(page, tab: str) -> None:
 
 
 def _messages(page) -> list[str]:
-    return [m.inner_text().strip() for m in page.locator("#chatbot .message-content").all()]
+    """The chat's messages as shown, read at once (the list may be re-rendered between two reads)."""
+    return page.evaluate("() => [...document.querySelectorAll('#chatbot .message-content')]"
+                         ".map(m => m.innerText.trim())")
 
 
 def tour(url: str, out: Path, *, message: str, load: str | None = None, edit: str | None = None,
@@ -172,11 +174,10 @@ def tour(url: str, out: Path, *, message: str, load: str | None = None, edit: st
                 page.locator("#chatbot button[aria-label='Submit']").first.click()
                 page.locator("#chat-status").get_by_text("Done:").wait_for()
                 after_edit = _messages(page)
-            exported_file = out / f"{prefix}-chat.json"
-            exported_file.write_text(exported, encoding="utf-8")
             with page.expect_file_chooser() as chooser:
                 page.locator("#chat-import").click()
-            chooser.value.set_files(str(exported_file))
+            chooser.value.set_files({"name": "chat.json", "mimeType": "application/json",
+                                     "buffer": exported.encode("utf-8")})
             first = next(m["content"] for m in json.loads(exported) if m["role"] == "user").strip()
             page.wait_for_function("text => { const m = document.querySelector('#chatbot .message-content');"
                                    " return m && m.innerText.trim() == text; }", arg=first)
