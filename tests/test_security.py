@@ -171,3 +171,112 @@ def test_cli_malformed_header_is_one_line(checkpoint, tmp_path):
     shard = sorted(bad.glob("model-*.safetensors"))[0]
     write_safetensors(shard, [GOOD], bytes(16))
     assert_one_line_error(run_neoxlite("generate", "hi", "-m", str(bad), "--device", "cpu"), shard.name)
+
+
+# ------------------------------------------------------------------------------------ item 2: the store manifest
+FP = "f" * 64
+
+
+def block(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(16, 8, generator=g), "b": torch.randn(8, generator=g).half()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def rewrite_manifest(root: Path, edit, *, checksum: bool) -> None:
+    """Applies `edit` to the manifest; checksum=True re-signs it, as someone who knows the format would."""
+    from neoxlite.offload.store import _manifest_checksum
+
+    data = json.loads((root / "manifest.json").read_text())
+    edit(data)
+    if checksum:
+        data["sha256"] = _manifest_checksum(data)
+    (root / "manifest.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("checksum", [False, True], ids=["edited", "edited-and-re-signed"])
+def test_manifest_cannot_delete_a_file_outside_the_store(tmp_path, capsys, checksum):
+    from neoxlite.offload.store import BlockStore
+
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    store = BlockStore(offload, FP)
+    store.write("layers.0", block())
+
+    def attack(data):
+        entry = data["blocks"]["layers.0"]
+        entry["file"], entry["crc32"] = "../../precious.txt", 1  # the old format's file field, a failing CRC
+        data["blocks"]["../../precious.txt"] = dict(entry)  # and a block named like a path
+
+    rewrite_manifest(store.root, attack, checksum=checksum)
+    again = BlockStore(offload, FP)
+    assert not again.has("layers.0") and not again.has("../../precious.txt")
+    assert precious.read_text() == "keep me"
+    assert "rebuilding this store" in capsys.readouterr().err
+    again.write("layers.0", block())
+    assert same(BlockStore(offload, FP).read("layers.0"), block())
+
+
+@pytest.mark.parametrize("checksum", [False, True], ids=["edited", "edited-and-re-signed"])
+def test_shifted_offsets_are_never_used(tmp_path, capsys, checksum):
+    """The issue's report: shifting a tensor's offsets gave wrong text with exit 0."""
+    from neoxlite.offload.store import BlockStore
+
+    store = BlockStore(tmp_path, FP)
+    store.write("layers.0", block())
+
+    def shift(data):
+        for record in data["blocks"]["layers.0"]["tensors"].values():
+            record[2] += 4
+            record[3] += 4 if checksum else 0  # re-signed: a consistent-looking span, still the wrong bytes
+
+    rewrite_manifest(store.root, shift, checksum=checksum)
+    again = BlockStore(tmp_path, FP)
+    # Unsigned: the checksum fails. Re-signed: the layout disagrees with the block file's own header.
+    assert not again.has("layers.0")
+    if not checksum:
+        assert "does not match its checksum" in capsys.readouterr().err
+    again.write("layers.0", block())
+    assert same(BlockStore(tmp_path, FP).read("layers.0"), block())
+
+
+# ------------------------------------------------------------------------------------ item 3: the fingerprint
+def test_fingerprint_covers_shards_in_a_sibling_folder(tmp_path):
+    from neoxlite.offload.store import fingerprint
+
+    base, head = tmp_path / "base", tmp_path / "head"
+    base.mkdir()
+    head.mkdir()
+    save_file({"w": torch.zeros(4)}, base / "shared.safetensors")
+    save_file({"h": torch.zeros(2)}, head / "model-head.safetensors")
+    (head / INDEX).write_text(json.dumps({"weight_map": {"w": "../base/shared.safetensors",
+                                                         "h": "model-head.safetensors"}}))
+    before = fingerprint(head, {})
+    save_file({"w": torch.ones(5)}, base / "shared.safetensors")  # the shared shard changes, the head folder not
+    assert fingerprint(head, {}) != before
+
+
+# ------------------------------------------------------------------------------------ item 5: store leftovers
+def test_orphaned_temp_files_are_removed_but_not_a_live_writers(tmp_path):
+    import fcntl
+
+    from neoxlite.offload.store import BlockStore
+
+    root = BlockStore(tmp_path, FP).root
+    orphan = root / ".layers.3.safetensors.abcd1234.tmp"  # what a kill -9 in the middle of a write leaves
+    orphan.write_bytes(bytes(100))
+    live = root / ".layers.4.safetensors.efgh5678.tmp"
+    live.write_bytes(bytes(100))
+    user_file = root / ".notes.tmp"  # not a name the store generates
+    user_file.write_text("mine")
+    with open(live, "rb") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)  # as _atomic_write holds it until the rename
+        BlockStore(tmp_path, FP)  # the next run
+        assert not orphan.exists() and live.exists() and user_file.exists()
+    BlockStore(tmp_path, FP)
+    assert not live.exists() and user_file.exists()

@@ -310,7 +310,8 @@ class BlockStore:
             return False
         if block in self._checked:
             return True
-        if _file_crc32(entry.path, entry.file_bytes) == entry.crc32:
+        # The CRC covers the file's own safetensors header, so a layout that agrees with it is the one written.
+        if _file_crc32(entry.path, entry.file_bytes) == entry.crc32 and _header_agrees(entry):
             self._checked.add(block)
             return True
         with self._locked():
@@ -494,6 +495,25 @@ def _advise(entry: BlockEntry, advice: int) -> None:
 def drop_cached(entry: BlockEntry) -> None:
     """Tells the kernel the block's cached pages will not be needed soon (posix_fadvise DONTNEED)."""
     _advise(entry, os.POSIX_FADV_DONTNEED)
+
+
+def _header_agrees(entry: BlockEntry) -> bool:
+    """Whether the block file's own header (checked by the CRC) lays out the tensors as `entry` says."""
+    with open(entry.path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if 8 + size != entry.data_offset:
+            return False
+        try:
+            header = json.loads(f.read(size))
+        except (ValueError, RecursionError):
+            return False
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+        return False
+    written = {key: info for key, info in header.items() if key != "__metadata__" and not key.startswith("__pad__.")}
+    expected = {key: {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [t.start, t.end]}
+                for key, t in entry.tensors.items()}
+    quantized = header["__metadata__"].get("neoxlite_quantized", "")
+    return written == expected and quantized == ",".join(entry.quantized)
 
 
 def _manifest_checksum(data: Mapping[str, Any]) -> str:
