@@ -18,6 +18,10 @@ def load(model: str | os.PathLike | None = None, cls: type[GPTNeoXPreTrainedMode
         model = demo_path()
     loaded = cls.from_pretrained(model, **kwargs)
     tokenizer = GPTNeoXTokenizerFast.from_pretrained(model)
+    if len(tokenizer) > loaded.config.vocab_size:  # its last ids would index past the embedding
+        raise ValueError(f"the tokenizer of {model} has {len(tokenizer)} tokens but the model's vocabulary has "
+                         f"{loaded.config.vocab_size} (config.json vocab_size); use the tokenizer that belongs "
+                         "to this checkpoint")
     if loaded.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         loaded.config.pad_token_id = tokenizer.pad_token_id
     return loaded, tokenizer
