@@ -18,6 +18,7 @@ from hostile import assert_one_line_error, run_neoxlite, write_safetensors
 from safetensors.torch import save_file
 
 import neoxlite
+from neoxlite.api import load
 from neoxlite.checkpoint import INDEX, Checkpoint
 
 
@@ -280,3 +281,170 @@ def test_orphaned_temp_files_are_removed_but_not_a_live_writers(tmp_path):
         assert not orphan.exists() and live.exists() and user_file.exists()
     BlockStore(tmp_path, FP)
     assert not live.exists() and user_file.exists()
+
+
+# ------------------------------------------------------------------------------------ item 4: quantize DST
+@pytest.mark.parametrize("where", ["parent", "same", "inside", "sibling-shards"])
+def test_quantize_never_writes_over_its_source(checkpoint, tmp_path, where):
+    from neoxlite.quant.serialize import quantize_checkpoint
+
+    folder, _ = checkpoint()
+    src = copy_checkpoint(folder, tmp_path / "models" / "src")
+    if where == "sibling-shards":  # SRC reads shards from ../base/; DST may not replace that folder either
+        base = copy_checkpoint(folder, tmp_path / "models" / "base")
+        first = point_first_shard_at(src, "../base/" + sorted(p.name for p in base.glob("model-*.safetensors"))[0])
+        (src / first).unlink()
+    dst = {"parent": tmp_path / "models", "same": src, "inside": src / "nf4",
+           "sibling-shards": tmp_path / "models" / "base"}[where]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="overlaps the source folder"):
+        quantize_checkpoint(src, dst, quant="nf4", overwrite=True, progress=False)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_cli_quantize_over_the_parent_of_src_is_one_line_and_src_stays(checkpoint, tmp_path):
+    folder, _ = checkpoint()
+    src = copy_checkpoint(folder, tmp_path / "models" / "src")
+    run = run_neoxlite("quantize", str(src), str(tmp_path / "models"), "--quant", "nf4", "--overwrite")
+    assert_one_line_error(run, "overlaps the source folder")
+    assert (src / "config.json").exists()
+
+
+def test_cli_max_shard_size_inf_is_one_line_before_loading(checkpoint, tmp_path):
+    from neoxlite.quant.serialize import quantize_checkpoint
+
+    folder, _ = checkpoint()
+    run = run_neoxlite("quantize", str(folder), str(tmp_path / "out"), "--quant", "nf4", "--max-shard-size", "inf")
+    assert_one_line_error(run, "--max-shard-size", "inf")
+    assert "loading" not in run.stderr  # refused before the model is read
+    for size in ("nan", "0", "1e400"):
+        with pytest.raises(ValueError, match="not a positive, finite size"):
+            quantize_checkpoint(folder, tmp_path / "out", quant="nf4", max_shard_size=size, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------ item 6: app input limits
+def test_app_refuses_a_huge_message_from_its_length_without_tokenizing():
+    import time
+
+    from neoxlite.app.engine import Engine, Sampling
+
+    engine = Engine.from_paths()  # the shipped demo and its heads
+    engine.load()
+    calls = []
+    for tokenizer in engine.tokenizers.values():
+        real = tokenizer.encode
+        tokenizer.encode = lambda *a, real=real, **k: calls.append(a) or real(*a, **k)
+    huge = "x" * 20_000_000
+    requests = [lambda: engine.classify(huge), lambda: engine.tag(huge), lambda: engine.answer("q?", huge),
+                lambda: engine.answer(huge, "short context"),
+                lambda: engine.chat_prompt("", [], huge, Sampling()), lambda: engine.chat_prompt(huge, [], "hi", Sampling())]
+    for request in requests:
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=r"too long: 20,000,000 bytes.*holds at most [\d,]+ bytes"):
+            request()
+        assert time.perf_counter() - start < 2.0  # tokenizing it took tens of seconds
+    assert all(len(args[0]) < 100 for args in calls)  # only the short companions of the huge texts
+    assert engine.classify("def f(x):\n    return x\n")  # ordinary text still goes through
+
+
+# ------------------------------------------------------------------------------------ item 7: the rest
+def test_tokenizer_larger_than_the_model_is_refused_at_load(tmp_path):
+    from neoxlite.demo import demo_path
+
+    folder = copy_checkpoint(demo_path(), tmp_path / "small-vocab")
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] = 100  # the embedding keeps its 100 rows; the tokenizer has thousands of tokens
+    (folder / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file
+
+    for shard in folder.glob("*.safetensors"):
+        tensors = load_file(shard)
+        tensors = {k: (v[:100].clone() if k.endswith(("embed_in.weight", "embed_out.weight")) else v)
+                   for k, v in tensors.items()}
+        save_file(tensors, shard, metadata={"format": "pt"})
+    (folder / INDEX).write_text(json.dumps({"weight_map": {k: s.name for s in folder.glob("*.safetensors")
+                                                           for k in load_file(s)}}))
+    with pytest.raises(ValueError, match="tokens but the model's vocabulary has 100"):
+        load(folder)
+    assert_one_line_error(run_neoxlite("generate", "hi", "-m", str(folder), "--device", "cpu"),
+                          "vocabulary has 100")
+    model = neoxlite.GPTNeoXForCausalLM.from_pretrained(folder)  # the model alone loads; ids past it are refused
+    with pytest.raises(ValueError, match="vocabulary has 100 ids"):
+        model.generate(torch.tensor([[5, 500]]), max_new_tokens=2)
+
+
+def test_invalid_tokenizer_files_are_one_value_error_naming_the_file(tmp_path):
+    from neoxlite.demo import demo_path
+
+    folder = copy_checkpoint(demo_path(), tmp_path / "bad-tokenizer")
+    (folder / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": 7}}')
+    with pytest.raises(ValueError, match="tokenizer.json is not a valid tokenizer.json"):
+        neoxlite.GPTNeoXTokenizerFast.from_pretrained(folder)
+    assert_one_line_error(run_neoxlite("generate", "hi", "-m", str(folder), "--device", "cpu"), "tokenizer.json")
+    shutil.copy(demo_path() / "tokenizer.json", folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="tokenizer_config.json is not a JSON object"):
+        neoxlite.GPTNeoXTokenizerFast.from_pretrained(folder)
+
+
+def nan_weights(folder: Path, dst: Path) -> Path:
+    """A copy of the checkpoint whose final layer norm is NaN: every logit is NaN."""
+    from safetensors.torch import load_file
+
+    bad = copy_checkpoint(folder, dst)
+    for shard in bad.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if any("final_layer_norm" in k for k in tensors):
+            tensors = {k: (torch.full_like(v, float("nan")) if "final_layer_norm.weight" in k else v)
+                       for k, v in tensors.items()}
+            save_file(tensors, shard, metadata={"format": "pt"})
+    return bad
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampling"])
+def test_nan_logits_are_a_clear_error(checkpoint, tmp_path, do_sample):
+    folder, _ = checkpoint()
+    model = neoxlite.GPTNeoXForCausalLM.from_pretrained(nan_weights(folder, tmp_path / "nan"))
+    with pytest.raises(ValueError, match="non-finite logits"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=do_sample, temperature=0.7)
+
+
+def test_cli_nan_weights_greedy_is_one_line_not_an_empty_success(tmp_path):
+    from neoxlite.demo import demo_path
+
+    bad = nan_weights(demo_path(), tmp_path / "nan-demo")
+    run = run_neoxlite("generate", "def f(x):", "-m", str(bad), "--device", "cpu", "--temperature", "0")
+    assert_one_line_error(run, "non-finite logits")
+
+
+@pytest.mark.parametrize("setting", [dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                     dict(top_p=float("nan")), dict(repetition_penalty=float("inf")),
+                                     dict(repetition_penalty=float("nan"))])
+def test_non_finite_sampling_settings_are_refused(setting):
+    from neoxlite.generation import SamplingSettings
+
+    with pytest.raises(ValueError, match="finite|must be"):
+        SamplingSettings(do_sample=True, **setting)
+    with pytest.raises(ValueError, match="finite|must be"):
+        SamplingSettings(do_sample=False, **setting)
+
+
+def test_cli_temperature_nan_is_refused_not_run_greedy():
+    from neoxlite.options import sampling_kwargs
+
+    run = run_neoxlite("generate", "def f(x):", "--temperature", "nan", "--max-new-tokens", "2", "--device", "cpu")
+    assert_one_line_error(run, "temperature", "nan")
+    assert "loaded" not in run.stderr  # refused before the model loads
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        sampling_kwargs({"temperature": float("inf")})
+
+
+def test_a_model_larger_than_ram_without_budgets_is_refused_before_allocating(checkpoint, monkeypatch):
+    from neoxlite.offload import budget
+
+    folder, _ = checkpoint()
+    monkeypatch.setattr(budget, "free_cpu_memory", lambda: 10_000)
+    with pytest.raises(ValueError, match=r"this model needs 0\.0 GiB of RAM, you have 0\.0 GiB free; pass "
+                                         r"--cpu-memory and --offload-dir"):
+        neoxlite.GPTNeoXForCausalLM.from_pretrained(folder)
