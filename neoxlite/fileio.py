@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import glob
 import os
 import re
 import shutil
@@ -59,20 +58,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def remove_orphans(dest: str | os.PathLike) -> list[Path]:
     """Deletes what killed writes of the folder `dest` left beside it; returns what was removed.
 
-    Only names atomic_folder generates for `dest` are looked at: `.<name>.<8 chars>.partial` folders whose
-    lock is free (their writer is gone), the temporary folders named after those in turn (a nested atomic
-    write), and `.<name>.old`, which only lives between the two renames of an overwrite."""
+    Only names atomic_folder generates for `dest` are looked at: `.<name>.<8 chars>.partial` folders and
+    `.<name>.old` (the old `dest` between the two renames of an overwrite), and the same names generated for
+    those in turn (an atomic write nested in another); each only when its lock is free (its writer is gone)."""
     dest = Path(dest)
     removed = []
-    pattern = re.compile(re.escape(f".{dest.name}.") + r"[a-z0-9_]{8}\.partial")
-    for path in dest.parent.glob(glob.escape(f".{dest.name}.") + "*.partial"):
-        if pattern.fullmatch(path.name) and _remove_if_unlocked(path):
-            removed += [path, *remove_orphans(path)]
-    old = dest.with_name(f".{dest.name}.old")
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-        removed.append(old)
+    for path in sorted(dest.parent.iterdir()):
+        if _made_for(path.name, dest.name) and _remove_if_unlocked(path):
+            removed.append(path)
     return removed
+
+
+def _made_for(name: str, dest: str) -> bool:
+    """Whether `name` is a temporary name atomic_folder generates for `dest`, or for one of those."""
+    match = re.fullmatch(r"\.(.+)\.(?:[a-z0-9_]{8}\.partial|old)", name)
+    return match is not None and (match.group(1) == dest or _made_for(match.group(1), dest))
 
 
 def _remove_if_unlocked(path: Path) -> bool:
