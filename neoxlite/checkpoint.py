@@ -130,6 +130,10 @@ class Checkpoint:
     def dtype(self, key: str) -> torch.dtype:
         return self._dtypes[key]
 
+    def span(self, key: str) -> tuple[int, int]:
+        """The tensor's byte range [start, end) in its shard file (self.files[self.shard_of[key]])."""
+        return self._spans[key]
+
     def nbytes(self, key: str) -> int:
         start, end = self._spans[key]
         return end - start  # the header check made it numel * itemsize
@@ -173,7 +177,15 @@ def weight_files(folder: str | os.PathLike) -> dict[str, Path]:
     index = folder / INDEX
     if index.exists():
         names = sorted(set(_read_index(index).values()))
-        return {name: shard_path(folder, name, index) for name in names}
+        files: dict[str, Path] = {}
+        for name in names:
+            path = shard_path(folder, name, index)
+            if path not in files.values():  # one file named two ways ('b.safetensors', '../ckpt/b...') is read once
+                files[name] = path
+        missing = [name for name, path in files.items() if not path.exists()]
+        if missing:
+            raise ValueError(f"{index} lists shards that are missing: {', '.join(missing)}; re-download them")
+        return files
     if (folder / "model.safetensors").exists():
         return {"model.safetensors": shard_path(folder, "model.safetensors", folder)}
     others = sorted(p.name for p in folder.glob("*.safetensors"))
