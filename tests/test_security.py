@@ -246,6 +246,34 @@ def test_shifted_offsets_are_never_used(tmp_path, capsys, checksum):
     assert same(BlockStore(tmp_path, FP).read("layers.0"), block())
 
 
+def test_a_damaged_manifest_rebuilds_the_store_of_a_loaded_model(tmp_path, capfd):
+    """Through the loader, as `neoxlite generate --offload-dir` runs it: one notice line, the same text."""
+    from neoxlite.demo import demo_path
+
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    kwargs = dict(cpu_memory="13MiB", max_context=64, offload_dir=offload)
+    ids = torch.tensor([[5, 6, 7]])
+    first = neoxlite.GPTNeoXForCausalLM.from_pretrained(demo_path(), **kwargs).generate(ids, max_new_tokens=4)
+    (manifest,) = offload.glob("neoxlite-*/manifest.json")
+    manifest.write_text(manifest.read_text().replace('"crc32": ', '"crc32": 1'))  # an edit, no checksum
+    capfd.readouterr()
+    again = neoxlite.GPTNeoXForCausalLM.from_pretrained(demo_path(), **kwargs).generate(ids, max_new_tokens=4)
+    notices = [line for line in capfd.readouterr().err.splitlines() if "rebuilding this store" in line]
+    assert torch.equal(again, first) and len(notices) == 1
+
+
+def test_a_manifest_that_is_a_fifo_does_not_hang(tmp_path, capsys):
+    from neoxlite.offload.store import BlockStore
+
+    store = BlockStore(tmp_path, FP)
+    store.write("layers.0", block())
+    (store.root / "manifest.json").unlink()
+    os.mkfifo(store.root / "manifest.json")
+    assert BlockStore(tmp_path, FP).blocks == []
+    assert "not a regular file" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------ item 3: the fingerprint
 def test_fingerprint_covers_shards_in_a_sibling_folder(tmp_path):
     from neoxlite.offload.store import fingerprint

@@ -242,12 +242,15 @@ class BlockStore:
     def _read_manifest(self) -> dict[str, BlockEntry]:
         path = self.root / MANIFEST
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO in its place must not block
         except FileNotFoundError:
             return {}
-        except OSError as err:  # a folder or a device in its place, a disk error
+        except OSError as err:
             return self._damaged(f"cannot be read ({err.strerror})")
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return self._damaged("is not a regular file")
+            raw = f.read()
         try:
             data = json.loads(raw)
         except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
