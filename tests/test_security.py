@@ -82,6 +82,20 @@ def test_shards_in_a_sibling_folder_load_exactly(checkpoint, tmp_path):
     assert Checkpoint(head).files[f"../base/{first}"] == (tmp_path / "base" / first).resolve()
 
 
+def test_hub_cache_snapshots_read_their_blobs_through_huggingface_hubs_links(tmp_path):
+    repo = tmp_path / "hub" / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    save_file({"w": torch.arange(4.0)}, repo / "blobs" / "9f86d081")
+    (snapshot / "model.safetensors").symlink_to("../../blobs/9f86d081")  # as huggingface_hub links them
+    assert torch.equal(Checkpoint(snapshot).read("w"), torch.arange(4.0))
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / INDEX).write_text(json.dumps({"weight_map": {"w": "../../blobs/9f86d081"}}))  # a name, not a link
+    with pytest.raises(ValueError, match="outside the checkpoint folder"):
+        Checkpoint(snapshot)
+
+
 def test_demo_heads_share_the_demo_model_shards():
     from neoxlite.demo import demo_head_paths
 
