@@ -307,7 +307,17 @@ def test_a_killed_quantize_leftover_is_removed_by_the_next_run(source, tmp_path)
     assert in_killed_child(3, quantize_work(source, dst, "int8", False), tmp_path / "steps")
     assert [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
     quantize_into(source, dst, "int8")  # the next run
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "steps"] or sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
+
+
+def test_a_live_quantize_keeps_its_partial_folder_while_another_run_cleans(tmp_path):
+    from neoxlite.fileio import atomic_folder, remove_orphans
+
+    dst = tmp_path / "q"
+    with atomic_folder(dst) as partial:
+        (partial / "config.json").write_text("{}")
+        assert remove_orphans(dst) == [] and partial.exists()  # another run's cleanup: the lock says it is live
+    assert (dst / "config.json").exists() and [p.name for p in tmp_path.iterdir()] == ["q"]
 
 
 # ------------------------------------------------------------------------------------------ full disks
