@@ -103,9 +103,10 @@ def test_demo_heads_share_the_demo_model_shards():
         assert any(name.startswith("../model/") for name in Checkpoint(head).files)
 
 
-def test_cli_index_naming_a_device_is_one_line_and_no_hang(checkpoint, tmp_path):
-    folder, _ = checkpoint()
-    bad = copy_checkpoint(folder, tmp_path / "bad")
+def test_cli_index_naming_a_device_is_one_line_and_no_hang(tmp_path):
+    from neoxlite.demo import demo_path
+
+    bad = copy_checkpoint(demo_path(), tmp_path / "bad")  # with its tokenizer, which the CLI reads first
     point_first_shard_at(bad, "/dev/stdin")
     run = run_neoxlite("generate", "hi", "-m", str(bad), "--device", "cpu", timeout=60)
     assert_one_line_error(run, INDEX, "/dev/stdin")
@@ -180,9 +181,10 @@ def test_a_tensor_in_two_shards_is_refused(tmp_path):
         Checkpoint(tmp_path)
 
 
-def test_cli_malformed_header_is_one_line(checkpoint, tmp_path):
-    folder, _ = checkpoint()
-    bad = copy_checkpoint(folder, tmp_path / "bad")
+def test_cli_malformed_header_is_one_line(tmp_path):
+    from neoxlite.demo import demo_path
+
+    bad = copy_checkpoint(demo_path(), tmp_path / "bad")
     shard = sorted(bad.glob("model-*.safetensors"))[0]
     write_safetensors(shard, [GOOD], bytes(16))
     assert_one_line_error(run_neoxlite("generate", "hi", "-m", str(bad), "--device", "cpu"), shard.name)
