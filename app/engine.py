@@ -23,6 +23,7 @@ from neoxlite.app import prompting
 
 from neoxlite.config import GPTNeoXConfig
 from neoxlite.generation import context_limit
+from neoxlite.limits import check_text_fits
 from neoxlite.options import DEFAULT_SAMPLING, sampling_kwargs
 
 # architecture (config.json) -> task, in the order the tabs appear
@@ -294,6 +295,8 @@ class Engine:
     def chat_prompt(self, system: str, history: list[prompting.Message], message: str,
                     sampling: Sampling, style: str = "chat") -> prompting.Prompt:
         _, tokenizer = self._get("chat")
+        for text, what in ((system, "system prompt"), (message, "message")):  # refused before tokenizing
+            check_text_fits(text, tokenizer, self.context_length("chat"), what)
         return prompting.build_prompt(tokenizer, system, history, message,
                                       max_new_tokens=int(sampling.max_new_tokens),
                                       context_length=self.context_length("chat"), style=style)
@@ -340,6 +343,7 @@ class Engine:
         if not text.strip():
             raise ValueError(f"Enter the {what} first.")
         model, tokenizer = self._get(task)
+        check_text_fits(text, tokenizer, self.context_length(task), what)  # refused before tokenizing
         ids = tokenizer.encode(text, add_special_tokens=special)
         limit = self.context_length(task)
         if len(ids) > limit:
@@ -375,6 +379,7 @@ class Engine:
         if not question.strip():
             raise ValueError("Enter a question first.")
         model, tokenizer, ctx_ids = self._encode("answer", context, "context", special=False)
+        check_text_fits(question, tokenizer, self.context_length("answer"), "question")
         q_ids = tokenizer.encode(question.strip() + "\n", add_special_tokens=False)
         limit = self.context_length("answer")
         if len(q_ids) + len(ctx_ids) > limit:

@@ -129,6 +129,8 @@ def load_pretrained(
     offloader = Offloader.create(model, folder=folder, dtype=target_dtype, device=device, spec=spec,
                                  prequantized=prequantized, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
                                  offload_dir=offload_dir, max_batch_size=max_batch_size, max_length=max_context)
+    if offloader is None:
+        _check_fits(model, target_dtype, spec, prequantized, device)
 
     by_param: dict[str, str] = {}
     unexpected: list[str] = []
@@ -196,6 +198,21 @@ def load_pretrained(
         offloader.install()  # offload: the scheduler takes over the block loop
     model.eval()
     return model
+
+
+def _check_fits(model: nn.Module, dtype: torch.dtype, spec: Any, prequantized: bool, device: torch.device) -> None:
+    """Without budgets the whole model goes to `device`: refuse, before allocating, a model that cannot fit."""
+    from neoxlite.offload import budget
+    from neoxlite.offload.placement import final_block_sizes, quantized_layer_names
+
+    need = sum(final_block_sizes(model, dtype, spec, quantized_layer_names(model, spec, prequantized)).values())
+    on_gpu = device.type == "cuda"
+    have = budget.free_gpu_memory(device) if on_gpu else budget.free_cpu_memory()
+    if need > have:
+        flags = "--gpu-memory, --cpu-memory and --offload-dir" if on_gpu else "--cpu-memory and --offload-dir"
+        raise ValueError(f"this model needs {need / 2**30:.1f} GiB of {'GPU memory' if on_gpu else 'RAM'}, you have "
+                         f"{have / 2**30:.1f} GiB free; pass {flags} (cpu_memory=, offload_dir=) to keep part of it "
+                         "on disk, or quantize it (--quant nf4)")
 
 
 def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
