@@ -62,6 +62,22 @@ def open_regular(path: Path, what: str) -> int:
     return fd
 
 
+# config and tokenizer files are kilobytes to a few megabytes; anything near this is not one.
+MAX_METADATA_BYTES = 256 * 2**20
+
+
+def read_metadata_file(path: Path, what: str) -> bytes:
+    """The bytes of a small metadata file (config.json and the like), read only when it is a regular file of
+    at most MAX_METADATA_BYTES; ValueError naming the file otherwise."""
+    fd = open_regular(path, what)
+    with os.fdopen(fd, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"{what} {path} is {size:,} bytes, more than any real one "
+                             f"({MAX_METADATA_BYTES:,}); re-download or fix the file")
+        return file.read(MAX_METADATA_BYTES + 1)
+
+
 def shard_path(folder: Path, name: Any, source: Path) -> Path:
     """The file a shard name from `source` (the index, or the folder listing) refers to, confined as the module
     docstring says; ValueError naming `source` otherwise."""

@@ -140,12 +140,15 @@ class GPTNeoXConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> GPTNeoXConfig:
+        from neoxlite.checkpoint import read_metadata_file
+
         path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no config.json at {path}: a GPT-NeoX checkpoint folder needs one")
+        raw = read_metadata_file(path, "the config file")  # a FIFO or a device is refused, never read
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json at {path}: a GPT-NeoX checkpoint folder needs one") from None
-        except json.JSONDecodeError as err:
+            data = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ValueError(f"{path} is not valid JSON ({err}); re-download or fix the file") from None
         return cls.from_dict(data)
 

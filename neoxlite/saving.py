@@ -16,22 +16,18 @@ from torch import nn
 from neoxlite.fileio import atomic_folder
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes from 123, '2GiB', '500MB', '1.5 GiB'."""
-    if isinstance(size, int):
-        return size
-    text = str(size).strip().replace(" ", "")
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    number = text.rstrip("kmgtibKMGTIB")
-    unit = text[len(number):].lower()
+def shard_limit(max_shard_size: int | str) -> int:
+    """Bytes per shard from 123, '2GiB', '500MB' (the one size grammar: offload.budget.parse_size), > 0."""
+    from neoxlite.offload.budget import parse_size
+
     try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in units or value < 0:
-        raise ValueError(f"cannot read size {size!r}; write it like 6GiB, 512MiB, 6GB or a number of bytes")
-    return int(value * units[unit])
+        limit = parse_size(max_shard_size, name="max_shard_size")
+    except ValueError as err:
+        raise ValueError(f"{err} (--max-shard-size)") from None
+    if not limit:
+        raise ValueError(f"max_shard_size={max_shard_size!r} is not a positive size; write it like 2GiB or 500MB "
+                         "(--max-shard-size)")
+    return limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +91,7 @@ def _saved_tensors(model: nn.Module) -> list[_Saved]:
 def save_pretrained(model: nn.Module, folder: str | os.PathLike, max_shard_size: int | str = "2GiB") -> None:
     """Writes config.json, generation_config.json (when the model has one) and the weights; tied weights are
     stored once, as the hub does. An offloaded model is saved too, one shard at a time."""
-    limit = parse_size(max_shard_size)
+    limit = shard_limit(max_shard_size)
     items = _saved_tensors(model)
     shards = _shards(items, limit)
     # config.json names the dtype the weights are saved in (a model loaded with dtype="bf16" saves bf16),

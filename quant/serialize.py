@@ -47,13 +47,13 @@ def quantize_checkpoint(
     from neoxlite.hub import resolve
     from neoxlite.loading import parse_dtype
     from neoxlite.model import ARCHITECTURES, GPTNeoXForCausalLM
-    from neoxlite.saving import save_pretrained
+    from neoxlite.saving import save_pretrained, shard_limit
 
     from .spec import _parse_mode
 
     if _parse_mode(quant) == "none":
         raise ValueError("neoxlite quantize needs --quant int8, nf4 or fp4")
-    shard_limit = _shard_limit(max_shard_size)
+    max_shard_bytes = shard_limit(max_shard_size)
     folder = resolve(src)
     dst = Path(dst)
     if dst.exists() and not overwrite:
@@ -84,7 +84,7 @@ def quantize_checkpoint(
     _check_space(model, dst)
     with atomic_folder(dst, overwrite=overwrite) as tmp:
         try:
-            save_pretrained(model, tmp, max_shard_size=shard_limit)
+            save_pretrained(model, tmp, max_shard_size=max_shard_bytes)
         except Exception as err:  # safetensors' writer reports a full disk as a SafetensorError, not an OSError
             if "os error 28" in str(err):
                 raise OSError(errno.ENOSPC, f"no space left on the disk holding {dst} while writing the weights; "
@@ -94,19 +94,6 @@ def quantize_checkpoint(
             if path.is_file() and path.name not in _REWRITTEN and not path.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copyfile(path, tmp / path.name)
     return model
-
-
-def _shard_limit(max_shard_size: int | str) -> int:
-    from neoxlite.saving import parse_size
-
-    try:
-        limit = parse_size(max_shard_size)
-    except (OverflowError, ValueError):  # "inf" overflows int(); "nan" cannot convert
-        limit = 0
-    if limit <= 0:
-        raise ValueError(f"max shard size {max_shard_size!r} is not a positive, finite size; write it like 2GiB "
-                         "or 500MB (--max-shard-size)")
-    return limit
 
 
 def _check_apart(src: Path, dst: Path) -> None:

@@ -18,6 +18,7 @@ from hostile import assert_one_line_error, run_neoxlite, write_safetensors
 from safetensors.torch import save_file
 
 import neoxlite
+import neoxlite.checkpoint as checkpoint_module
 from neoxlite.api import load
 from neoxlite.checkpoint import INDEX, Checkpoint
 
@@ -352,8 +353,8 @@ def test_cli_max_shard_size_inf_is_one_line_before_loading(checkpoint, tmp_path)
     run = run_neoxlite("quantize", str(folder), str(tmp_path / "out"), "--quant", "nf4", "--max-shard-size", "inf")
     assert_one_line_error(run, "--max-shard-size", "inf")
     assert "loading" not in run.stderr  # refused before the model is read
-    for size in ("nan", "0", "1e400"):
-        with pytest.raises(ValueError, match="not a positive, finite size"):
+    for size in ("nan", "0", "1e400", "9" * 400):
+        with pytest.raises(ValueError, match="--max-shard-size"):
             quantize_checkpoint(folder, tmp_path / "out", quant="nf4", max_shard_size=size, progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -480,3 +481,27 @@ def test_a_model_larger_than_ram_without_budgets_is_refused_before_allocating(ch
     with pytest.raises(ValueError, match=r"this model needs 0\.0 GiB of RAM, you have 0\.0 GiB free; pass "
                                          r"--cpu-memory and --offload-dir"):
         neoxlite.GPTNeoXForCausalLM.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------- metadata files and sizes
+def test_config_json_that_is_a_fifo_or_huge_is_refused_without_reading(checkpoint, tmp_path, monkeypatch):
+    folder, _ = checkpoint()
+    bad = copy_checkpoint(folder, tmp_path / "bad")
+    (bad / "config.json").unlink()
+    os.mkfifo(bad / "config.json")  # reading it would block forever
+    with pytest.raises(ValueError, match="config.json is not a regular file"):
+        neoxlite.GPTNeoXForCausalLM.from_pretrained(bad)
+    (bad / "config.json").unlink()
+    shutil.copyfile(folder / "config.json", bad / "config.json")
+    monkeypatch.setattr(checkpoint_module, "MAX_METADATA_BYTES", 100)
+    with pytest.raises(ValueError, match=r"config.json is [\d,]+ bytes, more than any real one"):
+        neoxlite.GPTNeoXForCausalLM.from_pretrained(bad)
+
+
+@pytest.mark.parametrize("size", ["inf", "nan", "0", "-1GB", "lots"])
+def test_save_pretrained_refuses_a_shard_size_that_is_not_a_positive_size(checkpoint, tmp_path, size):
+    folder, _ = checkpoint()
+    model = neoxlite.GPTNeoXForCausalLM.from_pretrained(folder)
+    with pytest.raises(ValueError, match="--max-shard-size"):
+        model.save_pretrained(tmp_path / "out", max_shard_size=size)
+    assert not (tmp_path / "out").exists()

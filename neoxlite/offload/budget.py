@@ -7,6 +7,7 @@ When the user sets no budget, the default is the memory free right now less a sa
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,10 @@ def parse_size(value: str | int | float | None, *, name: str = "size") -> int | 
                 "e.g. '6GiB', '6GB', '512MiB', '1.5 GiB' or 1000000 (bytes); "
                 "units: B, KB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB or K, M, G, T (powers of 1024)"
             )
-        nbytes = int(float(match.group(1)) * _UNITS[unit])
+        size = float(match.group(1)) * _UNITS[unit]
+        if not math.isfinite(size):  # 400 digits parse as inf
+            raise ValueError(f"{name}={value!r} is too large to be a size")
+        nbytes = int(size)
     else:
         raise TypeError(
             f"{name}={value!r} ({type(value).__name__}): expected a size such as '6GiB' or an int of bytes"
