@@ -24,6 +24,7 @@ import torch
 
 from neoxlite.cache import SlotCache
 from neoxlite.generation import SamplingSettings, _hit_stop, context_limit
+from neoxlite.offload.placement import Workload
 
 # Prompt tokens prefilled per turn: a long prompt is prefilled in chunks, between decode steps of the running rows
 # (a prompt up to this long is prefilled in one forward, exactly as generate() does).
@@ -110,14 +111,14 @@ class _Row:
 class Batcher:
     """Owns `model` on a thread of its own and runs every submitted request on it, batched.
 
-    max_batch_size: rows decoded together (cache slots); max_context: tokens per slot (prompt + reply), at most
-    the model's context; max_waiting: requests queued beyond the running ones before submit() refuses more.
+    max_batch_size: rows decoded together (cache slots); max_context: tokens per slot (prompt + reply; default as
+    the loaders': min(2048, the model's context)); max_waiting: requests queued beyond the running ones before submit() refuses more.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, max_batch_size: int = 8, max_context: int | None = None,
                  max_waiting: int = 64, start: bool = True) -> None:
-        limit = context_limit(model.config)
-        max_context = min(max_context or limit, limit)
+        # the loaders' default context (min(2048, the model's)), never past what the model can position
+        max_context = min(Workload(max_batch_size, max_context).context(model.config), context_limit(model.config))
         reserved = getattr(model, "offload_workload", None)
         if reserved is not None and (max_batch_size > reserved[0] or max_context > reserved[1]):
             raise ValueError(

@@ -244,15 +244,31 @@ def test_loading_answers_503_then_the_key_is_enforced(served):
 
 
 # ------------------------------------------------------------------------------------------ the command
-def test_the_serve_command(tmp_path):
-    """`neoxlite serve` as a user starts it, answering the openai client."""
+def readme_server_section(port: int) -> tuple[list[str], str, str]:
+    """(shell commands, the Python snippet, the Continue config) of README's "## Server" section, with its
+    port 8000 replaced by a free one (a shared machine may have 8000 taken)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Server\n"):].split("\n## ", 1)[0].replace("8000", str(port))
+    commands = [line[4:] for line in section.splitlines() if line.startswith("    ") and not line.startswith("     ")
+                and line.split()[0] in ("neoxlite", "curl")]
+    python = section.split("```python\n", 1)[1].split("```", 1)[0]
+    config = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    return commands, python, config
+
+
+def test_the_readme_server_section_runs_as_written():
+    """`neoxlite serve` started as the README shows, answering its Python, curl and editor-config examples."""
+    import yaml
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    exe = Path(sys.executable).with_name("neoxlite")
-    process = subprocess.Popen([str(exe), "serve", "--port", str(port), "--max-batch-size", "2", "--api-key", KEY],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    commands, python, config = readme_server_section(port)
+    assert [c.split()[0] for c in commands] == ["neoxlite", "curl"]
+    bin_dir = Path(sys.executable).parent  # the installed console script, as a user's PATH finds it
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(commands[0], shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
@@ -264,12 +280,17 @@ def test_the_serve_command(tmp_path):
                 pass
             assert process.poll() is None, process.stdout.read()
             time.sleep(0.2)
-        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
-        assert [m.id for m in client.models.list()] == ["neoxlite-demo"]
-        reply = client.chat.completions.create(model="neoxlite-demo", messages=[{"role": "user", "content": "Hi"}],
-                                               max_tokens=8)
-        assert reply.usage.completion_tokens >= 1
-        assert json.loads(httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text)["running"] == 0
+        ran = subprocess.run([sys.executable, "-c", python], capture_output=True, text=True, timeout=120, env=env)
+        assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr
+        curl = subprocess.run(commands[1], shell=True, capture_output=True, text=True, timeout=120, env=env)
+        reply = json.loads(curl.stdout)
+        assert reply["usage"]["completion_tokens"] >= 1 and reply["choices"][0]["text"], curl.stdout
+        editor = yaml.safe_load(config)["models"][0]
+        client = openai.OpenAI(base_url=editor["apiBase"], api_key=editor["apiKey"], max_retries=0)
+        assert [m.id for m in client.models.list()] == [editor["model"]]
+        wrong = openai.OpenAI(base_url=editor["apiBase"], api_key="not-the-key", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
     finally:
-        process.terminate()
+        os.killpg(process.pid, 15)  # the shell and the server it started
         process.wait(30)

@@ -34,9 +34,9 @@ class Server:
     """The served model: its name, the loading state, and once loaded the tokenizer and the batcher."""
 
     def __init__(self, name: str, load: Callable[[], tuple[Any, Any]], *, max_batch_size: int = 8,
-                 max_waiting: int = 64, api_key: str | None = None) -> None:
+                 max_context: int | None = None, max_waiting: int = 64, api_key: str | None = None) -> None:
         self.name, self.api_key = name, api_key
-        self.max_batch_size, self.max_waiting = max_batch_size, max_waiting
+        self.max_batch_size, self.max_context, self.max_waiting = max_batch_size, max_context, max_waiting
         self.state = "loading"  # loading | ready | failed
         self.error = ""
         self.model: Any = None
@@ -54,9 +54,8 @@ class Server:
     def _load_now(self) -> None:
         try:
             model, tokenizer = self._load()
-            reserved = getattr(model, "offload_workload", None)
             self.batcher = Batcher(model, tokenizer, max_batch_size=self.max_batch_size,
-                                   max_context=reserved[1] if reserved else None, max_waiting=self.max_waiting)
+                                   max_context=self.max_context, max_waiting=self.max_waiting)
             eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
             eos = eos if eos is not None else tokenizer.eos_token_id
             self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])

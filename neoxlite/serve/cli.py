@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if batch < 1 or args.max_waiting < 1:
         raise ValueError(f"--max-batch-size ({batch}) and --max-waiting ({args.max_waiting}) must be at least 1")
     name = args.model or "neoxlite-demo"
-    server = Server(name, lambda: load(args.model, **kwargs), max_batch_size=batch, max_waiting=args.max_waiting,
-                    api_key=args.api_key)
+    server = Server(name, lambda: load(args.model, **kwargs), max_batch_size=batch,
+                    max_context=kwargs.get("max_context"), max_waiting=args.max_waiting, api_key=args.api_key)
     server.start_loading()
     print(f"neoxlite serve: {name} at http://{args.host}:{args.port}/v1 (loading; GET /health says when ready)",
           file=sys.stderr)
