@@ -108,6 +108,14 @@ class _Row:
         return len(self.request.prompt)
 
 
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The ids that end a reply, as stream_text picks them: the checkpoint's generation_config.json, else the
+    tokenizer's eos token."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
 class Batcher:
     """Owns `model` on a thread of its own and runs every submitted request on it, batched.
 

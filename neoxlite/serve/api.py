@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neoxlite.app.prompting import cut_at_stop, render
 from neoxlite.app.prompting import stop_strings as chat_stop_strings
-from neoxlite.batching import Batcher, Finish, QueueFull, Token
+from neoxlite.batching import Batcher, Finish, QueueFull, Token, eos_token_ids
 from neoxlite.batching import Request as BatchRequest
 from neoxlite.limits import check_text_fits
 from neoxlite.serve.requests import ApiError, Generation, parse
@@ -56,9 +56,7 @@ class Server:
             model, tokenizer = self._load()
             self.batcher = Batcher(model, tokenizer, max_batch_size=self.max_batch_size,
                                    max_context=self.max_context, max_waiting=self.max_waiting)
-            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-            eos = eos if eos is not None else tokenizer.eos_token_id
-            self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+            self.eos_ids = eos_token_ids(model, tokenizer)
             self.model, self.tokenizer, self.state = model, tokenizer, "ready"
         except Exception as error:  # noqa: BLE001 - reported by every request, traceback to stderr once
             traceback.print_exc(file=sys.stderr)
