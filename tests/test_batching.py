@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_offload_run import layer_budget
 
-from neoxlite import cpu_kernels
+from neoxlite import batching, cpu_kernels
 from neoxlite.batching import Batcher, Finish, QueueFull, Request, Token
 from neoxlite.cache import SlotCache
 from neoxlite.generation import SamplingSettings
@@ -148,3 +148,28 @@ def test_the_thread_serves_requests_submitted_from_many_threads(ckpt):
     finally:
         batcher.close()
     assert got == [alone(model, i, PROMPTS[i], 10) for i in range(8)]
+
+
+def test_long_prompts_are_prefilled_in_chunks_while_the_others_decode(ckpt, monkeypatch):
+    monkeypatch.setattr(batching, "PREFILL_CHUNK", 4)
+    model = load(ckpt, torch.float32)
+    batcher = Batcher(model, max_batch_size=2, max_context=64, start=False)
+    seen: dict[str, list] = {"running": [], "long": []}
+    running = request(0, [5, 6], 30, eos=-1)
+    running.sink = seen["running"].append
+    batcher.submit(running)
+    batcher.turn()
+    prompt = list(range(1, 12))  # 11 tokens: chunks of 4, 4 and 3
+    long = request(2, prompt, 6, eos=-1)
+    long.sink = seen["long"].append
+    batcher.submit(long)
+    for turn in range(3):
+        before = len(seen["running"])
+        batcher.turn()
+        assert len(seen["running"]) == before + 1  # a decode step every turn, prefill or not
+        # nothing until the last chunk; then its first token, and the decode step of that same turn
+        assert len(seen["long"]) == (2 if turn == 2 else 0)
+    while batcher.metrics()["running"]:
+        batcher.turn()
+    assert [e.id for e in seen["long"][:-1]] == alone(model, 2, prompt, 6, eos=-1)
+    assert [e.id for e in seen["running"][:-1]] == alone(model, 0, [5, 6], 30, eos=-1)
