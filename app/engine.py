@@ -287,6 +287,9 @@ class Engine:
             self.steps = [s for s in self.steps if s.source.task != task]
             if not any(s.state == "failed" for s in self.steps):
                 self._error = None  # the failed launch checkpoint is gone with it
+            batcher = self.__dict__.pop("_batcher", None) if task == "chat" else None
+        if batcher is not None:
+            batcher.close()  # it holds the model and its KV cache: both go with it
         release_memory()
         return had
 
@@ -302,23 +305,30 @@ class Engine:
                                       context_length=self.context_length("chat"), style=style)
 
     def stream_reply(self, prompt: prompting.Prompt, sampling: Sampling) -> Iterator[Partial]:
-        """Yields the reply so far after each new piece of text, stop strings cut; the last one is final."""
-        from neoxlite.generation import stream_text
+        """Yields the reply so far after each new piece of text, stop strings cut; the last one is final. Replies
+        run on the chat model's batcher: people chatting at once are decoded together, not queued."""
+        from neoxlite.batching import Finish, Request, eos_token_ids
+        from neoxlite.generation import SamplingSettings
 
-        model, tokenizer = self._get("chat")
-        settings = {**sampling.generate_kwargs(), "max_new_tokens": prompt.max_new_tokens}
-        stream = stream_text(model, tokenizer, prompt.text, stop_strings=list(prompt.stop_strings) or None, **settings)
-        reply = Partial()
-        text, started = "", time.perf_counter()
+        batcher = self._chat_batcher()
+        tokenizer = batcher.tokenizer
+        kw = sampling.generate_kwargs()
+        settings = SamplingSettings(kw["do_sample"], kw.get("temperature", 1.0), kw.get("top_k"), kw.get("top_p"),
+                                    kw["repetition_penalty"])
+        request = batcher.submit(Request(tokenizer.encode(prompt.text), prompt.max_new_tokens, settings,
+                                         kw.get("seed"), eos_token_ids(batcher.model, tokenizer),
+                                         prompt.stop_strings))
+        reply, ids, started = Partial(), [], time.perf_counter()
         try:
-            while True:
-                # the lock is held per token, never across a yield: a reply abandoned by its reader
-                # (Stop, a closed tab) cannot block the next request
-                with self._lock:
-                    delta = next(stream, None)
-                if delta is None:
+            for event in request.events():
+                if isinstance(event, Finish):
+                    if event.reason == "error":
+                        raise RuntimeError(f"generation failed: {event.error}")
                     break
-                text += delta
+                ids.append(event.id)
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                if text.endswith("\ufffd"):
+                    continue  # part of a character: wait for the rest
                 visible, stopped = prompting.cut_at_stop(text, prompt.stop_strings)
                 if prompt.style == "chat":
                     visible = visible.strip()
@@ -327,7 +337,7 @@ class Engine:
                     break
                 yield reply
         finally:
-            stream.close()
+            request.cancel()  # a reply abandoned by its reader (Stop, a closed tab) frees its row
         yield Partial(reply.text, reply.tokens, reply.seconds, done=True)
 
     def chat_tokens(self, system: str, history: list[prompting.Message], style: str = "chat") -> tuple[list[int], int]:
@@ -336,6 +346,23 @@ class Engine:
         counts = [len(tokenizer.encode(m["content"])) for m in history]
         used = len(tokenizer.encode(prompting.render(tokenizer, system, history, style))) if history else 0
         return counts, used
+
+    def _chat_batcher(self) -> Any:
+        """The Batcher that runs every chat reply, made for the loaded chat model at first use: rows for
+        --max-batch-size requests (default: what the memory plan reserved, else 4)."""
+        from neoxlite.batching import Batcher
+
+        model, tokenizer = self._get("chat")
+        with self._lock:
+            batcher = self.__dict__.get("_batcher")
+            if batcher is None or batcher.model is not model:
+                if batcher is not None:
+                    batcher.close()
+                reserved = getattr(model, "offload_workload", None)
+                rows = self.load_kwargs.get("max_batch_size") or (reserved[0] if reserved else 4)
+                batcher = self._batcher = Batcher(model, tokenizer, max_batch_size=rows,
+                                                  max_context=self.context_length("chat"))
+        return batcher
 
     # --- heads ------------------------------------------------------------------------------------------
 

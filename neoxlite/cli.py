@@ -21,7 +21,7 @@ from neoxlite.options import (
 )
 
 # Subcommands that live beside their package: each module has register(subparsers).
-EXTENSIONS: tuple[str, ...] = ("neoxlite.quant.cli", "neoxlite.offload.cli", "neoxlite.app.cli")
+EXTENSIONS: tuple[str, ...] = ("neoxlite.quant.cli", "neoxlite.offload.cli", "neoxlite.app.cli", "neoxlite.serve.cli")
 
 
 def load_for_cli(args: argparse.Namespace) -> tuple[Any, Any]:

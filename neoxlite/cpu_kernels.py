@@ -55,15 +55,18 @@ class BF16Kernel:
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                gelu: bool = False) -> torch.Tensor:
         """x @ weight.T + bias for contiguous CPU tensors of one dtype. bf16: fp32 accumulation, one rounding to
-        bf16, and with `gelu` F.gelu of that bf16 result (PyTorch's own CPU formula) in the same call. fp32: up to
-        MAX_ROWS_F32 rows, GELU applied after."""
+        bf16, and with `gelu` F.gelu of that bf16 result (PyTorch's own CPU formula) in the same call. fp32: GELU
+        applied after. Any number of rows; each row's result has the same bits whatever the others are."""
         n, k = weight.shape
         rows = x.reshape(-1, k).contiguous()
         out = torch.empty((rows.shape[0], n), dtype=x.dtype)
         bias_ptr = None if bias is None else bias.data_ptr()
         if x.dtype is torch.float32:
-            self.library.neox_linear_f32(self.isa, rows.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(),
-                                         rows.shape[0], n, k)
+            # groups of MAX_ROWS_F32 rows (each row's sums in the same order whatever the group: same bits)
+            for start in range(0, rows.shape[0], MAX_ROWS_F32):
+                group = rows[start:start + MAX_ROWS_F32]
+                self.library.neox_linear_f32(self.isa, group.data_ptr(), weight.data_ptr(), bias_ptr,
+                                             out[start:].data_ptr(), group.shape[0], n, k)
             out = F.gelu(out) if gelu else out
         else:
             self.library.neox_linear_bf16(self.isa, rows.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(),
@@ -75,13 +78,31 @@ class BF16Kernel:
         """One decode step of NeoX attention without a mask: rotary on q and k, k and v written into the cache
         at `past`, attention over positions 0..past. qkv (B, 1, heads * 3 * hs); cos, sin (B, 1, 1, rot);
         keys, values (B, heads, capacity, hs), contiguous. Returns (B, 1, heads * hs)."""
-        batch, capacity, hs = keys.shape[0], keys.shape[2], keys.shape[3]
+        return self._attention(qkv, cos, sin, keys, values, heads, past, None, None)
+
+    def decode_attention_rows(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                              values: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                              heads: int) -> torch.Tensor:
+        """decode_attention() for rows of independent sequences (continuous batching): row b writes position
+        positions[b] of slot slots[b] and attends to that slot's positions 0..positions[b]. keys, values (slots,
+        heads, capacity, hs); slots, positions (B,) int64, checked by the caller (neoxlite.cache.SlotCache.step)
+        to lie inside the cache. Each row's result is the bits decode_attention gives it in a batch of one."""
+        slots, positions = slots.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()
+        assert slots.shape == positions.shape == (qkv.shape[0],)
+        return self._attention(qkv, cos, sin, keys, values, heads, 0, slots, positions)
+
+    def _attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
+                   values: torch.Tensor, heads: int, past: int, slots: torch.Tensor | None,
+                   positions: torch.Tensor | None) -> torch.Tensor:
+        batch, capacity, hs = qkv.shape[0], keys.shape[2], keys.shape[3]
         cos, sin = cos.reshape(batch, -1).contiguous(), sin.reshape(batch, -1).contiguous()
         qkv = qkv.contiguous()
         out = torch.empty((batch, 1, heads * hs), dtype=torch.bfloat16)
-        self.library.neox_decode_attention_bf16(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[1],
-                                                keys.data_ptr(), values.data_ptr(), out.data_ptr(), batch, heads,
-                                                hs, cos.shape[1], capacity, past, hs**-0.5)
+        self.library.neox_decode_attention_bf16(
+            qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[1], keys.data_ptr(), values.data_ptr(),
+            out.data_ptr(), batch, heads, hs, cos.shape[1], capacity, past,
+            None if slots is None else slots.data_ptr(), None if positions is None else positions.data_ptr(),
+            hs**-0.5)
         return out
 
 
@@ -135,7 +156,8 @@ def _load() -> tuple[BF16Kernel | None, str]:
     library.neox_linear_f32.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     library.neox_decode_attention_bf16.restype = None
     library.neox_decode_attention_bf16.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 3
-                                                   + [ctypes.c_int64] * 6 + [ctypes.c_float])
+                                                   + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 2
+                                                   + [ctypes.c_float])
     isa = library.neox_best_isa()
     if isa not in _ISA_NAMES:
         return None, "this CPU has neither AVX2+FMA nor AVX512-BF16: PyTorch's bf16 matmul"

@@ -23,6 +23,12 @@ class Linear(nn.Linear):
         kernel = self._kernel_for(x)
         return kernel.linear(x, self.weight, self.bias) if kernel else F.linear(x, self.weight, self.bias)
 
+    def forward_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """self(x) for rows of independent sequences (continuous batching): the kernel at any number of rows, as
+        it computes each row alone, so each row gets the bits it gets in a batch of one."""
+        kernel = self._kernel_for(x, any_rows=True)
+        return kernel.linear(x, self.weight, self.bias) if kernel else F.linear(x, self.weight, self.bias)
+
     def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
         """F.gelu(self(x)), fused into the kernel call where the kernel runs."""
         kernel = self._kernel_for(x)
@@ -35,13 +41,14 @@ class Linear(nn.Linear):
         return (weight.dtype in _KERNEL_DTYPES and weight.is_cpu and weight.is_contiguous()
                 and (bias is None or (bias.dtype is weight.dtype and bias.is_contiguous())))
 
-    def _kernel_for(self, x: torch.Tensor) -> BF16Kernel | None:
+    def _kernel_for(self, x: torch.Tensor, any_rows: bool = False) -> BF16Kernel | None:
         weight, bias = self.weight, self.bias
         if (x.dtype is weight.dtype and x.is_cpu and self.kernel_ready()
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                    or (bias is not None and bias.requires_grad)))):
             kernel = bf16_kernel()
-            if kernel is not None and x.numel() <= kernel.rows_for(x.dtype) * weight.shape[1]:
+            rows = kernel.rows_for(x.dtype) if kernel is not None else 0
+            if rows and (any_rows or x.numel() <= rows * weight.shape[1]):
                 return kernel
         return None
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neoxlite.cache import StaticCache
+from neoxlite.cache import RowStep, StaticCache
 from neoxlite.config import GPTNeoXConfig
 from neoxlite.cpu_kernels import BF16Kernel, bf16_kernel
 from neoxlite.generation import GenerationMixin
@@ -80,11 +80,11 @@ class GPTNeoXAttention(nn.Module):
         self.dense = Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                kv: tuple[StaticCache, int] | None) -> torch.Tensor:
+                kv: tuple[StaticCache | RowStep, int] | None) -> torch.Tensor:
         return self.dense(self.attend(self.query_key_value(x), rope, mask, kv))
 
     def attend(self, fused: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-               kv: tuple[StaticCache, int] | None) -> torch.Tensor:
+               kv: tuple[StaticCache | RowStep, int] | None) -> torch.Tensor:
         """(B, T, 3C) fused q/k/v projections -> (B, T, C) attention output, before the output projection."""
         B, T, _ = fused.shape
         C = self.num_heads * self.head_size
@@ -93,6 +93,10 @@ class GPTNeoXAttention(nn.Module):
             kernel = _decode_attention_kernel(fused, kv)
             if kernel is not None:  # rotary, cache write and attention in one call (neoxlite/csrc)
                 cache, layer_idx = kv
+                if isinstance(cache, RowStep):
+                    return kernel.decode_attention_rows(fused, cos, sin, cache.keys[layer_idx],
+                                                        cache.values[layer_idx], cache.rows_tensor,
+                                                        cache.positions_tensor, self.num_heads)
                 return kernel.decode_attention(fused, cos, sin, cache.keys[layer_idx], cache.values[layer_idx],
                                                cache.length, self.num_heads)
         # NeoX interleaves per head: each head's slice of the fused output is [q | k | v].
@@ -102,6 +106,12 @@ class GPTNeoXAttention(nn.Module):
         qk = _apply_rotary(qkv[..., : 2 * hs].unflatten(-1, (2, hs)), cos[..., None, :], sin[..., None, :])
         q, k = qk.unbind(-2)  # (B, nh, T, hs) each
         v = qkv[..., 2 * hs:]
+        if kv is not None and isinstance(kv[0], RowStep):
+            # independent sequences: each row attends to its own slot up to its own position, the same call
+            # a batch of one makes (so the same bits)
+            rows = kv[0].update(kv[1], k, v)  # per row (1, nh, position + 1, hs)
+            y = torch.cat([F.scaled_dot_product_attention(q[b:b + 1], rk, rv) for b, (rk, rv) in enumerate(rows)])
+            return y.transpose(1, 2).reshape(B, T, C)
         if kv is not None:
             cache, layer_idx = kv
             k, v = cache.update(layer_idx, k, v)  # (B, nh, past + T, hs)
@@ -112,7 +122,7 @@ class GPTNeoXAttention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, C)
 
 
-def _decode_attention_kernel(qkv: torch.Tensor, kv: tuple[StaticCache, int]) -> BF16Kernel | None:
+def _decode_attention_kernel(qkv: torch.Tensor, kv: tuple[StaticCache | RowStep, int]) -> BF16Kernel | None:
     """neoxlite's CPU kernel where it computes this decode step (bf16 on the CPU, no autograd), else None."""
     cache, layer_idx = kv
     keys, values = cache.keys[layer_idx], cache.values[layer_idx]
@@ -150,7 +160,7 @@ class GPTNeoXLayer(nn.Module):
         self.mlp = GPTNeoXMLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                kv: tuple[StaticCache, int] | None = None) -> torch.Tensor:
+                kv: tuple[StaticCache | RowStep, int] | None = None) -> torch.Tensor:
         if x.shape[1] == 1 and mask is None and kv is not None and not self.training:
             kernel = self._decode_kernel(x, kv)
             if kernel is not None:
@@ -176,7 +186,7 @@ class GPTNeoXLayer(nn.Module):
         when it unbinds a layer, so a file mapping the tensors view is released (and leaves RSS) at once."""
         self.__dict__.pop("_kernel_step", None)
 
-    def _decode_kernel(self, x: torch.Tensor, kv: tuple[StaticCache, int]) -> BF16Kernel | None:
+    def _decode_kernel(self, x: torch.Tensor, kv: tuple[StaticCache | RowStep, int]) -> BF16Kernel | None:
         """neoxlite's CPU kernels when they can run this decode step's linears (bf16 or fp32 in RAM, unquantized,
         no autograd, a batch the linear kernel takes), else None."""
         if (x.dtype is not torch.bfloat16 and x.dtype is not torch.float32) or not x.is_cpu or torch.is_grad_enabled():
@@ -187,10 +197,15 @@ class GPTNeoXLayer(nn.Module):
         if cached[1] is None or cached[1].dtype is not x.dtype:
             return None
         kernel = bf16_kernel()
-        return kernel if kernel is not None and x.shape[0] <= kernel.rows_for(x.dtype) else None
+        if kernel is None or not kernel.rows_for(x.dtype):
+            return None
+        # Rows of independent sequences take the kernel at any batch: it computes each row alone, so each gets
+        # the bits it gets in a batch of one (what continuous batching promises); a batch otherwise up to where
+        # the kernel beats PyTorch's matmul.
+        return kernel if isinstance(kv[0], RowStep) or x.shape[0] <= kernel.rows_for(x.dtype) else None
 
     def _decode_step(self, kernel: BF16Kernel, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                     kv: tuple[StaticCache, int]) -> torch.Tensor:
+                     kv: tuple[StaticCache | RowStep, int]) -> torch.Tensor:
         """forward() for one new token: the same operations in the same order (the same bits as the module path),
         called directly, without a module call, attribute lookup or check per operation (at batch 1 those cost
         about a tenth of a step)."""
@@ -421,6 +436,25 @@ class GPTNeoXModel(GPTNeoXPreTrainedModel):
         return ModelOutput(last_hidden_state=x, hidden_states=tuple(hidden_states) if hidden_states else None)
 
 
+    def decode_rows(self, tokens: torch.Tensor, step: RowStep) -> torch.Tensor:
+        """One new token for each of B independent sequences (continuous batching): (B,) ids, each at its own
+        position in its own cache slot (`step`) -> (B, 1, C) normed hidden states. The same blocks, fetched through
+        the same scheduler loop, as forward(); each row gets the bits a batch of one gets."""
+        device = self.compute_device
+        x = self.embed_in(tokens[:, None].to(self.embed_in.weight.device)).to(device)  # (B, 1, C)
+        positions = step.positions_tensor[:, None]  # (B, 1)
+        if self.config.rope_type == "dynamic":  # the base follows each row's own length
+            pairs = [rotary_cos_sin(self.config, positions[b:b + 1], x.dtype) for b in range(len(step.rows))]
+            rope = (torch.cat([c for c, _ in pairs]), torch.cat([s for _, s in pairs]))
+        else:
+            rope = rotary_cos_sin(self.config, positions, x.dtype)
+        for i in range(len(self.layers)):
+            layer = self.scheduler.fetch(i)
+            x = layer(x, rope, None, (step, i))
+            self.scheduler.done(i)
+        return self.final_layer_norm(x.to(self.final_layer_norm.weight.device))
+
+
 class GPTNeoXForCausalLM(GenerationMixin, GPTNeoXPreTrainedModel):
     def __init__(self, config: GPTNeoXConfig) -> None:
         super().__init__(config)
@@ -450,6 +484,11 @@ class GPTNeoXForCausalLM(GenerationMixin, GPTNeoXPreTrainedModel):
             shift = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             loss = F.cross_entropy(shift, labels[:, 1:].reshape(-1).to(shift.device), ignore_index=-100)
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+    def decode_rows(self, tokens: torch.Tensor, step: RowStep) -> torch.Tensor:
+        """(B,) ids of independent sequences, each at its own position and slot -> (B, V) next-token logits."""
+        h = self.gpt_neox.decode_rows(tokens, step)
+        return self.embed_out.forward_rows(h.to(self.embed_out.weight.device))[:, -1]
 
 
 def sequence_classification_loss(pooled: torch.Tensor, labels: torch.Tensor, config: GPTNeoXConfig) -> torch.Tensor:

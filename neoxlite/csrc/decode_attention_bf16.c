@@ -31,26 +31,31 @@ static void rotate(const uint16_t *x, const uint16_t *cos, const uint16_t *sin, 
 }
 
 /* qkv: (B, heads * 3 * hs), each head's slice [q | k | v]; cos, sin: (B, rot) with row strides;
- * keys, values: (B, heads, capacity, hs), position `past` is written and 0..past are attended;
+ * keys, values: (slots, heads, capacity, hs). Row b writes position p of slot s and attends to positions 0..p of
+ * slot s, where s = slots_of[b], p = positions[b] for continuous batching (each row its own sequence), or s = b,
+ * p = past for one batch of equal lengths when slots_of is NULL. The caller checks s < slots, p < capacity.
  * out: (B, heads * hs). `scale` multiplies the scores (1/sqrt(hs) by default in PyTorch). */
 __attribute__((target_clones("avx512f", "avx2", "default"))) /* vector dot products where the CPU has them */
 void neox_decode_attention_bf16(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, int64_t trig_stride,
                                 uint16_t *keys, uint16_t *values, uint16_t *out, int64_t B, int64_t heads,
-                                int64_t hs, int64_t rot, int64_t capacity, int64_t past, float scale) {
-    const int64_t length = past + 1;
+                                int64_t hs, int64_t rot, int64_t capacity, int64_t past, const int64_t *slots_of,
+                                const int64_t *positions, float scale) {
 #pragma omp parallel
     {
         float scores_stack[2048], acc_stack[512];
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * heads; ++bh) {
             const int64_t b = bh / heads, h = bh % heads;
+            const int64_t slot = slots_of ? slots_of[b] : b, pos = slots_of ? positions[b] : past;
+            const int64_t length = pos + 1;
             const uint16_t *head = qkv + (b * heads + h) * 3 * hs;
             const uint16_t *c = cos + b * trig_stride, *s = sin + b * trig_stride;
-            uint16_t *kc = keys + (bh * capacity) * hs, *vc = values + (bh * capacity) * hs;
+            const int64_t base = (slot * heads + h) * capacity * hs;
+            uint16_t *kc = keys + base, *vc = values + base;
             uint16_t q[512];
             rotate(head, c, s, hs, rot, q);
-            rotate(head + hs, c, s, hs, rot, kc + past * hs);
-            memcpy(vc + past * hs, head + 2 * hs, (size_t)hs * sizeof(uint16_t));
+            rotate(head + hs, c, s, hs, rot, kc + pos * hs);
+            memcpy(vc + pos * hs, head + 2 * hs, (size_t)hs * sizeof(uint16_t));
 
             float *scores = length <= 2048 ? scores_stack : NULL;
             float *acc = acc_stack;

@@ -1,0 +1,191 @@
+"""`neoxlite serve` under concurrent streaming clients: aggregate tokens/s, time to first token, memory.
+
+    .venv/bin/python bench/serve.py [--shape pythia-410m] [--clients 1 8 16] [--tokens 32] [--prompt-words 8]
+                                    [--threads N]
+
+Starts `neoxlite serve` (bf16 random weights of the shape, the GPT-NeoX-20B tokenizer, a RAM budget so the offload
+plan reserves the KV cache for the batch) as a subprocess on 127.0.0.1, then for each client count runs that many
+streaming /v1/completions clients at once (threads, greedy, `max_tokens` each, a token per event via logprobs=0)
+and prints the aggregate tokens/s against one client's in the same run (goals: >= 5x at 8, >= 6x at 16), each
+client's time to first token and tokens/s (p50/p95), the time to first token of a request arriving while 15 others
+decode against the same request on an idle server (goal: <= 2x), and the server's memory against its budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import random_checkpoint  # noqa: E402
+
+TOKENIZER = Path(__file__).resolve().parents[2] / "shared/tokenizers/gpt-neox-20b"
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches".split()
+
+
+def start_server(folder: Path, port: int, batch: int, context: int, budget: str,
+                 threads: int | None) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("neoxlite")
+    command = [str(exe), "serve", "-m", str(folder), "--dtype", "bf16", "--port", str(port), "--max-batch-size",
+               str(batch), "--max-context", str(context), "--cpu-memory", budget]
+    print("server:", " ".join(command[1:]), file=sys.stderr)
+    # On a shared machine OpenMP threads that spin while others hold the cores slow every step many times over:
+    # --threads 1 keeps the comparison about batching.
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    process = subprocess.Popen(command, stderr=subprocess.STDOUT, stdout=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited:\n{process.stdout.read()}")
+        time.sleep(0.5)
+    raise SystemExit("the server did not become ready in 10 minutes")
+
+
+class Client:
+    """One streaming request; records when each token arrived."""
+
+    def __init__(self, url: str, model: str, prompt: str, tokens: int) -> None:
+        self.body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+                     "logprobs": 0}
+        self.url = url
+        self.sent = 0.0
+        self.times: list[float] = []  # when each token arrived
+
+    def run(self) -> None:
+        self.sent = time.perf_counter()
+        with httpx.stream("POST", self.url + "/v1/completions", json=self.body, timeout=600) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                tokens = len((json.loads(line[6:])["choices"][0].get("logprobs") or {}).get("tokens", []))
+                self.times += [time.perf_counter()] * tokens
+
+    @property
+    def count(self) -> int:
+        return len(self.times)
+
+    @property
+    def ttft(self) -> float:
+        return self.times[0] - self.sent
+
+    @property
+    def rate(self) -> float:
+        """Decode tokens/s: after the first token."""
+        span = self.times[-1] - self.times[0] if self.times else 0.0
+        return (self.count - 1) / span if span > 0 else 0.0
+
+
+def steady_rate(clients: list[Client]) -> float:
+    """Aggregate tokens/s while every client decodes: tokens in [last first token, first last token] (prefills
+    run one at a time, so this is the decode throughput of the full batch); 0 when that window is empty."""
+    start, end = max(c.times[0] for c in clients), min(c.times[-1] for c in clients)
+    if len(clients) == 1:
+        start, end = clients[0].times[0], clients[0].times[-1]
+    tokens = sum(sum(start < t <= end for t in c.times) for c in clients)
+    return tokens / (end - start) if end > start else 0.0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def run_clients(clients: list[Client]) -> float:
+    """Runs the clients at once; returns the aggregate tokens/s (all tokens over the wall time)."""
+    threads = [threading.Thread(target=c.run) for c in clients]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(c.count for c in clients) / (time.perf_counter() - start)
+
+
+def percentiles(values: list[float]) -> str:
+    values = sorted(values)
+    p95 = values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
+    return f"p50 {statistics.median(values):7.3f}  p95 {p95:7.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="pythia-410m")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per client")
+    parser.add_argument("--prompt-words", type=int, default=8)
+    parser.add_argument("--context", type=int, default=256, help="--max-context of the server")
+    parser.add_argument("--cpu-memory", default="4GiB", help="the server's RAM budget")
+    parser.add_argument("--tokenizer", type=Path, default=TOKENIZER)
+    parser.add_argument("--threads", type=int, default=None, help="the server's OMP_NUM_THREADS (default: torch's)")
+    args = parser.parse_args()
+
+    folder = random_checkpoint(args.shape)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (args.tokenizer / name).exists() and not (folder / name).exists():
+            shutil.copy(args.tokenizer / name, folder / name)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    batch = max(max(args.clients), 16)
+    server = start_server(folder, port, batch, args.context, args.cpu_memory, args.threads)
+    url, model = f"http://127.0.0.1:{port}", str(folder)
+    try:
+        prompt = lambda i: " ".join(WORDS[(i + j) % len(WORDS)] for j in range(args.prompt_words))  # noqa: E731
+        run_clients([Client(url, model, prompt(99), 4)])  # warm-up
+        print(f"{args.shape} bf16, {args.tokens} new tokens per client, prompt of {args.prompt_words} words, "
+              f"server threads {args.threads or torch_threads()}, "
+              f"load average {os.getloadavg()[0]:.1f} at start", file=sys.stderr)
+        rates: dict[int, tuple[float, float]] = {}
+        for n in args.clients:
+            clients = [Client(url, model, prompt(i), args.tokens) for i in range(n)]
+            rates[n] = (run_clients(clients), steady_rate(clients))
+            wall, steady = (r / b for r, b in zip(rates[n], rates[args.clients[0]], strict=True))
+            print(f"{n:3d} clients: aggregate {rates[n][0]:6.2f} tok/s over the wall time ({wall:.2f}x), "
+                  f"{rates[n][1]:6.2f} tok/s while all decode ({steady:.2f}x {args.clients[0]} client); "
+                  f"TTFT s {percentiles([c.ttft for c in clients])}; per-client tok/s "
+                  f"{percentiles([c.rate for c in clients])}")
+        # time to first token: alone on an idle server, then while 15 others decode
+        alone = Client(url, model, prompt(7), 1)
+        run_clients([alone])
+        others = [Client(url, model, prompt(i), args.tokens * 2) for i in range(15)]
+        threads = [threading.Thread(target=c.run) for c in others]
+        for t in threads:
+            t.start()
+        while sum(c.count > 0 for c in others) < 15:
+            time.sleep(0.01)
+        loaded = Client(url, model, prompt(7), 1)
+        run_clients([loaded])
+        for t in threads:
+            t.join()
+        print(f"TTFT alone {alone.ttft:.3f} s, while 15 decode {loaded.ttft:.3f} s "
+              f"({loaded.ttft / alone.ttft:.2f}x; goal <= 2x)")
+        metrics = httpx.get(url + "/metrics").json()
+        memory = metrics["memory"]
+        print(f"memory: RSS peak {memory['ram_peak'] / 2**30:.2f} GiB, KV cache {memory['kv_cache'] / 2**30:.2f} GiB "
+              f"for {metrics['max_batch_size']} rows of {metrics['max_context']}, budget "
+              f"{memory.get('budgets', {}).get('cpu', 0) / 2**30:.2f} GiB; load average {os.getloadavg()[0]:.1f} at end")
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Continuous batching: requests join the running batch at any decode step and leave it when they finish.
+
+One thread, the Batcher's, owns the model. Each turn it admits waiting requests into free cache slots, prefills
+one chunk of one new prompt, runs one decode step over every running row (`model.decode_rows`: each row at its own
+position in its own slot of a SlotCache, no padding), samples each row with its own settings and generator, streams
+the token to its request and retires the rows that are done. Every row gets the tokens it would get alone:
+prefill is the ordinary forward on the row's slot, the decode step computes each row as a batch of one would, and
+sampling follows `stream_generate` row by row.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from neoxlite.cache import SlotCache
+from neoxlite.generation import SamplingSettings, _hit_stop, context_limit
+from neoxlite.offload.placement import Workload
+
+# Prompt tokens prefilled per turn: a long prompt is prefilled in chunks, between decode steps of the running rows
+# (a prompt up to this long is prefilled in one forward, exactly as generate() does).
+PREFILL_CHUNK = 512
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is full: the caller should retry later (the server answers 429)."""
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    logprob: float | None = None  # log-probability under the model's raw distribution, when asked for
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # the most likely tokens and theirs
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str  # "stop" (eos or a stop string) | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    error: str = ""
+
+
+Event = Token | Finish
+
+
+@dataclass
+class Request:
+    """One generation: prompt ids in, a stream of Token events out, then one Finish.
+
+    Events go to `sink` when given (called from the batcher's thread: keep it short), else to a queue that
+    `events()` reads. The eos token ends the stream without being sent; a stop string's last token is sent.
+    """
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    seed: int | None = None
+    eos_token_ids: Sequence[int] = ()
+    stop_strings: Sequence[str] = ()
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely tokens'
+    sink: Callable[[Event], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    _queue: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
+
+    def cancel(self) -> None:
+        """Frees the request's row at the next step (a client that went away)."""
+        self.cancelled.set()
+
+    def emit(self, event: Event) -> None:
+        (self.sink or self._queue.put)(event)
+
+    def events(self) -> Iterator[Event]:
+        """The events as they come (without a sink), ending with the Finish."""
+        while True:
+            event = self._queue.get()
+            yield event
+            if isinstance(event, Finish):
+                return
+
+
+@dataclass
+class _Row:
+    """A running request: its cache slot, what it has seen and how far it got."""
+
+    request: Request
+    slot: int
+    budget: int  # new tokens at most (the request's, capped by the room in the slot)
+    generator: torch.Generator | None
+    seen: torch.Tensor  # (1, tokens so far) ids: prompt and generated, for the repetition penalty and stops
+    prefilled: int = 0  # prompt tokens already in the cache
+    generated: int = 0
+    counts: torch.Tensor | None = None  # (V,) times each token was generated, for OpenAI's penalties
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt)
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The ids that end a reply, as stream_text picks them: the checkpoint's generation_config.json, else the
+    tokenizer's eos token."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+class Batcher:
+    """Owns `model` on a thread of its own and runs every submitted request on it, batched.
+
+    max_batch_size: rows decoded together (cache slots); max_context: tokens per slot (prompt + reply; default as
+    the loaders': min(2048, the model's context)); max_waiting: requests queued beyond the running ones before submit() refuses more.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, max_batch_size: int = 8, max_context: int | None = None,
+                 max_waiting: int = 64, start: bool = True) -> None:
+        # the loaders' default context (min(2048, the model's)), never past what the model can position
+        max_context = min(Workload(max_batch_size, max_context).context(model.config), context_limit(model.config))
+        reserved = getattr(model, "offload_workload", None)
+        if reserved is not None and (max_batch_size > reserved[0] or max_context > reserved[1]):
+            raise ValueError(
+                f"batching {max_batch_size} rows of {max_context} tokens needs more than the memory plan reserved "
+                f"({reserved[0]} of {reserved[1]}); load with max_batch_size={max_batch_size} and "
+                f"max_context={max_context} (--max-batch-size/--max-context), or batch less")
+        if max_batch_size < 1 or max_waiting < 1:
+            raise ValueError(f"max_batch_size ({max_batch_size}) and max_waiting ({max_waiting}) must be at least 1")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_context = max_context
+        self.cache = SlotCache(model.config, max_batch_size, max_context, model._cache_dtype(), model.device)
+        self._waiting: queue.Queue[Request] = queue.Queue(maxsize=max_waiting)
+        self._rows: list[_Row] = []  # admitted: prefilling (first) or decoding
+        self._free = list(range(max_batch_size))
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent turns, for tokens/s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="neoxlite-batcher", daemon=True)
+        if start:  # start=False: the caller drives turn() itself (the tests, step by step)
+            self._thread.start()
+
+    # ------------------------------------------------------------------------------------------- outside
+    def submit(self, request: Request) -> Request:
+        """Queues `request`; raises ValueError for one that cannot run, QueueFull when the queue is full."""
+        prompt_len = len(request.prompt)
+        if prompt_len == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if prompt_len >= self.max_context:
+            raise ValueError(f"the prompt has {prompt_len} tokens but a row holds {self.max_context}; shorten it")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+        if request.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need the tokenizer: pass it to Batcher(model, tokenizer)")
+        try:
+            self._waiting.put_nowait(request)
+        except queue.Full:
+            raise QueueFull(f"{self._waiting.maxsize} requests are already waiting; retry later") from None
+        return request
+
+    def metrics(self) -> dict[str, Any]:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= 10.0]
+        span = now - recent[0][0] if recent else 0.0
+        return {"running": len(self._rows), "waiting": self._waiting.qsize(), "max_batch_size": self.max_batch_size,
+                "max_context": self.max_context,
+                "tokens_per_second": round(sum(n for _, n in recent) / span, 2) if span > 0 else 0.0,
+                "kv_cache_bytes": sum(t.nbytes for t in self.cache.keys + self.cache.values)}
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    # -------------------------------------------------------------------------------------- the thread
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.turn()
+            except Exception as error:  # noqa: BLE001 - one failed turn fails its rows, not the server
+                traceback.print_exc(file=sys.stderr)
+                for row in self._rows:
+                    self._finish(row, "error", f"{type(error).__name__}: {error}")
+                self._rows = []
+                self._free = list(range(self.max_batch_size))
+
+    def turn(self) -> None:
+        """Admits waiting requests into free slots, prefills one chunk, decodes one step of every running row."""
+        for row in [r for r in self._rows if r.request.cancelled.is_set()]:
+            self._retire(row, "cancelled")
+        self._admit(block=not self._rows and self._thread.is_alive())
+        with torch.inference_mode():
+            prefilling = next((r for r in self._rows if r.prefilled < r.prompt_len), None)
+            if prefilling is not None:
+                self._prefill(prefilling)
+            decoding = [r for r in self._rows if r.prefilled == r.prompt_len and r.generated > 0]
+            if decoding:
+                self._step(decoding)
+
+    def _admit(self, block: bool) -> None:
+        while self._free:
+            try:
+                request = self._waiting.get(timeout=0.5) if block else self._waiting.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if request.cancelled.is_set():
+                request.emit(Finish("cancelled", len(request.prompt), 0))
+                continue
+            generator = (torch.Generator(device="cpu").manual_seed(request.seed)
+                         if request.seed is not None else None)
+            budget = min(request.max_new_tokens, self.max_context - len(request.prompt))
+            seen = torch.tensor([list(request.prompt)], dtype=torch.long, device=self.model.device)
+            self._rows.append(_Row(request, self._free.pop(0), budget, generator, seen))
+
+    def _prefill(self, row: _Row) -> None:
+        """The next chunk of the row's prompt into its slot; after the last, its first token."""
+        end = min(row.prefilled + PREFILL_CHUNK, row.prompt_len)
+        ids = row.seen[:, row.prefilled:end]
+        out = self.model(ids, cache=self.cache.slot(row.slot, row.prefilled), logits_to_keep=1)
+        row.prefilled = end
+        if end == row.prompt_len:
+            self._sample([row], out.logits[:, -1])
+
+    def _step(self, rows: list[_Row]) -> None:
+        tokens = torch.cat([row.seen[0, -1:] for row in rows])
+        # the newest token of each row goes to the position after its cached ones
+        step = self.cache.step([row.slot for row in rows], [row.prompt_len + row.generated - 1 for row in rows])
+        self._sample(rows, self.model.decode_rows(tokens, step))
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Each row's next token from its (V,) logits, as stream_generate picks it for a batch of one."""
+        device = self.model.device
+        for b, row in enumerate(rows):
+            request = row.request
+            scores = logits[b:b + 1].to(device)
+            if row.counts is not None:  # OpenAI's penalties, on the tokens generated so far
+                scores = scores.float() - (request.frequency_penalty * row.counts
+                                           + request.presence_penalty * (row.counts > 0))
+            chosen = request.sampling.next_tokens(scores, row.seen, row.generator).to(device)
+            token_id = int(chosen[0])
+            row.seen = torch.cat([row.seen, chosen[:, None]], dim=1)
+            row.generated += 1
+            if request.presence_penalty or request.frequency_penalty:
+                if row.counts is None:
+                    row.counts = torch.zeros(logits.shape[-1], device=device)
+                row.counts[token_id] += 1
+            if token_id in request.eos_token_ids:
+                self._retire(row, "stop", counted=row.generated - 1)
+                continue
+            request.emit(self._token(token_id, logits[b], request.logprobs))
+            if request.stop_strings and bool(_hit_stop(self.tokenizer, row.seen, list(request.stop_strings))[0]):
+                self._retire(row, "stop")
+            elif row.generated >= row.budget:
+                self._retire(row, "length")
+        self._recent.append((time.monotonic(), len(rows)))
+        while len(self._recent) > 4096:
+            self._recent.popleft()
+
+    @staticmethod
+    def _token(token_id: int, logits: torch.Tensor, top: int | None) -> Token:
+        if top is None:
+            return Token(token_id)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        best = torch.topk(logprobs, min(top, logprobs.shape[-1])) if top else None
+        pairs = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else ()
+        return Token(token_id, float(logprobs[token_id]), pairs)
+
+    def _retire(self, row: _Row, reason: str, counted: int | None = None) -> None:
+        self._rows.remove(row)
+        self._free.append(row.slot)
+        self._finish(row, reason, counted=counted)
+
+    @staticmethod
+    def _finish(row: _Row, reason: str, error: str = "", counted: int | None = None) -> None:
+        completion = row.generated if counted is None else counted
+        row.request.emit(Finish(reason, row.prompt_len, completion, error))

@@ -1,0 +1,325 @@
+"""The OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions, plus /health and /metrics.
+
+The model loads on a thread while the server already answers (503 until it is ready). Each generation request
+becomes a `neoxlite.batching.Request` on the shared Batcher; its tokens come back through an asyncio queue and
+leave as text (whole characters only, cut before any stop string), streamed as server-sent events or at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from neoxlite.app.prompting import cut_at_stop, render
+from neoxlite.app.prompting import stop_strings as chat_stop_strings
+from neoxlite.batching import Batcher, Finish, QueueFull, Token, eos_token_ids
+from neoxlite.batching import Request as BatchRequest
+from neoxlite.limits import check_text_fits
+from neoxlite.serve.requests import ApiError, Generation, parse
+
+
+class Server:
+    """The served model: its name, the loading state, and once loaded the tokenizer and the batcher."""
+
+    def __init__(self, name: str, load: Callable[[], tuple[Any, Any]], *, max_batch_size: int = 8,
+                 max_context: int | None = None, max_waiting: int = 64, api_key: str | None = None) -> None:
+        self.name, self.api_key = name, api_key
+        self.max_batch_size, self.max_context, self.max_waiting = max_batch_size, max_context, max_waiting
+        self.state = "loading"  # loading | ready | failed
+        self.error = ""
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.batcher: Batcher | None = None
+        self.eos_ids: list[int] = []
+        self.started = time.time()
+        self._load = load
+
+    def start_loading(self) -> threading.Thread:
+        thread = threading.Thread(target=self._load_now, name="neoxlite-serve-load", daemon=True)
+        thread.start()
+        return thread
+
+    def _load_now(self) -> None:
+        try:
+            model, tokenizer = self._load()
+            self.batcher = Batcher(model, tokenizer, max_batch_size=self.max_batch_size,
+                                   max_context=self.max_context, max_waiting=self.max_waiting)
+            self.eos_ids = eos_token_ids(model, tokenizer)
+            self.model, self.tokenizer, self.state = model, tokenizer, "ready"
+        except Exception as error:  # noqa: BLE001 - reported by every request, traceback to stderr once
+            traceback.print_exc(file=sys.stderr)
+            self.error, self.state = f"{type(error).__name__}: {error}", "failed"
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="neoxlite", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(ApiError(error.status_code, str(error.detail), code=None).body(),
+                            status_code=error.status_code)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status = 200 if server.state == "ready" else 503
+        return JSONResponse({"status": server.state, "error": server.error or None}, status_code=status)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> dict[str, Any]:
+        _authorize(server, request)
+        return _metrics(server)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        _authorize(server, request)
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": int(server.started),
+                                            "owned_by": "neoxlite"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await _generate(server, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await _generate(server, request, chat=True)
+
+    return app
+
+
+def _authorize(server: Server, request: Request) -> None:
+    if server.api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), server.api_key.encode()):
+        raise ApiError(401, "missing or wrong API key: send the key given to --api-key as 'Authorization: Bearer KEY'",
+                       code="invalid_api_key")
+
+
+def _ready(server: Server) -> Batcher:
+    if server.state == "loading":
+        raise ApiError(503, "the model is still loading; retry in a moment", kind="server_error",
+                       code="model_loading")
+    if server.state == "failed":
+        raise ApiError(503, f"the model failed to load: {server.error}", kind="server_error", code="model_failed")
+    assert server.batcher is not None
+    return server.batcher
+
+
+async def _generate(server: Server, request: Request, chat: bool) -> Any:
+    _authorize(server, request)
+    batcher = _ready(server)
+    try:
+        body = json.loads(await request.body())
+    except ValueError as error:
+        raise ApiError(400, f"the request body is not valid JSON: {error}") from None
+    generation = parse(body, chat)
+    if generation.model != server.name:
+        raise ApiError(404, f"the model '{generation.model}' does not exist here; this server serves '{server.name}'",
+                       "model", "model_not_found")
+    prompt_ids, stops = _prompt(server, batcher, generation, chat)
+    room = batcher.max_context - len(prompt_ids)
+    max_tokens = generation.max_tokens if generation.max_tokens is not None else room
+    if max_tokens > room:
+        raise ApiError(400, f"this model's context holds {batcher.max_context} tokens, but the prompt takes "
+                            f"{len(prompt_ids)} and max_tokens asks for {max_tokens}; lower max_tokens to {room} "
+                            "or shorten the prompt", "max_tokens", "context_length_exceeded")
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    job = BatchRequest(prompt_ids, max_tokens, generation.sampling, generation.seed, server.eos_ids, stops,
+                       generation.presence_penalty, generation.frequency_penalty, generation.logprobs,
+                       sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    try:
+        batcher.submit(job)
+    except QueueFull as error:
+        raise ApiError(429, str(error), kind="rate_limit_error", code="rate_limit_exceeded") from None
+    reply = _Reply(server, generation, chat, len(prompt_ids), stops)
+    if generation.stream:
+        return StreamingResponse(_stream(reply, job, events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    try:
+        while not isinstance(event := await events.get(), Finish):
+            reply.add(event)
+    finally:
+        job.cancel()  # a no-op once finished; frees the row if this handler was cancelled
+    reply.finish(event)
+    if event.reason == "error":
+        raise ApiError(500, f"generation failed: {event.error}", kind="server_error")
+    return reply.whole()
+
+
+def _prompt(server: Server, batcher: Batcher, generation: Generation, chat: bool) -> tuple[list[int], list[str]]:
+    """The prompt's token ids (text refused from its length before tokenizing) and the stop strings."""
+    tokenizer, context = server.tokenizer, batcher.max_context
+    stops = list(generation.stop)
+    if chat:
+        system = "\n".join(m["content"] for m in generation.messages if m["role"] == "system")
+        turns = [m for m in generation.messages if m["role"] != "system"]
+        for m in generation.messages:
+            check_text_fits(m["content"], tokenizer, context, "message")
+        text = render(tokenizer, system, turns, "chat")
+        stops += [s for s in chat_stop_strings(tokenizer) if s not in stops]  # the end of the assistant's turn
+    elif isinstance(generation.prompt, str):
+        text = generation.prompt
+    else:
+        ids = generation.prompt
+        if any(not 0 <= i < server.model.config.vocab_size for i in ids):
+            raise ApiError(400, f"prompt token ids must lie in [0, {server.model.config.vocab_size})", "prompt")
+        return ids, stops
+    try:
+        check_text_fits(text, tokenizer, context, "prompt")
+    except ValueError as error:
+        raise ApiError(400, str(error), "messages" if chat else "prompt", "context_length_exceeded") from None
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise ApiError(400, "the prompt is empty after tokenizing", "prompt")
+    if len(ids) >= context:
+        raise ApiError(400, f"the prompt takes {len(ids)} tokens; this model's context holds {context}, with room "
+                            "for at least one new token", "messages" if chat else "prompt", "context_length_exceeded")
+    return ids, stops
+
+
+class _Reply:
+    """Tokens -> the reply's text: whole characters only, held back where a stop string may begin, cut before
+    one; the usage and the logprobs; and the OpenAI objects that carry them."""
+
+    def __init__(self, server: Server, generation: Generation, chat: bool, prompt_tokens: int,
+                 stops: list[str]) -> None:
+        self.server, self.generation, self.chat, self.stops = server, generation, chat, tuple(stops)
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.ids: list[int] = []
+        self.shown = ""  # text already handed out
+        self.stopped = False
+        self.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
+        self.finish_reason: str | None = None
+        self.logprobs: dict[str, list] | None = (
+            {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            if generation.logprobs is not None else None)
+        self._pending_logprobs = 0  # tokens whose logprobs were not sent yet (streaming)
+
+    def add(self, token: Token) -> str:
+        """Takes one token; returns the text it adds that is safe to show now."""
+        self.ids.append(token.id)
+        if self.logprobs is not None:
+            decode = self.server.tokenizer.decode
+            self.logprobs["tokens"].append(decode([token.id]))
+            self.logprobs["token_logprobs"].append(token.logprob)
+            self.logprobs["top_logprobs"].append({decode([i]): p for i, p in token.top_logprobs})
+            self.logprobs["text_offset"].append(len(self.shown))
+            self._pending_logprobs += 1
+        if self.stopped:
+            return ""
+        text = self.server.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""  # part of a character: wait for the rest
+        return self._show(text, final=False)
+
+    def _show(self, text: str, final: bool) -> str:
+        safe, self.stopped = cut_at_stop(text, self.stops) if self.stops else (text, False)
+        if final and not self.stopped:
+            safe = text
+        delta = safe[len(self.shown):] if safe.startswith(self.shown) else ""
+        self.shown += delta
+        return delta
+
+    def finish(self, event: Finish) -> str:
+        """Takes the Finish; returns the text held back until now."""
+        delta = "" if self.stopped else self._show(self.server.tokenizer.decode(self.ids, skip_special_tokens=True),
+                                                    final=True)
+        self.finish_reason = "stop" if self.stopped or event.reason == "stop" else "length"
+        self.usage.update(completion_tokens=event.completion_tokens,
+                          total_tokens=event.prompt_tokens + event.completion_tokens)
+        return delta
+
+    def _choice(self, text: str, finish_reason: str | None, whole: bool) -> dict[str, Any]:
+        if self.chat:
+            key = "message" if whole else "delta"
+            message = {"role": "assistant", "content": text} if whole else ({"content": text} if text else {})
+            return {"index": 0, key: message, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "text": text, "logprobs": self._logprobs_since(whole), "finish_reason": finish_reason}
+
+    def _logprobs_since(self, whole: bool) -> dict[str, list] | None:
+        if self.logprobs is None:
+            return None
+        count = len(self.logprobs["tokens"]) if whole else self._pending_logprobs
+        self._pending_logprobs = 0
+        return {key: values[len(values) - count:] for key, values in self.logprobs.items()}
+
+    def whole(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.server.name,
+                "choices": [self._choice(self.shown, self.finish_reason, whole=True)], "usage": self.usage}
+
+    def chunk(self, text: str, finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
+        choice = self._choice(text, finish_reason, whole=False)
+        if self.chat and first:
+            choice["delta"] = {"role": "assistant", "content": text}
+        return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.server.name, "choices": [choice],
+                **({"usage": None} if self.generation.include_usage else {})}
+
+    def usage_chunk(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.server.name, "choices": [], "usage": self.usage}
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+async def _stream(reply: _Reply, job: BatchRequest, events: asyncio.Queue) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per piece of text, the finish, the usage when asked, then [DONE]. A client
+    that goes away cancels this generator; its row is freed at the batcher's next step."""
+    try:
+        if reply.chat:
+            yield _sse(reply.chunk("", first=True))
+        while not isinstance(event := await events.get(), Finish):
+            text = reply.add(event)
+            if text or reply.logprobs is not None:
+                yield _sse(reply.chunk(text))
+        if event.reason == "error":
+            yield _sse(ApiError(500, f"generation failed: {event.error}", kind="server_error").body())
+        else:
+            tail = reply.finish(event)
+            yield _sse(reply.chunk(tail, reply.finish_reason))
+            if reply.generation.include_usage:
+                yield _sse(reply.usage_chunk())
+        yield _sse("[DONE]")
+    finally:
+        job.cancel()
+
+
+def _metrics(server: Server) -> dict[str, Any]:
+    from neoxlite.app.engine import memory_now
+
+    out: dict[str, Any] = {"model": server.name, "state": server.state, "uptime_s": round(time.time() - server.started)}
+    if server.batcher is not None:
+        out.update(server.batcher.metrics())
+    memory: dict[str, Any] = dict(memory_now())
+    plan = getattr(server.model, "offload_plan", None)
+    if plan is not None:
+        memory["budgets"] = dict(plan.budgets)
+    if server.batcher is not None:
+        memory["kv_cache"] = out.pop("kv_cache_bytes")
+    out["memory"] = memory
+    return out
