@@ -2,8 +2,10 @@
 
 Named API endpoints (gradio_client): /chat, /classify, /tag, /answer, /memory, and for the model panel
 /models, /plan, /load, /unload.
-Every event that touches a model shares one concurrency group of size 1, so requests queue on the
-model (loading a checkpoint included). The page's chat lives in the browser (gr.BrowserState, kept across
+Chat replies run on the chat model's batcher (neoxlite.batching), which decodes people chatting at once
+together, so chat events have a concurrency group of their own with no limit of Gradio's (the batcher bounds the
+work: rows decoded together, then a bounded waiting queue). Every other event that touches a model shares one
+concurrency group of size 1, so those requests queue on the model (loading a checkpoint included). The page's chat lives in the browser (gr.BrowserState, kept across
 reloads); /chat's history lives in a per-session gr.State, so sessions never see each other's history.
 The task tabs follow what is loaded: a tab shows while a checkpoint with its head is loaded.
 """
@@ -30,6 +32,7 @@ from neoxlite.app.prompting import STYLES, Message
 from neoxlite.options import QUANT_MODES
 
 MODEL_QUEUE = {"concurrency_id": "model", "concurrency_limit": 1}
+CHAT_QUEUE = {"concurrency_id": "chat", "concurrency_limit": None}
 PRIVATE = {"api_visibility": "private"}
 HEAD_TASKS = ("classify", "tag", "answer")
 VIEWS = ("Markdown", "Python code", "Raw text")  # how the chat shows messages
@@ -359,7 +362,7 @@ def _chat_tab(engine: Engine, page: Page, demo: gr.Blocks) -> None:
                                        (regenerate.click, drop_last_reply, [history, view]),
                                        (chatbot.edit, edit_message, [history, view])):
             outputs = [message, history, chatbot] if first is take_message else [history, chatbot]
-            event = trigger(first, inputs, outputs, **PRIVATE).success(**reply_io, **MODEL_QUEUE, **PRIVATE)
+            event = trigger(first, inputs, outputs, **PRIVATE).success(**reply_io, **CHAT_QUEUE, **PRIVATE)
             replying.append(event)
             event.then(**meter_io)
         stop.click(lambda: "Stopped.", None, status, queue=False, cancels=replying, **PRIVATE).then(**meter_io)
@@ -424,7 +427,7 @@ def _chat_api(engine: Engine, settings: list[gr.components.Component]) -> None:
                                  {"role": "assistant", "content": part.text}]
 
     gr.Button(visible=False).click(chat, [api_message, api_history, *settings], [api_reply, api_history],
-                                   api_name="chat", **MODEL_QUEUE)
+                                   api_name="chat", **CHAT_QUEUE)
 
 
 def _guide(engine: Engine, page: Page, task: str, inputs: list[gr.components.Component]) -> None:

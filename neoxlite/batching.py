@@ -177,9 +177,20 @@ class Batcher:
                 "kv_cache_bytes": sum(t.nbytes for t in self.cache.keys + self.cache.values)}
 
     def close(self) -> None:
+        """Stops the thread; requests still running or waiting end with an error Finish, so no reader waits forever."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        closed = "the model was unloaded or the server is stopping; send the request again"
+        for row in self._rows:
+            self._finish(row, "error", closed)
+        self._rows = []
+        while True:
+            try:
+                request = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            request.emit(Finish("error", len(request.prompt), 0, closed))
 
     # -------------------------------------------------------------------------------------- the thread
     def _run(self) -> None:

@@ -92,12 +92,30 @@ def test_sessions_keep_their_own_history_and_queue_concurrently(url):
     alone = client(url).predict("and then?", **GREEDY, api_name="/chat")
     a, b = client(url), client(url)
     assert a.predict("apples", **GREEDY, api_name="/chat") == first
-    with ThreadPoolExecutor(2) as pool:  # both at once: they queue on the one model
+    with ThreadPoolExecutor(2) as pool:  # both at once: decoded together on the chat model's batcher
         follow_up = pool.submit(a.predict, "and then?", **GREEDY, api_name="/chat")
         fresh = pool.submit(b.predict, "and then?", **GREEDY, api_name="/chat")
         follow_up, fresh = follow_up.result(timeout=60), fresh.result(timeout=60)
     assert fresh == alone  # b never saw a's "apples"
     assert follow_up != alone  # a's reply used a's history
+
+
+def test_two_chats_at_once_are_decoded_in_one_batch(url, monkeypatch):
+    from neoxlite.batching import Batcher
+
+    rows_per_turn = []
+    real_turn = Batcher.turn
+
+    def turn(self):  # the app's batcher runs in this process: count the rows each of its turns decodes
+        rows_per_turn.append(len(self._rows))
+        return real_turn(self)
+
+    monkeypatch.setattr(Batcher, "turn", turn)
+    long = {"temperature": 0, "max_new_tokens": 150}
+    with ThreadPoolExecutor(2) as pool:
+        replies = [pool.submit(client(url).predict, f"chat {i}", **long, api_name="/chat") for i in range(2)]
+        assert all(r.result(timeout=120) for r in replies)
+    assert max(rows_per_turn) == 2, "the two chats were queued one after the other, not batched"
 
 
 def test_a_cancelled_reply_frees_the_model(url):

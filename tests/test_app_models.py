@@ -19,7 +19,7 @@ from neoxlite.app.engine import Engine, tier_usage  # noqa: E402
 from neoxlite.app.heads import guide  # noqa: E402
 from neoxlite.app.screenshot import CHROMIUM, free_port, tour  # noqa: E402
 from neoxlite.app.ui import _unfenced, shown, tier_chart_html  # noqa: E402
-from test_app import SENTIMENT, TOKEN_TYPES, TOKENIZER, make_head_checkpoint  # noqa: E402
+from test_app import SENTIMENT, TOKEN_TYPES, make_head_checkpoint  # noqa: E402
 
 from neoxlite.demo import demo_path  # noqa: E402
 
@@ -120,7 +120,8 @@ def test_loading_b_gives_back_a_s_memory(tmp_path):
            "intermediate_size": 2048, "max_position_embeddings": 256}
     for name, seed in (("a", 0), ("b", 1)):
         make_checkpoint(tmp_path / name, "GPTNeoXForCausalLM", seed=seed, shard_kb=None, **big)
-        shutil.copy(TOKENIZER / "tokenizer.json", tmp_path / name / "tokenizer.json")
+        # the demo's 4096-token tokenizer: a tokenizer larger than the model's vocabulary is refused
+        shutil.copy(demo_path() / "tokenizer.json", tmp_path / name / "tokenizer.json")
     engine = Engine.from_paths(tmp_path / "a")
     engine.load()
     size = sum(engine.models["chat"].block_sizes().values())  # ~100 MiB each in float32

@@ -173,3 +173,15 @@ def test_long_prompts_are_prefilled_in_chunks_while_the_others_decode(ckpt, monk
         batcher.turn()
     assert [e.id for e in seen["long"][:-1]] == alone(model, 2, prompt, 6, eos=-1)
     assert [e.id for e in seen["running"][:-1]] == alone(model, 0, [5, 6], 30, eos=-1)
+
+
+def test_closing_ends_running_and_waiting_requests_with_an_error(ckpt):
+    model = load(ckpt, torch.float32)
+    batcher = Batcher(model, max_batch_size=1, max_context=64, start=False)
+    running = batcher.submit(request(0, [5, 6], 40))
+    batcher.turn()
+    waiting = batcher.submit(request(1, [7], 3))
+    batcher.close()  # what the app does when its chat model is unloaded
+    for req in (running, waiting):
+        finish = list(req.events())[-1]  # would block forever if close() left it behind
+        assert finish.reason == "error" and "unloaded" in finish.error
