@@ -114,6 +114,21 @@ class Linear4bit(bnb.nn.Linear4bit):
         out = bnb.matmul_4bit(xc, self.weight, bias=bias, quant_state=qs).to(x.dtype)
         return F.gelu(out) if gelu else out
 
+    def decode_call(self, dtype: torch.dtype, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """neoxlite.linear.DecodeLinear.decode_call: the kernel on this layer's packed weight, for inputs already in
+        the compute dtype (as a model in that dtype gives them)."""
+        kernel = quant_kernel()
+        if kernel is None or self.cpu_packed or self.training or self.weight.device.type != "cpu":
+            return None
+        if not self.compute_type_is_set:  # what the first forward would set (bitsandbytes' rule)
+            self.set_compute_type(torch.empty((1, self.in_features), dtype=dtype))
+            self.compute_type_is_set = True
+        args = self._prepare_kernel()
+        if self.compute_dtype is not dtype or dtype not in QUANT_DTYPES or args is None:
+            return None
+        bias = self._bias_as(dtype)
+        return lambda x: kernel.linear_4bit(x, *args, bias, gelu=gelu)
+
     def _prepare_kernel(self) -> tuple | None:
         """(codes, out_features, table, absmax, nested) for QuantKernel.linear_4bit; None for a layout it does not
         read (a partial block per row, another block size)."""
@@ -197,6 +212,17 @@ class Linear8bit(bnb.nn.Linear8bitLt):
         """F.gelu(self(x)), fused into the kernel call where the kernel runs."""
         kernel = self._kernel(x)
         return self._forward_cpu(kernel, x, gelu=True) if kernel is not None else F.gelu(super().forward(x))
+
+    def decode_call(self, dtype: torch.dtype, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """neoxlite.linear.DecodeLinear.decode_call: the kernel on this layer's int8 weight."""
+        kernel = quant_kernel()
+        if (kernel is None or self.training or self.weight.device.type != "cpu" or dtype not in QUANT_DTYPES
+                or self.state.has_fp16_weights or self.weight.dtype != torch.int8):
+            return None
+        scb = self.weight.SCB if self.weight.SCB is not None else self.state.SCB
+        weight, scb, threshold = self.weight.data.contiguous(), scb.float().contiguous(), float(self.state.threshold)
+        bias = None if self.bias is None else self.bias.data.to(dtype).contiguous()
+        return lambda x: kernel.linear_int8(x, weight, scb, threshold, bias, gelu=gelu)
 
     def _kernel(self, x: torch.Tensor) -> QuantKernel | None:
         kernel = _kernel_for(self, x)

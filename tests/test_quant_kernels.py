@@ -231,6 +231,39 @@ def test_quantized_model_is_as_accurate_as_bitsandbytes_and_greedy_tokens_are_it
     assert (shortfall == 0).float().mean() >= 0.9
 
 
+@needs_kernel
+def test_direct_decode_step_runs_quantized_layers_with_the_module_path_bits(quantized_models, monkeypatch):
+    """GPTNeoXLayer._decode_step calls the quantized kernels directly (no module calls): the same bits as
+    forward()'s module path."""
+    import neoxlite.model
+
+    _, ours, _, _ = quantized_models
+    direct = ours.generate(PROMPT[:1], max_new_tokens=8, eos_token_id=[])
+    calls = []
+    step = neoxlite.model.GPTNeoXLayer._decode_step
+    monkeypatch.setattr(neoxlite.model.GPTNeoXLayer, "_decode_step", lambda *a: calls.append(1) or step(*a))
+    assert torch.equal(ours.generate(PROMPT[:1], max_new_tokens=8, eos_token_id=[]), direct)
+    assert len(calls) == 7 * ours.config.num_hidden_layers
+    monkeypatch.setattr(neoxlite.model.GPTNeoXLayer, "_decode_kernel", lambda self, x, kv: None)
+    assert torch.equal(ours.generate(PROMPT[:1], max_new_tokens=8, eos_token_id=[]), direct)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+def test_fused_gelu_is_torchs_on_every_bf16_value(isa):
+    """An nf4 identity weight (codes 1.0 and 0.0, scale 1) passes each bf16 value through exactly, so the fused
+    GELU meets every value an activation can take."""
+    eye = torch.eye(64)
+    layer = quant.quantize_linear(eye.bfloat16(), None, QuantSpec.from_kwargs(quant="nf4", double_quant=False,
+                                                                             compute_dtype=torch.bfloat16), "cpu")
+    values = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(-1, 32, 64)
+    values = values[~values.isnan().any(-1).any(-1)]  # NaN's payload is not kept bit for bit
+    args = layer._prepare_kernel()
+    for block in values:
+        assert torch.equal(kernel(isa).linear_4bit(block, *args, None), block)
+        assert torch.equal(kernel(isa).linear_4bit(block, *args, None, gelu=True), F.gelu(block))
+
+
 FALLBACK = """
 import torch
 from neoxlite.cpu_kernels import kernel_status, quant_kernel
