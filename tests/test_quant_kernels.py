@@ -264,6 +264,26 @@ def test_fused_gelu_is_torchs_on_every_bf16_value(isa):
         assert torch.equal(kernel(isa).linear_4bit(block, *args, None, gelu=True), F.gelu(block))
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 50), (3, 64), (64, 1001), (130, 256)], ids=str)
+def test_int8_quantizer_gives_bitsandbytes_bits(dtype, shape):
+    """Loading quantizes int8 weights with neoxlite's kernel: the bits of bitsandbytes' own quantizer."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(2)).to(dtype) * 0.05
+    w[1] = 0  # an all-zero row
+    w[2, 7] = 3.0  # a row with one large value
+    want, want_scales, _ = bnb.functional.int8_vectorwise_quant(w.to(torch.float16))
+    got, got_scales = KERNEL.quantize_int8(w)
+    assert torch.equal(got, want) and torch.equal(got_scales, want_scales)
+    layer = quant.quantize_linear(w, None, QuantSpec("int8"), "cpu")
+    assert torch.equal(layer.weight.data, want)
+    if dtype is torch.float32:  # beyond float16's range: PyTorch's arithmetic, as bitsandbytes' (inf and NaN)
+        w[0, 0] = 1e6
+        assert KERNEL.quantize_int8(w) is None
+        want, _, _ = bnb.functional.int8_vectorwise_quant(w.to(torch.float16))
+        assert torch.equal(quant.quantize_linear(w, None, QuantSpec("int8"), "cpu").weight.data, want)
+
+
 FALLBACK = """
 import torch
 from neoxlite.cpu_kernels import kernel_status, quant_kernel

@@ -411,6 +411,59 @@ static void store_int8(void *y, int64_t i, int32_t sum, const act8_t *a, int64_t
 LINEAR8(linear8_avx2, "avx2,fma,f16c", block8_avx2)
 LINEAR8(linear8_avx512, AVX512_TARGET, block8_avx512)
 
+/* ---------------------------------------------------------------- int8 weight quantization (loading) */
+/* 8 values of dtype dt from p, rounded to float16 and back (Int8Params quantizes w.to(float16)) */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 load8_as_f16(const void *p, int64_t i,
+                                                                                         int dt) {
+    __m256 v;
+    if (dt == DT_BF16)
+        v = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+    else if (dt == DT_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    else v = _mm256_loadu_ps((const float *)p + i);
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+/* Row i of w (N x K, dtype dt): scales[i] = max |w16|, q = round(w16 * (127 / max)) with PyTorch's arithmetic
+ * (the reciprocal times 127, then nearest even); an all-zero row gives zeros. */
+__attribute__((target("avx2,fma,f16c"))) static int quantize_rows_int8(int dt, const void *w, int8_t *q,
+                                                                        float *scales, int64_t N, int64_t K) {
+    const int64_t kfull = K / 8 * 8;
+    int overflow = 0;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const int64_t row = n * K;
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 top = _mm256_setzero_ps();
+        for (int64_t k = 0; k < kfull; k += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(sign, load8_as_f16(w, row + k, dt)));
+        float lanes[8], mx = 0.0f;
+        _mm256_storeu_ps(lanes, top);
+        for (int j = 0; j < 8; ++j) mx = lanes[j] > mx ? lanes[j] : mx;
+        for (int64_t k = kfull; k < K; ++k) {
+            const float v = fabsf(round_to(load_value(w, row + k, dt), DT_F16));
+            mx = v > mx ? v : mx;
+        }
+        scales[n] = mx;
+        if (!isfinite(mx)) { /* a value beyond float16's range (or NaN): left to PyTorch's own arithmetic */
+#pragma omp atomic write
+            overflow = 1;
+        }
+        const float scale = (1.0f / mx) * 127.0f;
+        const __m256 s = _mm256_set1_ps(scale);
+        for (int64_t k = 0; k < kfull; k += 8) {
+            const __m256 r = _mm256_round_ps(_mm256_mul_ps(load8_as_f16(w, row + k, dt), s),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m128i i32lo = _mm256_castsi256_si128(_mm256_cvtps_epi32(r));
+            __m128i i32hi = _mm256_extracti128_si256(_mm256_cvtps_epi32(r), 1);
+            const __m128i i8 = _mm_packs_epi16(_mm_packs_epi32(i32lo, i32hi), _mm_setzero_si128());
+            _mm_storel_epi64((__m128i *)(q + row + k), mx == 0.0f ? _mm_setzero_si128() : i8);
+        }
+        for (int64_t k = kfull; k < K; ++k)
+            q[row + k] = mx == 0.0f ? 0 : (int8_t)nearbyintf(round_to(load_value(w, row + k, dt), DT_F16) * scale);
+    }
+    return overflow;
+}
+
 /* ---------------------------------------------------------------- entry points (called through ctypes) */
 int neox_quant_isa(void) {
     __builtin_cpu_init();
@@ -462,4 +515,12 @@ int neox_linear_int8(int isa, int dt, const void *x, const int8_t *w, const floa
     free(a.outliers);
     free(is_outlier);
     return status;
+}
+
+/* w: N x K in `dt`; q: N x K int8; scales: N fp32. bitsandbytes' Int8Params quantization, bit for bit. Returns 0;
+ * 1 when a row's max is not finite in float16 (q is then not bitsandbytes'); -1 for an ISA this CPU lacks (both
+ * ISAs run the AVX2 loop: it is bound by memory). */
+int neox_quantize_int8(int isa, int dt, const void *w, int8_t *q, float *scales, int64_t N, int64_t K) {
+    if (isa != QISA_AVX2 && isa != QISA_AVX512) return -1;
+    return quantize_rows_int8(dt, w, q, scales, N, K);
 }
