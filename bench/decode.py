@@ -155,8 +155,15 @@ def main() -> None:
 
             ref_rate = decode_rate(ref_run, args.tokens, args.repeats)
             probes.append(read_bandwidth())
-            same = torch.equal(ref.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None,
-                                            pad_token_id=0), ours_tokens)
+            ref_tokens = ref.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+            same = torch.equal(ref_tokens, ours_tokens)
+            if not same:  # where they part, and how close the reference's own choice was there
+                at = int((ref_tokens[0] != ours_tokens[0]).nonzero()[0])
+                with torch.no_grad():
+                    logits = ref(ours_tokens[:, :at]).logits[0, -1].float()
+                gap = float(logits[ref_tokens[0, at]] - logits[ours_tokens[0, at]])
+                same = (f"False (from new token {at - prompt.shape[1]}, where the reference's logits for its "
+                        f"token and neoxlite's differ by {gap:.3g}: a near-tie)")
             del ref
         bound = max(probes) / nbytes
         line = (f"{args.shape} {name}: neoxlite {ours_rate:.1f} tok/s = {ours_rate / bound:.0%} of the "
