@@ -10,8 +10,9 @@
  * of it, decoded here per block as bitsandbytes decodes it (code2[q] * absmax2[block / 256], then + offset):
  * no second copy of the scales in memory. Each block's 16-entry table (code * scale) is built in registers and
  * rounded to the compute dtype, which is exactly the weight bitsandbytes' CPU path dequantizes before its matmul;
- * a weight is then one table lookup (vpermps) away. The input rows are reordered once per call to the order
- * the lookups produce (the even values of a group, then the odd ones).
+ * a weight is then one table lookup away: AVX512 vpermps (16 entries); AVX2 in bf16/fp16 two vpshufb over the
+ * table's low and high bytes (32 weights), in fp32 two 8-entry vpermps and a blend. The input rows are reordered
+ * once per call to the order the lookups produce (lookup_order).
  *
  * int8 (LLM.int8): int8 weights with one fp32 scale per output row (SCB). The input rows are quantized per call
  * as bitsandbytes does (float16, then round(x * 127 / rowmax)), with the columns holding a value >= threshold
@@ -81,29 +82,37 @@ static inline float block_scale(const scales_t *s, int64_t b) {
     return v + s->offset;
 }
 
-/* x (M x K, dtype) to fp32 in the lookup order: in each group of `group` values the even ones, then the odd
- * ones (a packed byte holds values 2j and 2j + 1). */
-static void reorder_input(const void *x, int dt, int64_t M, int64_t K, int group, float *out) {
+/* Where each of a block's 64 inputs goes in the order the lookups produce their weights: order[slot] = the
+ * value's index in the block (a packed byte j holds values 2j, high nibble, and 2j + 1). */
+static void lookup_order(int isa, int dt, int order[QBLOCK]) {
+    int slot = 0;
+    if (isa == QISA_AVX512 || dt == DT_F32) { /* groups of 16 (AVX512: 32) bytes' values: the even, then the odd */
+        const int group = isa == QISA_AVX512 ? 32 : 16;
+        for (int g = 0; g < QBLOCK; g += group)
+            for (int odd = 0; odd < 2; ++odd)
+                for (int t = 0; t < group / 2; ++t) order[slot++] = g + 2 * t + odd;
+        return;
+    }
+    /* AVX2 bf16/fp16 (byte-plane lookups, block4_planes_avx2): the high nibbles' weights, then the low ones'; each
+     * as four vectors of eight bytes' values, taken from the two 128-bit lanes as the unpacks leave them */
+    static const int bf16_bytes[4][8] = {{0, 1, 2, 3, 16, 17, 18, 19}, {4, 5, 6, 7, 20, 21, 22, 23},
+                                         {8, 9, 10, 11, 24, 25, 26, 27}, {12, 13, 14, 15, 28, 29, 30, 31}};
+    static const int f16_bytes[4][8] = {{0, 1, 2, 3, 4, 5, 6, 7}, {16, 17, 18, 19, 20, 21, 22, 23},
+                                        {8, 9, 10, 11, 12, 13, 14, 15}, {24, 25, 26, 27, 28, 29, 30, 31}};
+    const int(*bytes)[8] = dt == DT_BF16 ? bf16_bytes : f16_bytes;
+    for (int odd = 0; odd < 2; ++odd)
+        for (int v = 0; v < 4; ++v)
+            for (int t = 0; t < 8; ++t) order[slot++] = 2 * bytes[v][t] + odd;
+}
+
+/* x (M x K, dtype) to fp32, each block of 64 in the lookup order */
+static void reorder_input(const void *x, int dt, int64_t M, int64_t K, const int order[QBLOCK], float *out) {
     for (int64_t m = 0; m < M; ++m)
-        for (int64_t g = 0; g < K; g += group)
-            for (int t = 0; t < group / 2; ++t) {
-                out[m * K + g + t] = load_value(x, m * K + g + 2 * t, dt);
-                out[m * K + g + group / 2 + t] = load_value(x, m * K + g + 2 * t + 1, dt);
-            }
+        for (int64_t b = 0; b < K; b += QBLOCK)
+            for (int slot = 0; slot < QBLOCK; ++slot) out[m * K + b + slot] = load_value(x, m * K + b + order[slot], dt);
 }
 
 /* ---------------------------------------------------------------- AVX2 + FMA */
-__attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 round_avx2(__m256 v, int dt) {
-    if (dt == DT_BF16) { /* nearest even: add 0x7fff plus the kept lowest bit, drop the low half */
-        const __m256i u = _mm256_castps_si256(v);
-        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-        const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
-        return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
-    }
-    if (dt == DT_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    return v;
-}
-
 __attribute__((target("avx2,fma"))) static inline float hsum_avx2(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -118,10 +127,11 @@ __attribute__((target("avx2"))) static inline int32_t hsum_epi32_avx2(__m256i v)
     return _mm_cvtsi128_si32(s);
 }
 
-/* x: reordered in groups of 16; w: the task's first weight row; 8 packed bytes give 16 weights per step */
+/* fp32 compute (the weight is code * scale, unrounded): x reordered in groups of 16; w: the task's first weight
+ * row; 8 packed bytes give 16 weights per step, each from two vpermps and a blend */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
 block4_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
-            int64_t K, int rows, int mt, int dt, float *sums) {
+            int64_t K, int rows, int mt, float *sums) {
     __m256 acc[QROWS][QMAX_M];
     for (int r = 0; r < QROWS; ++r)
         for (int m = 0; m < QMAX_M; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -135,7 +145,7 @@ block4_avx2(const float *x, const uint8_t *w, const float *code, const scales_t 
                 _mm_prefetch((const char *)(p + QROWS * K / 2), _MM_HINT_T1); /* a hint: never faults */
             }
             const __m256 s = _mm256_set1_ps(block_scale(sc, first_block + r * blocks + b));
-            const __m256 lo = round_avx2(_mm256_mul_ps(code_lo, s), dt), hi = round_avx2(_mm256_mul_ps(code_hi, s), dt);
+            const __m256 lo = _mm256_mul_ps(code_lo, s), hi = _mm256_mul_ps(code_hi, s);
             for (int c = 0; c < 4; ++c) {
                 /* vpermps reads bits 0-2 of each lane; bit 3 picks the table half through the sign bit */
                 const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * c)));
@@ -157,6 +167,88 @@ block4_avx2(const float *x, const uint8_t *w, const float *code, const scales_t 
         for (int m = 0; m < mt; ++m) sums[r * QMAX_M + m] = hsum_avx2(acc[r][m]);
 }
 
+/* bf16/fp16: the block's 16 weights (table * scale, rounded) as two 16-byte planes (low and high bytes of each
+ * 16-bit value), in both lanes; then vpshufb looks up 32 weights' bytes at once */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+block_planes_avx2(__m256 code_a, __m256 code_b, float scale, int dt, __m256i *low, __m256i *high) {
+    const __m256 s = _mm256_set1_ps(scale);
+    __m256i halves; /* lane 0: entries 0-7, lane 1: entries 8-15, as 16-bit values */
+    if (dt == DT_BF16) { /* code_a = entries 0-3 and 8-11, code_b = 4-7 and 12-15: packus puts them in order */
+        const __m256i ua = _mm256_castps_si256(_mm256_mul_ps(code_a, s));
+        const __m256i ub = _mm256_castps_si256(_mm256_mul_ps(code_b, s));
+        const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+        const __m256i ra = _mm256_srli_epi32(_mm256_add_epi32(ua, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ua, 16), one))), 16);
+        const __m256i rb = _mm256_srli_epi32(_mm256_add_epi32(ub, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ub, 16), one))), 16);
+        halves = _mm256_packus_epi32(ra, rb);
+    } else { /* code_a = entries 0-7, code_b = 8-15 */
+        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        halves = _mm256_set_m128i(_mm256_cvtps_ph(_mm256_mul_ps(code_b, s), rnd), _mm256_cvtps_ph(_mm256_mul_ps(code_a, s), rnd));
+    }
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m256i bytes = _mm256_shuffle_epi8(halves, split); /* per lane: 8 low bytes, 8 high bytes */
+    *low = _mm256_permute4x64_epi64(bytes, 0x88);              /* qwords 0, 2, 0, 2 */
+    *high = _mm256_permute4x64_epi64(bytes, 0xdd);             /* qwords 1, 3, 1, 3 */
+}
+
+/* 32 weights from 32 nibble indices: four vectors of 8 fp32 (in lookup_order's order) */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+lookup32_avx2(__m256i idx, __m256i low, __m256i high, int dt, __m256 out[4]) {
+    const __m256i lo = _mm256_shuffle_epi8(low, idx), hi = _mm256_shuffle_epi8(high, idx);
+    const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi); /* 16-bit values */
+    if (dt == DT_BF16) {
+        const __m256i zero = _mm256_setzero_si256();
+        out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, a));
+        out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, a));
+        out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, b));
+        out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, b));
+    } else {
+        out[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(a));
+        out[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(a, 1));
+        out[2] = _mm256_cvtph_ps(_mm256_castsi256_si128(b));
+        out[3] = _mm256_cvtph_ps(_mm256_extracti128_si256(b, 1));
+    }
+}
+
+/* bf16/fp16 compute: vpshufb lookups, 32 weights per pair of shuffles (fewer instructions than vpermps) */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
+                   int64_t K, int rows, int mt, int dt, float *sums) {
+    __m256 acc[QROWS][QMAX_M];
+    for (int r = 0; r < QROWS; ++r)
+        for (int m = 0; m < QMAX_M; ++m) acc[r][m] = _mm256_setzero_ps();
+    __m256 code_a, code_b;
+    if (dt == DT_BF16) {
+        code_a = _mm256_setr_ps(code[0], code[1], code[2], code[3], code[8], code[9], code[10], code[11]);
+        code_b = _mm256_setr_ps(code[4], code[5], code[6], code[7], code[12], code[13], code[14], code[15]);
+    } else {
+        code_a = _mm256_loadu_ps(code);
+        code_b = _mm256_loadu_ps(code + 8);
+    }
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    const int64_t blocks = K / QBLOCK;
+    for (int64_t b = 0; b < blocks; ++b) {
+        for (int r = 0; r < rows; ++r) {
+            const uint8_t *p = w + (r * K + b * QBLOCK) / 2;
+            if ((b & 1) == 0) {
+                _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + QROWS * K / 2), _MM_HINT_T1);
+            }
+            __m256i low, high;
+            block_planes_avx2(code_a, code_b, block_scale(sc, first_block + r * blocks + b), dt, &low, &high);
+            const __m256i packed = _mm256_loadu_si256((const __m256i *)p);
+            __m256 wv[8];
+            lookup32_avx2(_mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), low, high, dt, wv); /* even */
+            lookup32_avx2(_mm256_and_si256(packed, nibble), low, high, dt, wv + 4);                   /* odd */
+            const float *xb = x + b * QBLOCK;
+            for (int m = 0; m < mt; ++m)
+                for (int v = 0; v < 8; ++v) acc[r][m] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(xb + m * K + 8 * v), acc[r][m]);
+        }
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int m = 0; m < mt; ++m) sums[r * QMAX_M + m] = hsum_avx2(acc[r][m]);
+}
+
 #define DISPATCH_M(BLOCK, rows, mt, ...)                                                                          \
     do {                                                                                                        \
         if ((rows) < QROWS) BLOCK(__VA_ARGS__, rows, mt);                                                       \
@@ -166,7 +258,9 @@ block4_avx2(const float *x, const uint8_t *w, const float *code, const scales_t 
         else BLOCK(__VA_ARGS__, QROWS, 4);                                                                      \
     } while (0)
 
-#define CALL4_AVX2(x, w, code, sc, fb, K, dt, sums, rows, mt) block4_avx2(x, w, code, sc, fb, K, rows, mt, dt, sums)
+#define CALL4_AVX2(x, w, code, sc, fb, K, dt, sums, rows, mt) block4_avx2(x, w, code, sc, fb, K, rows, mt, sums)
+#define CALL4_PLANES(x, w, code, sc, fb, K, dt, sums, rows, mt)                                                   \
+    block4_planes_avx2(x, w, code, sc, fb, K, rows, mt, dt, sums)
 
 __attribute__((target("avx2,fma,f16c"))) static void
 linear4_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, const void *bias, void *y,
@@ -183,8 +277,8 @@ linear4_avx2(const float *x, const uint8_t *w, const float *code, const scales_t
             const float *xm = x + m0 * K;
             const int64_t fb = n0 * (K / QBLOCK);
             /* constant dtype, rows and mt: every accumulator can live in a register */
-            if (dt == DT_BF16) DISPATCH_M(CALL4_AVX2, rows, mt, xm, wn, code, sc, fb, K, DT_BF16, sums);
-            else if (dt == DT_F16) DISPATCH_M(CALL4_AVX2, rows, mt, xm, wn, code, sc, fb, K, DT_F16, sums);
+            if (dt == DT_BF16) DISPATCH_M(CALL4_PLANES, rows, mt, xm, wn, code, sc, fb, K, DT_BF16, sums);
+            else if (dt == DT_F16) DISPATCH_M(CALL4_PLANES, rows, mt, xm, wn, code, sc, fb, K, DT_F16, sums);
             else DISPATCH_M(CALL4_AVX2, rows, mt, xm, wn, code, sc, fb, K, DT_F32, sums);
             for (int r = 0; r < rows; ++r)
                 for (int m = 0; m < mt; ++m)
@@ -484,7 +578,9 @@ int neox_linear_4bit(int isa, int dt, const void *x, const uint8_t *w, const flo
     float *xr = malloc((size_t)(M * K) * sizeof(float));
     if (!xr) return -2;
     const scales_t sc = {absmax, absmax8, code2, absmax2, offset};
-    reorder_input(x, dt, M, K, isa == QISA_AVX512 ? 32 : 16, xr);
+    int order[QBLOCK];
+    lookup_order(isa, dt, order);
+    reorder_input(x, dt, M, K, order, xr);
     if (isa == QISA_AVX512) linear4_avx512(xr, w, code, &sc, bias, y, M, N, K, dt, gelu);
     else linear4_avx2(xr, w, code, &sc, bias, y, M, N, K, dt, gelu);
     free(xr);
