@@ -116,7 +116,7 @@ class QuantKernel:
         offset) `code2[absmax] * absmax2[block // 256] + offset` with absmax uint8. The weight is
         table[index] * scale rounded to the dtype of x."""
         k = x.shape[-1]
-        rows = x.reshape(-1, k)
+        rows = x.reshape(-1, k).contiguous()
         out = torch.empty((rows.shape[0], out_features), dtype=x.dtype)
         code2, absmax2, offset = nested if nested is not None else (None, None, 0.0)
         status = self.library.neox_linear_4bit(
@@ -133,7 +133,7 @@ class QuantKernel:
         weight * scales / 127). The inputs are quantized per row as bitsandbytes does; the columns with a value
         >= `threshold` (0: none) are multiplied in the dtype of x instead."""
         n, k = weight.shape
-        rows = x.reshape(-1, k)
+        rows = x.reshape(-1, k).contiguous()
         out = torch.empty((rows.shape[0], n), dtype=x.dtype)
         status = self.library.neox_linear_int8(
             self.isa, _DTYPE_CODES[x.dtype], rows.data_ptr(), weight.data_ptr(), scales.data_ptr(), threshold,
