@@ -2,18 +2,29 @@
 
     .venv/bin/python bench/decode.py [--shape pythia-410m] [--dtypes bf16 fp32] [--tokens 64]
     .venv/bin/python bench/decode.py --dtypes bf16 --quant int8 nf4 fp4    (bitsandbytes layers, compute dtype = dtype)
+    .venv/bin/python bench/decode.py --dtypes bf16 --quant none nf4 int8 --llama-cpp $L/lcpp --llama-cpp-src SRC
 
 Decoding one token reads every weight once (the embedding only one row), so tokens/s can be at most
 read bandwidth / weight bytes. The bandwidth of a shared machine drifts by a third within minutes, so it is
 probed before and after every timed model, and the share of the bound is taken against the highest probe of the
 whole run (the conservative choice; the range seen is printed). Each figure is the median of several timed runs of `tokens` new tokens after
 a fixed prompt, with prefill subtracted (a run of 1 new token is timed the same way).
+
+Quantized layers run neoxlite's kernels (neoxlite/csrc/linear_quant.c); the reference is transformers +
+bitsandbytes with the same settings. With --llama-cpp VENV (a virtualenv with llama-cpp-python, built as
+../shared/anchors/README.md says) and --llama-cpp-src (llama.cpp's source tree, for its GGUF converter), llama.cpp
+decodes the same checkpoint beside each row (f16 beside bf16, q8_0 beside int8, q4_0 beside nf4/fp4) with the
+anchors' own script; the GGUF files are converted once and kept under bench/out.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +33,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import random_checkpoint, read_bandwidth  # noqa: E402
+from common import OUT, random_checkpoint, read_bandwidth  # noqa: E402
+
+ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors"
+TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+LLAMA_TYPES = {"none": "f16", "int8": "q8_0", "nf4": "q4_0", "fp4": "q4_0"}  # llama.cpp's counterpart of each mode
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -48,6 +63,36 @@ def decode_bytes(model: torch.nn.Module) -> int:
     return sum(sizes.values()) - sizes["embed_in"]
 
 
+def llama_cpp_rate(venv: Path, source: Path, folder: Path, mode: str, tokens: int) -> str:
+    """llama.cpp's decode figure for `folder` in the counterpart of `mode`, as the anchors' script prints it."""
+    python = venv / "bin" / "python"
+    kind = LLAMA_TYPES[mode]
+    gguf = OUT / f"{folder.name}-{kind}.gguf"
+    if not gguf.exists():
+        staged = OUT / f"{folder.name}-gguf-input"  # the checkpoint plus the tokenizer files the converter wants
+        staged.mkdir(parents=True, exist_ok=True)
+        for item in folder.iterdir():
+            if not (staged / item.name).exists():
+                (staged / item.name).symlink_to(item)
+        shutil.copy(TOKENIZER, staged / "tokenizer.json")
+        (staged / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPTNeoXTokenizer"}))
+        env = {**os.environ, "LLAMA_CPP_SRC": str(source)}
+        outtype = "q8_0" if kind == "q8_0" else "f16"
+        f16 = gguf if kind != "q4_0" else OUT / f"{folder.name}-f16.gguf"
+        if not f16.exists():
+            subprocess.run([sys.executable, str(ANCHORS / "gguf_convert.py"), str(staged), "--outtype", outtype,
+                            "--outfile", str(f16)], env=env, check=True, capture_output=True)
+        if kind == "q4_0":
+            quantize = ("import llama_cpp, ctypes, sys; p = llama_cpp.llama_model_quantize_default_params(); "
+                        "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0; "
+                        "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), "
+                        "ctypes.byref(p)))")
+            subprocess.run([str(python), "-c", quantize, str(f16), str(gguf)], check=True, capture_output=True)
+    done = subprocess.run([str(python), str(ANCHORS / "llamacpp_bench.py"), str(gguf), str(tokens)],
+                          check=True, capture_output=True, text=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="pythia-410m")
@@ -58,7 +103,17 @@ def main() -> None:
     parser.add_argument("--skip-reference", action="store_true", help="neoxlite only")
     parser.add_argument("--quant", nargs="+", default=["none"], choices=["none", "int8", "nf4", "fp4"],
                         help="linear-layer quantization modes to time (bitsandbytes; compute dtype = --dtypes)")
+    parser.add_argument("--llama-cpp", type=Path, metavar="VENV",
+                        help="a virtualenv with llama-cpp-python: time llama.cpp beside each row")
+    parser.add_argument("--llama-cpp-src", type=Path, metavar="DIR", default=os.environ.get("LLAMA_CPP_SRC"),
+                        help="llama.cpp's source tree (vendor/llama.cpp of the llama-cpp-python sdist; default "
+                             "$LLAMA_CPP_SRC), for converting the checkpoint to GGUF")
     args = parser.parse_args()
+    if args.llama_cpp and not (args.llama_cpp / "bin" / "python").exists():
+        parser.error(f"--llama-cpp {args.llama_cpp}: no bin/python there; give the llama-cpp-python virtualenv")
+    if args.llama_cpp and not (args.llama_cpp_src and (Path(args.llama_cpp_src) / "convert_hf_to_gguf.py").exists()):
+        parser.error("--llama-cpp needs --llama-cpp-src (or $LLAMA_CPP_SRC): the llama.cpp source tree holding "
+                     "convert_hf_to_gguf.py")
 
     import transformers
 
@@ -100,8 +155,15 @@ def main() -> None:
 
             ref_rate = decode_rate(ref_run, args.tokens, args.repeats)
             probes.append(read_bandwidth())
-            same = torch.equal(ref.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None,
-                                            pad_token_id=0), ours_tokens)
+            ref_tokens = ref.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+            same = torch.equal(ref_tokens, ours_tokens)
+            if not same:  # where they part, and how close the reference's own choice was there
+                at = int((ref_tokens[0] != ours_tokens[0]).nonzero()[0])
+                with torch.no_grad():
+                    logits = ref(ours_tokens[:, :at]).logits[0, -1].float()
+                gap = float(logits[ref_tokens[0, at]] - logits[ours_tokens[0, at]])
+                same = (f"False (from new token {at - prompt.shape[1]}, where the reference's logits for its "
+                        f"token and neoxlite's differ by {gap:.3g}: a near-tie)")
             del ref
         bound = max(probes) / nbytes
         line = (f"{args.shape} {name}: neoxlite {ours_rate:.1f} tok/s = {ours_rate / bound:.0%} of the "
@@ -110,6 +172,8 @@ def main() -> None:
         if ref_rate is not None:
             line += (f"; transformers {ref_rate:.1f} tok/s = {ref_rate / bound:.0%}; ratio {ours_rate / ref_rate:.2f}x"
                      f"; same tokens: {same}")
+        if args.llama_cpp:
+            line += f"\n    beside it, {llama_cpp_rate(args.llama_cpp, Path(args.llama_cpp_src), folder, mode, args.tokens)}"
         print(line, flush=True)
 
 

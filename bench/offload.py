@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/offload.py [--shape pythia-1.4b] [--cpu-memory 1GiB] [--batches 1 4 16]
                                       [--new-tokens 8] [--prompt-tokens 16] [--repeats 2] [--threads N]
-                                      [--skip-accelerate] [--cold] [--ram-limit 3GiB]
+                                      [--skip-accelerate] [--cold] [--ram-limit 3GiB] [--quant nf4]
 
 A pythia-1.4b-shaped random checkpoint (2.6 GiB in bf16) is decoded greedily with a 1 GiB CPU budget; whatever
 does not fit is read from the offload dir at every step. Each measurement runs in a fresh process and reports
@@ -20,6 +20,11 @@ offload_folder=...)` with the same dtype, prompts and token counts.
 --ram-limit SIZE runs every measurement in a memory cgroup of SIZE (page cache included; needs root and a
 cgroup v1 or v2 memory controller), after dropping the checkpoint and both stores from the page cache: the
 machine the issue describes, whose RAM cannot keep the model cached, so both engines really read the disk.
+
+--quant MODE (nf4, fp4, int8; compute dtype bf16) quantizes the linear layers, offloaded blocks included, and
+times neoxlite a second time with NEOXLITE_CPU_KERNELS=0 (bitsandbytes' CPU kernels for the quantized layers):
+the gain of neoxlite's quantized kernels. accelerate is not run then (its disk offload takes no bitsandbytes
+layers).
 """
 
 from __future__ import annotations
@@ -78,8 +83,12 @@ def child_resident(args: argparse.Namespace) -> dict:
     """neoxlite with every weight in RAM (no budget): the compute-bound speed offloading is measured against."""
     from neoxlite.model import GPTNeoXForCausalLM
 
-    model = GPTNeoXForCausalLM.from_pretrained(args.ckpt, dtype=torch.bfloat16, progress=False)
+    model = GPTNeoXForCausalLM.from_pretrained(args.ckpt, dtype=torch.bfloat16, progress=False, **_quant(args))
     return dict(tok_s=_timed_generate(model, args))
+
+
+def _quant(args: argparse.Namespace) -> dict:
+    return {"quant": args.quant, "compute_dtype": torch.bfloat16} if args.quant else {}
 
 
 def child_neoxlite(args: argparse.Namespace) -> dict:
@@ -94,7 +103,7 @@ def child_neoxlite(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     model = GPTNeoXForCausalLM.from_pretrained(
         args.ckpt, dtype=torch.bfloat16, cpu_memory=args.cpu_memory, offload_dir=args.offload_dir,
-        max_batch_size=args.batch, max_context=args.prompt_tokens + args.new_tokens, progress=False)
+        max_batch_size=args.batch, max_context=args.prompt_tokens + args.new_tokens, progress=False, **_quant(args))
     load_s = time.perf_counter() - start
     scheduler = model.gpt_neox.scheduler
     if args.cold:  # every disk layer dropped after use (by default only those the page cache cannot keep)
@@ -195,14 +204,16 @@ def drop_page_cache(*folders: Path) -> None:
                     os.close(fd)
 
 
-def run_child(engine: str, args: argparse.Namespace, batch: int, offload_dir: Path) -> dict:
+def run_child(engine: str, args: argparse.Namespace, batch: int, offload_dir: Path, kernels: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--child", engine, "--ckpt", str(args.ckpt), "--batch", str(batch),
            "--offload-dir", str(offload_dir), "--cpu-memory", args.cpu_memory,
            "--new-tokens", str(args.new_tokens), "--prompt-tokens", str(args.prompt_tokens),
            "--repeats", str(args.repeats), "--threads", str(args.threads)]
     if args.cold:
         cmd.append("--cold")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if args.quant:
+        cmd += ["--quant", args.quant]
+    env = {**os.environ, "PYTHONPATH": str(REPO), **({} if kernels else {"NEOXLITE_CPU_KERNELS": "0"})}
     cgroup = args.cgroup
     if cgroup is not None:
         drop_page_cache(args.ckpt, offload_dir)
@@ -228,6 +239,8 @@ def main() -> None:
     parser.add_argument("--skip-accelerate", action="store_true")
     parser.add_argument("--cold", action="store_true", help="neoxlite drops each block's cached pages after use")
     parser.add_argument("--ram-limit", help="run each measurement in a memory cgroup of this size (e.g. 3GiB)")
+    parser.add_argument("--quant", choices=["nf4", "fp4", "int8"],
+                        help="quantized linears; also timed with bitsandbytes' CPU kernels (the kernels' gain)")
     parser.add_argument("--child", choices=["neoxlite", "accelerate", "resident"], help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -243,7 +256,10 @@ def main() -> None:
     args.cgroup = MemoryCgroup(_size(args.ram_limit)) if args.ram_limit else None
     args.ckpt = random_checkpoint(args.shape, torch.bfloat16)
     size = sum(f.stat().st_size for f in args.ckpt.glob("*.safetensors"))
-    print(f"{args.shape} bf16 ({size / 2**30:.2f} GiB), cpu_memory={args.cpu_memory}, prompt {args.prompt_tokens} "
+    if args.quant:
+        args.skip_accelerate = True  # accelerate's disk offload does not take bitsandbytes layers
+    print(f"{args.shape} bf16{f' quantized {args.quant}' if args.quant else ''} ({size / 2**30:.2f} GiB on disk "
+          f"unquantized), cpu_memory={args.cpu_memory}, prompt {args.prompt_tokens} "
           f"tokens, {args.new_tokens} new, torch threads {args.threads}, best of {args.repeats}"
           f"{', cold reads' if args.cold else ''}"
           f"{f', each process limited to {args.ram_limit} of RAM (page cache included)' if args.ram_limit else ''}",
@@ -261,6 +277,7 @@ def main() -> None:
         # With --ram-limit the whole model does not fit the limited machine's RAM: no all-in-RAM reference there.
         resident = None if args.cgroup else run_child("resident", args, batch, ours_dir)
         theirs = None if args.skip_accelerate else run_child("accelerate", args, batch, theirs_dir)
+        bnb_kernels = run_child("neoxlite", args, batch, ours_dir, kernels=False) if args.quant else None
         rows.append((batch, ours, theirs))
         line = (f"batch {batch:>2}: neoxlite {ours['tok_s']:6.2f} tok/s, RSS +{ours['growth'] / 2**30:.2f} GiB, "
                 f"{ours['tok_s'] / ours['bound_tok_s']:.0%} of the disk-read bound ({ours['bound_tok_s']:.2f} tok/s "
@@ -273,6 +290,9 @@ def main() -> None:
         if resident:
             line += (f"\n          all in RAM (no budget) {resident['tok_s']:6.2f} tok/s: offloaded runs at "
                      f"{ours['tok_s'] / resident['tok_s']:.0%} of it")
+        if bnb_kernels:
+            line += (f"\n          with bitsandbytes' CPU kernels (NEOXLITE_CPU_KERNELS=0) {bnb_kernels['tok_s']:6.2f} "
+                     f"tok/s: neoxlite's {args.quant} kernels gain {ours['tok_s'] / bnb_kernels['tok_s']:.2f}x")
         if theirs:
             line += (f"\n          accelerate {theirs['tok_s']:6.2f} tok/s, RSS +{theirs['growth'] / 2**30:.2f} GiB "
                      f"({theirs['on_disk']}/{theirs['blocks']} modules on disk), load {theirs['load_s']:.1f} s"

@@ -3,8 +3,8 @@
 The build takes about a second and is cached under ~/.cache/neoxlite/kernels (or $NEOXLITE_CACHE/kernels),
 keyed by the source, the flags and the compiler, and written with an atomic rename so that concurrent first
 uses never load half a file. Where the kernels cannot run (not x86-64, no AVX2, no C compiler, a failed
-build, or NEOXLITE_CPU_KERNELS=0) `bf16_kernel()` returns None and callers keep PyTorch's own path;
-`kernel_status()` says which case applies.
+build, or NEOXLITE_CPU_KERNELS=0) `bf16_kernel()` and `quant_kernel()` return None and callers keep PyTorch's (or
+bitsandbytes') own path; `kernel_status()` says which case applies.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch  # loaded before the kernel, so the kernel's libgomp.so.1 is torch'
 import torch.nn.functional as F
 
 _SOURCES = [Path(__file__).with_name("csrc") / name
-            for name in ("linear_bf16.c", "linear_f32.c", "decode_attention_bf16.c")]
-_HEADERS = [Path(__file__).with_name("csrc") / "bf16.h"]
+            for name in ("linear_bf16.c", "linear_f32.c", "decode_attention_bf16.c", "linear_quant.c")]
+_HEADERS = [Path(__file__).with_name("csrc") / name for name in ("bf16.h", "gelu.h")]
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 _LIBS = ["-lm"]
 _ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512-BF16"}
@@ -34,6 +34,12 @@ _ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512-BF16"}
 _MAX_ROWS = {1: 4, 2: 32}
 # fp32 rows served by one pass over the weights; beyond that MKL's GEMM reads them once for all rows.
 MAX_ROWS_F32 = 4
+_QUANT_ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512F/BW"}
+# Input rows up to which the quantized kernels serve a call (decode steps, small batches, the offload
+# scheduler's batches); more rows (a prefill) dequantize once and run one matmul.
+MAX_ROWS_QUANT = 32
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+QUANT_DTYPES = tuple(_DTYPE_CODES)
 
 
 @dataclass(frozen=True)
@@ -106,48 +112,131 @@ class BF16Kernel:
         return out
 
 
+@dataclass(frozen=True)
+class QuantKernel:
+    """The quantized linear kernels (neoxlite/csrc/linear_quant.c) and the instruction set they run with here.
+
+    Both compute x @ W.T + bias in the dtype of x (float32, bfloat16 or float16; bias in it too, contiguous CPU
+    tensors) from a compact weight, with fp32 sums and the roundings of bitsandbytes' CPU path, for up to
+    `max_rows` input rows; with `gelu`, F.gelu of the rounded result in the same call."""
+
+    library: ctypes.CDLL
+    isa: int
+    max_rows: int = MAX_ROWS_QUANT
+
+    @property
+    def isa_name(self) -> str:
+        return _QUANT_ISA_NAMES[self.isa]
+
+    def linear_4bit(self, x: torch.Tensor, codes: torch.Tensor, out_features: int, table: torch.Tensor,
+                    absmax: torch.Tensor, nested: tuple[torch.Tensor, torch.Tensor, float] | None,
+                    bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+        """4-bit weights: `codes` uint8, out_features x in_features / 2 bytes, row-major, each byte two indices
+        into the 16 fp32 values of `table` (the first value of a pair in the high nibble); one scale per 64
+        values, in_features a multiple of 64. The scales are `absmax` (fp32), or with `nested` = (code2, absmax2,
+        offset) `code2[absmax] * absmax2[block // 256] + offset` with absmax uint8. The weight is
+        table[index] * scale rounded to the dtype of x."""
+        k = x.shape[-1]
+        rows = x.reshape(-1, k).contiguous()
+        out = torch.empty((rows.shape[0], out_features), dtype=x.dtype)
+        code2, absmax2, offset = nested if nested is not None else (None, None, 0.0)
+        status = self.library.neox_linear_4bit(
+            self.isa, _DTYPE_CODES[x.dtype], rows.data_ptr(), codes.data_ptr(), table.data_ptr(),
+            None if nested else absmax.data_ptr(), absmax.data_ptr() if nested else None,
+            None if code2 is None else code2.data_ptr(), None if absmax2 is None else absmax2.data_ptr(), offset,
+            None if bias is None else bias.data_ptr(), out.data_ptr(), rows.shape[0], out_features, k, int(gelu))
+        _check(status)
+        return out.view(*x.shape[:-1], out_features)
+
+    def linear_int8(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, threshold: float,
+                    bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+        """LLM.int8: `weight` int8 (out_features, in_features) with fp32 `scales` per row (the weight is
+        weight * scales / 127). The inputs are quantized per row as bitsandbytes does; the columns with a value
+        >= `threshold` (0: none) are multiplied in the dtype of x instead."""
+        n, k = weight.shape
+        rows = x.reshape(-1, k).contiguous()
+        out = torch.empty((rows.shape[0], n), dtype=x.dtype)
+        status = self.library.neox_linear_int8(
+            self.isa, _DTYPE_CODES[x.dtype], rows.data_ptr(), weight.data_ptr(), scales.data_ptr(), threshold,
+            None if bias is None else bias.data_ptr(), out.data_ptr(), rows.shape[0], n, k, int(gelu))
+        _check(status)
+        return out.view(*x.shape[:-1], n)
+
+
+    def quantize_int8(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Row-wise absmax int8 of `weight` (2-D, contiguous, float32/bfloat16/float16) as bitsandbytes' Int8Params
+        computes it (from a float16 copy): (int8 weight, fp32 row maxima); None when a value is beyond float16's
+        range, where only PyTorch's own arithmetic gives bitsandbytes' bits."""
+        n, k = weight.shape
+        q, scales = torch.empty((n, k), dtype=torch.int8), torch.empty(n, dtype=torch.float32)
+        status = self.library.neox_quantize_int8(self.isa, _DTYPE_CODES[weight.dtype], weight.data_ptr(),
+                                                 q.data_ptr(), scales.data_ptr(), n, k)
+        if status == 1:
+            return None
+        _check(status)
+        return q, scales
+
+
+def _check(status: int) -> None:
+    if status == -2:
+        raise MemoryError("neoxlite's quantized CPU kernel could not allocate its input buffers")
+    assert status == 0, f"quantized CPU kernel returned {status}"
+
+
 # Set to False to compute with PyTorch's operations only: bf16 results then equal transformers' bit for bit
 # (the kernels change only the order of fp32 sums). The environment's NEOXLITE_CPU_KERNELS=0 does the same.
 enabled = True
 
 _lock = threading.Lock()
 _loaded: BF16Kernel | None = None
+_quant: QuantKernel | None = None
 _status: str | None = None
 
 
 def bf16_kernel() -> BF16Kernel | None:
     """The bf16 linear kernel, built and loaded on the first call; None where it cannot run here."""
-    global _loaded, _status
-    if not enabled:
-        return None
-    if _status is None:
+    _ensure_loaded()
+    return _loaded if enabled else None
+
+
+def quant_kernel() -> QuantKernel | None:
+    """The quantized linear kernels, built and loaded on the first call; None where they cannot run here."""
+    _ensure_loaded()
+    return _quant if enabled else None
+
+
+def _ensure_loaded() -> None:
+    global _loaded, _quant, _status
+    if enabled and _status is None:
         with _lock:
             if _status is None:
-                _loaded, _status = _load()
-    return _loaded
+                _loaded, _quant, _status = _load()
 
 
 def kernel_status() -> str:
     """One line for logs and benchmarks: which kernel runs, or why none does."""
     if not enabled:
-        return "CPU kernels off (neoxlite.cpu_kernels.enabled = False): PyTorch's bf16 matmul"
-    bf16_kernel()
+        return f"CPU kernels off (neoxlite.cpu_kernels.enabled = False): {_FALLBACK}"
+    _ensure_loaded()
     assert _status is not None
     return _status
 
 
-def _load() -> tuple[BF16Kernel | None, str]:
+_FALLBACK = "PyTorch's bf16 matmul, bitsandbytes' quantized linears"
+
+
+def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
     if os.environ.get("NEOXLITE_CPU_KERNELS", "1") == "0":
-        return None, "CPU kernels off (NEOXLITE_CPU_KERNELS=0): PyTorch's bf16 matmul"
+        return None, None, f"CPU kernels off (NEOXLITE_CPU_KERNELS=0): {_FALLBACK}"
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None, f"no CPU kernels for {platform.machine()}: PyTorch's bf16 matmul"
+        return None, None, f"no CPU kernels for {platform.machine()}: {_FALLBACK}"
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
-        return None, "no C compiler (cc/gcc; or set CC) to build the CPU kernels: PyTorch's bf16 matmul"
+        return None, None, f"no C compiler (cc/gcc; or set CC) to build the CPU kernels: {_FALLBACK}"
     try:
         path = _build(compiler)
     except (OSError, subprocess.SubprocessError) as error:
-        return None, f"building the CPU kernels failed ({error}): PyTorch's bf16 matmul"
+        return None, None, f"building the CPU kernels failed ({error}): {_FALLBACK}"
     library = ctypes.CDLL(str(path))
     library.neox_best_isa.restype = ctypes.c_int
     library.neox_linear_bf16.restype = ctypes.c_int
@@ -158,11 +247,21 @@ def _load() -> tuple[BF16Kernel | None, str]:
     library.neox_decode_attention_bf16.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 3
                                                    + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 2
                                                    + [ctypes.c_float])
-    isa = library.neox_best_isa()
-    if isa not in _ISA_NAMES:
-        return None, "this CPU has neither AVX2+FMA nor AVX512-BF16: PyTorch's bf16 matmul"
-    kernel = BF16Kernel(library, isa, _MAX_ROWS[isa])
-    return kernel, f"neoxlite {kernel.isa_name} kernel for bf16 linears up to {kernel.max_rows} rows"
+    library.neox_quant_isa.restype = ctypes.c_int
+    library.neox_linear_4bit.restype = ctypes.c_int
+    library.neox_linear_4bit.argtypes = ([ctypes.c_int] * 2 + [ctypes.c_void_p] * 7 + [ctypes.c_float]
+                                         + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int])
+    library.neox_linear_int8.restype = ctypes.c_int
+    library.neox_linear_int8.argtypes = ([ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_float]
+                                         + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int])
+    library.neox_quantize_int8.restype = ctypes.c_int
+    library.neox_quantize_int8.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    isa, quant_isa = library.neox_best_isa(), library.neox_quant_isa()
+    if isa not in _ISA_NAMES or quant_isa not in _QUANT_ISA_NAMES:
+        return None, None, f"this CPU has neither AVX2+FMA+F16C nor AVX512: {_FALLBACK}"
+    kernel, quant = BF16Kernel(library, isa, _MAX_ROWS[isa]), QuantKernel(library, quant_isa)
+    return kernel, quant, (f"neoxlite {kernel.isa_name} kernel for bf16 linears up to {kernel.max_rows} rows; "
+                           f"{quant.isa_name} kernels for nf4/fp4/int8 linears up to {quant.max_rows} rows")
 
 
 def _cache_dir() -> Path:

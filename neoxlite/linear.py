@@ -11,11 +11,27 @@ and devices, many rows as in a prefill, autograd) is nn.Linear's own forward.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from neoxlite.cpu_kernels import BF16Kernel, bf16_kernel
+
+
+@runtime_checkable
+class DecodeLinear(Protocol):
+    """A linear layer the direct decode step (neoxlite.model.GPTNeoXLayer._decode_step) can call without a module
+    call: this Linear, and the quantized layers of neoxlite.quant."""
+
+    def decode_call(self, dtype: torch.dtype, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """A function computing the layer (then F.gelu with `gelu`) on contiguous CPU inputs of `dtype` with as
+        many rows as the bf16 kernel serves, with the same bits as the layer's forward; None where a kernel does
+        not compute it."""
+        ...
 
 
 class Linear(nn.Linear):
@@ -34,6 +50,13 @@ class Linear(nn.Linear):
         kernel = self._kernel_for(x)
         return kernel.linear(x, self.weight, self.bias, gelu=True) if kernel else F.gelu(F.linear(x, self.weight,
                                                                                                   self.bias))
+
+    def decode_call(self, dtype: torch.dtype, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """DecodeLinear.decode_call: the kernel on this layer's own parameters."""
+        kernel = bf16_kernel()
+        if kernel is None or not self.kernel_ready() or self.weight.dtype is not dtype:
+            return None
+        return functools.partial(kernel.linear, weight=self.weight, bias=self.bias, gelu=gelu)
 
     def kernel_ready(self) -> bool:
         """The weights are in a form the kernel reads: bf16 or fp32, contiguous, in RAM."""

@@ -8,6 +8,7 @@ ready on the compute device, which is where the offload scheduler plugs in.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ from neoxlite.cache import RowStep, StaticCache
 from neoxlite.config import GPTNeoXConfig
 from neoxlite.cpu_kernels import BF16Kernel, bf16_kernel
 from neoxlite.generation import GenerationMixin
-from neoxlite.linear import Linear
+from neoxlite.linear import DecodeLinear, Linear
 from neoxlite.outputs import ModelOutput
 
 _ACT = {
@@ -210,13 +211,13 @@ class GPTNeoXLayer(nn.Module):
         called directly, without a module call, attribute lookup or check per operation (at batch 1 those cost
         about a tenth of a step)."""
         s: _KernelStep = self.__dict__["_kernel_step"][1]
-        fused = kernel.linear(F.layer_norm(x, s.shape, *s.norm1), *s.qkv)
-        attn = kernel.linear(s.attention.attend(fused, rope, None, kv), *s.dense)
+        fused = s.qkv(F.layer_norm(x, s.shape, *s.norm1))
+        attn = s.dense(s.attention.attend(fused, rope, None, kv))
         if not s.parallel:
             x = x + attn
         normed = F.layer_norm(x, s.shape, *s.norm2)
-        hidden = kernel.linear(normed, *s.up, gelu=True) if s.act is None else s.act(kernel.linear(normed, *s.up))
-        out = kernel.linear(hidden, *s.down)
+        hidden = s.up(normed) if s.act is None else s.act(s.up(normed))  # (GELU fused into s.up when exact)
+        out = s.down(hidden)
         return out + attn + x if s.parallel else x + out  # the reference's order of bf16 roundings
 
 
@@ -228,10 +229,10 @@ class _KernelStep:
     norm1: tuple[torch.Tensor, torch.Tensor, float]  # weight, bias, eps
     norm2: tuple[torch.Tensor, torch.Tensor, float]
     shape: tuple[int, ...]  # the norms' normalized_shape
-    qkv: tuple[torch.Tensor, torch.Tensor | None]  # weight, bias
-    dense: tuple[torch.Tensor, torch.Tensor | None]
-    up: tuple[torch.Tensor, torch.Tensor | None]
-    down: tuple[torch.Tensor, torch.Tensor | None]
+    qkv: Callable[[torch.Tensor], torch.Tensor]  # each linear's DecodeLinear.decode_call
+    dense: Callable[[torch.Tensor], torch.Tensor]
+    up: Callable[[torch.Tensor], torch.Tensor]  # with GELU when act is None
+    down: Callable[[torch.Tensor], torch.Tensor]
     attention: GPTNeoXAttention  # its attend(): the decode kernel in bf16, PyTorch's ops otherwise
     dtype: torch.dtype
     parallel: bool
@@ -239,17 +240,19 @@ class _KernelStep:
 
     @classmethod
     def of(cls, layer: GPTNeoXLayer) -> _KernelStep | None:
-        """None unless every linear is neoxlite's Linear on weights the kernel reads (quantized layers are
-        bitsandbytes classes) and the norms are in RAM, all in one dtype."""
+        """None unless every linear is a DecodeLinear a kernel computes in the norms' dtype (neoxlite's Linear on
+        weights the kernel reads, or a quantized layer) and the norms are in RAM, all in one dtype."""
         attention, mlp = layer.attention, layer.mlp
         linears = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        dtype = attention.query_key_value.weight.dtype
-        if not (all(type(m) is Linear and m.kernel_ready() and m.weight.dtype is dtype for m in linears)
+        dtype = layer.input_layernorm.weight.dtype if layer.input_layernorm.weight is not None else None
+        calls = [m.decode_call(dtype, gelu=m is mlp.dense_h_to_4h and mlp.exact_gelu)
+                 if isinstance(m, DecodeLinear) and dtype is not None else None for m in linears]
+        if not (all(c is not None for c in calls)
                 and all(n.weight is not None and n.bias is not None and n.weight.dtype is dtype
                         and n.bias.dtype is dtype and n.weight.is_cpu for n in norms)):
             return None
-        qkv, dense, up, down = ((m.weight, m.bias) for m in linears)
+        qkv, dense, up, down = calls
         norm1, norm2 = ((n.weight, n.bias, n.eps) for n in norms)
         return cls(norm1, norm2, tuple(norms[0].normalized_shape), qkv, dense, up, down, attention, dtype,
                    layer.use_parallel_residual, None if mlp.exact_gelu else mlp.act)

@@ -13,13 +13,17 @@ model computes the same numbers as transformers + bitsandbytes with the same set
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import bitsandbytes as bnb
 import torch
+import torch.nn.functional as F
 from bitsandbytes.functional import QuantState
 from bitsandbytes.utils import unpack_tensor_to_dict
 from torch import nn
+
+from neoxlite.cpu_kernels import QUANT_DTYPES, QuantKernel, quant_kernel
 
 from .spec import BLOCKSIZE_4BIT, QuantSpec
 
@@ -31,15 +35,39 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHUNK_ELEMENTS = 1 << 22
 
 
+def _kernel_for(layer: nn.Module, x: torch.Tensor) -> QuantKernel | None:
+    """neoxlite's quantized CPU kernels where they may compute this layer's call: a CPU input to a layer in RAM,
+    in eval mode, without autograd; None otherwise (bitsandbytes' own forward, on the GPU too)."""
+    if (x.device.type != "cpu" or layer.training or layer.weight.device.type != "cpu"
+            or (torch.is_grad_enabled() and x.requires_grad)):
+        return None
+    return quant_kernel()
+
+
+def _kernel_state(layer: nn.Module, key: tuple, prepare: Callable[[], Any]) -> Any:
+    """What the kernel reads, prepared once per layer and kept while the tensors it came from are the same (the
+    key: their data pointers, compared by value, and objects, by identity; the cache holds both, so neither is
+    reused by another tensor meanwhile)."""
+    cached = layer.__dict__.get("_kernel_prepared")
+    if cached is None or not all(a is b or (type(a) is int and a == b) for a, b in zip(cached[0], key, strict=True)):
+        cached = layer.__dict__["_kernel_prepared"] = (key, prepare())
+    return cached[1]
+
+
 class Linear4bit(bnb.nn.Linear4bit):
-    """bitsandbytes' Linear4bit whose checkpoint form stays exact.
+    """bitsandbytes' Linear4bit whose checkpoint form stays exact, computed by neoxlite's kernels on the CPU.
 
     On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first CPU forward for its fused kernel and
     turns the block scales into bf16; bitsandbytes' own state_dict after that re-quantizes them (lossy, and wrong
     without double quant). This subclass keeps the quant-state tensors as they were before the repacking (about 3%
     of the weight's bytes with double quant, 12% without) and undoes the weight's repacking exactly (it is a bit
     permutation), so `state_dict()` and `quantized_state()` are bit-exact, and a device move starts from the
-    original layout. The forward pass is bitsandbytes' own, unchanged.
+    original layout.
+
+    On the CPU (eval, no autograd) with neoxlite's kernels available, up to 32 input rows go to the kernel that
+    reads the packed weight in place (neoxlite/csrc/linear_quant.c); more rows take bitsandbytes' dequantize-and-
+    matmul path. Both give bitsandbytes' numbers for its generic CPU path, up to the order of fp32 sums, and the
+    weight is never repacked. Elsewhere the forward pass is bitsandbytes' own, unchanged.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -58,6 +86,69 @@ class Linear4bit(bnb.nn.Linear4bit):
         return bool(getattr(self.weight.quant_state, "packing_format_for_cpu", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = None if self.cpu_packed else _kernel_for(self, x)
+        if kernel is not None:
+            return self._forward_cpu(kernel, x, gelu=False)
+        return self._forward_bnb(x)
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """F.gelu(self(x)), fused into the kernel call where the kernel runs."""
+        kernel = None if self.cpu_packed else _kernel_for(self, x)
+        if kernel is not None:
+            return self._forward_cpu(kernel, x, gelu=True)
+        return F.gelu(self._forward_bnb(x))
+
+    def _forward_cpu(self, kernel: QuantKernel, x: torch.Tensor, gelu: bool) -> torch.Tensor:
+        if not self.compute_type_is_set:  # as bitsandbytes' forward: a float32/bfloat16 input sets it
+            self.set_compute_type(x)
+            self.compute_type_is_set = True
+        dtype, qs = self.compute_dtype, self.weight.quant_state
+        xc = x.to(dtype)
+        key = (self.weight.data_ptr(), qs, None if self.bias is None else self.bias.data_ptr(), dtype)
+        args, bias = _kernel_state(self, key, lambda: (self._prepare_kernel(), self._bias_as(dtype)))
+        if args is not None and x.numel() <= kernel.max_rows * x.shape[-1] and dtype in QUANT_DTYPES:
+            out = kernel.linear_4bit(xc.contiguous(), *args, bias, gelu=gelu and x.dtype is dtype)
+            return out.to(x.dtype) if not gelu or x.dtype is dtype else F.gelu(out.to(x.dtype))
+        # a prefill: bitsandbytes' dequantize-and-matmul path (its CPU repacking is skipped, so the packed weight
+        # stays what the kernel reads)
+        out = bnb.matmul_4bit(xc, self.weight, bias=bias, quant_state=qs).to(x.dtype)
+        return F.gelu(out) if gelu else out
+
+    def decode_call(self, dtype: torch.dtype, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """neoxlite.linear.DecodeLinear.decode_call: the kernel on this layer's packed weight, for inputs already in
+        the compute dtype (as a model in that dtype gives them)."""
+        kernel = quant_kernel()
+        if kernel is None or self.cpu_packed or self.training or self.weight.device.type != "cpu":
+            return None
+        if not self.compute_type_is_set:  # what the first forward would set (bitsandbytes' rule)
+            self.set_compute_type(torch.empty((1, self.in_features), dtype=dtype))
+            self.compute_type_is_set = True
+        args = self._prepare_kernel()
+        if self.compute_dtype is not dtype or dtype not in QUANT_DTYPES or args is None:
+            return None
+        bias = self._bias_as(dtype)
+        return lambda x: kernel.linear_4bit(x, *args, bias, gelu=gelu)
+
+    def _prepare_kernel(self) -> tuple | None:
+        """(codes, out_features, table, absmax, nested) for QuantKernel.linear_4bit; None for a layout it does not
+        read (a partial block per row, another block size)."""
+        qs, data = self.weight.quant_state, self.weight.data
+        n, k = (tuple(qs.shape) + (0, 0))[:2] if qs is not None else (0, 0)
+        if (qs is None or len(qs.shape) != 2 or qs.blocksize != BLOCKSIZE_4BIT or k % BLOCKSIZE_4BIT
+                or not data.is_contiguous() or data.numel() * data.element_size() * 2 != n * k
+                or qs.code.numel() != 16 or (qs.nested and qs.state2.blocksize != _NESTED_BLOCKSIZE)):
+            return None
+        codes = data.view(torch.uint8).reshape(-1)
+        table = qs.code.float().contiguous()
+        if not qs.nested:
+            return codes, n, table, qs.absmax.float().contiguous(), None
+        nested = (qs.state2.code.float().contiguous(), qs.state2.absmax.float().contiguous(), float(qs.offset))
+        return codes, n, table, qs.absmax.contiguous(), nested
+
+    def _bias_as(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.data.to(dtype).contiguous()
+
+    def _forward_bnb(self, x: torch.Tensor) -> torch.Tensor:
         # bitsandbytes casts the bias to the compute dtype in place; casting it each call computes the same
         # numbers and keeps the stored bias as loaded.
         bias = None if self.bias is None else self.bias.data
@@ -96,11 +187,61 @@ class Linear4bit(bnb.nn.Linear4bit):
 
     def _apply(self, fn, recurse=True):  # every .to() / .cuda() / .half() goes through here
         self.restore_canonical()
+        self.__dict__.pop("_kernel_prepared", None)
         return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         for key, value in quantized_state(self).items():
             destination[prefix + key] = value if keep_vars else value.detach()
+
+
+class Linear8bit(bnb.nn.Linear8bitLt):
+    """bitsandbytes' Linear8bitLt (LLM.int8, inference weights), computed by neoxlite's kernel on the CPU.
+
+    On the CPU (eval, no autograd) with neoxlite's kernels available, up to 32 input rows go to the kernel that
+    reads the int8 weight in place and does what bitsandbytes' CPU forward does: the inputs quantized per row
+    from float16, outlier columns (a value >= threshold) multiplied in the input dtype, the int8 products summed
+    exactly (bitsandbytes sums them in fp32 here, which is exact below 2^24). Elsewhere, bitsandbytes' forward.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self._kernel(x)
+        return self._forward_cpu(kernel, x, gelu=False) if kernel is not None else super().forward(x)
+
+    def forward_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """F.gelu(self(x)), fused into the kernel call where the kernel runs."""
+        kernel = self._kernel(x)
+        return self._forward_cpu(kernel, x, gelu=True) if kernel is not None else F.gelu(super().forward(x))
+
+    def decode_call(self, dtype: torch.dtype, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """neoxlite.linear.DecodeLinear.decode_call: the kernel on this layer's int8 weight."""
+        kernel = quant_kernel()
+        if (kernel is None or self.training or self.weight.device.type != "cpu" or dtype not in QUANT_DTYPES
+                or self.state.has_fp16_weights or self.weight.dtype != torch.int8):
+            return None
+        scb = self.weight.SCB if self.weight.SCB is not None else self.state.SCB
+        weight, scb, threshold = self.weight.data.contiguous(), scb.float().contiguous(), float(self.state.threshold)
+        bias = None if self.bias is None else self.bias.data.to(dtype).contiguous()
+        return lambda x: kernel.linear_int8(x, weight, scb, threshold, bias, gelu=gelu)
+
+    def _kernel(self, x: torch.Tensor) -> QuantKernel | None:
+        kernel = _kernel_for(self, x)
+        if (kernel is None or x.dtype not in QUANT_DTYPES or x.numel() > kernel.max_rows * x.shape[-1]
+                or self.state.has_fp16_weights or self.weight.dtype != torch.int8):
+            return None
+        return kernel
+
+    def _forward_cpu(self, kernel: QuantKernel, x: torch.Tensor, gelu: bool) -> torch.Tensor:
+        scb = self.weight.SCB if self.weight.SCB is not None else self.state.SCB
+        key = (self.weight.data_ptr(), scb, None if self.bias is None else self.bias.data_ptr(), x.dtype)
+        weight, scb, bias = _kernel_state(self, key, lambda: (
+            self.weight.data.contiguous(), scb.float().contiguous(),
+            None if self.bias is None else self.bias.data.to(x.dtype).contiguous()))
+        return kernel.linear_int8(x.contiguous(), weight, scb, float(self.state.threshold), bias, gelu=gelu)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_kernel_prepared", None)
+        return super()._apply(fn, recurse)
 
 
 def _unpack_cpu_weight(packed: torch.Tensor, shape: torch.Size, dtype: torch.dtype, block_n: int = 32) -> torch.Tensor:
@@ -199,9 +340,14 @@ def _quantize_4bit_cpu(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Ten
 
 
 def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What Int8Params._quantize does: row-wise absmax int8 of a float16 copy, (CB, SCB). On the CPU the same
-    arithmetic as bitsandbytes' kernel, slices of rows through one reused float32 buffer (same bits, less memory
-    traffic and bounded temporaries)."""
+    """What Int8Params._quantize does: row-wise absmax int8 of a float16 copy, (CB, SCB). On the CPU neoxlite's
+    kernel (neoxlite/csrc/linear_quant.c, 6-25x faster), else the same arithmetic as bitsandbytes' kernel in slices
+    of rows through one reused float32 buffer (same bits, less memory traffic and bounded temporaries)."""
+    kernel = quant_kernel()
+    if kernel is not None and weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in QUANT_DTYPES:
+        quantized = kernel.quantize_int8(weight.contiguous())  # one pass per row, rows in parallel: same bits
+        if quantized is not None:
+            return quantized
     w16 = weight.contiguous().to(torch.float16)
     if w16.device.type != "cpu" or w16.dim() != 2:
         cb, scb, _ = bnb.functional.int8_vectorwise_quant(w16)
@@ -222,8 +368,8 @@ def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cb, scb
 
 
-def _new_linear8bit(in_features: int, out_features: int, bias: bool, spec: QuantSpec) -> bnb.nn.Linear8bitLt:
-    return bnb.nn.Linear8bitLt(
+def _new_linear8bit(in_features: int, out_features: int, bias: bool, spec: QuantSpec) -> Linear8bit:
+    return Linear8bit(
         in_features, out_features, bias, has_fp16_weights=False, threshold=spec.int8_threshold, device="meta"
     )
 

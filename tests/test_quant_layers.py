@@ -12,6 +12,8 @@ import torch
 from neoxlite.quant import QuantSpec
 from safetensors.torch import load_file, save_file
 
+import neoxlite.cpu_kernels
+
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 from transformers import BitsAndBytesConfig  # noqa: E402
@@ -189,9 +191,12 @@ LAYER_CASES = [
 
 @pytest.mark.parametrize("cpu_kernel", ["avx512", "generic"])
 @pytest.mark.parametrize(("mode", "double_quant", "dtype"), LAYER_CASES, ids=str)
-def test_layer_equals_transformers_layer(mode, double_quant, dtype, cpu_kernel):
+def test_layer_equals_transformers_layer(mode, double_quant, dtype, cpu_kernel, monkeypatch):
     if cpu_kernel == "avx512" and (mode == "int8" or not bnb.functional.has_avx512bf16()):
         pytest.skip("the AVX512-BF16 CPU path exists for 4-bit layers on CPUs that have it")
+    # bitsandbytes' own forward, bit for bit (neoxlite's kernels, which sum in another order, are compared with it
+    # in tests/test_quant_kernels.py)
+    monkeypatch.setattr(neoxlite.cpu_kernels, "enabled", False)
     spec = QuantSpec(mode, double_quant=double_quant)
     w, b, x = weights(dtype)
     ours = quant.quantize_linear(w, b, spec, "cpu")
@@ -210,6 +215,7 @@ def test_layer_equals_transformers_layer(mode, double_quant, dtype, cpu_kernel):
 @pytest.mark.parametrize(("mode", "double_quant"), [("nf4", True), ("fp4", False), ("int8", True)])
 def test_sliced_cpu_quantization_is_exact(mode, double_quant, shape, monkeypatch):
     """quant quantizes big CPU weights slice by slice (bounded memory); the bits equal one bitsandbytes call."""
+    monkeypatch.setattr(neoxlite.cpu_kernels, "enabled", False)  # PyTorch's slices; bitsandbytes' forward below
     monkeypatch.setattr(quant.layers, "CHUNK_ELEMENTS", 130)  # int8: 2 rows per slice
     monkeypatch.setattr(quant.layers, "_FAST_CHUNK", 128)  # 4-bit: 2 blocks per step
     spec = QuantSpec(mode, double_quant=double_quant)
@@ -278,8 +284,9 @@ def test_round_trip_bit_exact(mode, double_quant, tmp_path):
 
 
 @pytest.mark.parametrize("mode", MODES_4BIT)
-def test_transformers_layer_loads_our_state(mode):
+def test_transformers_layer_loads_our_state(mode, monkeypatch):
     """What we serialize is what transformers' Bnb4bitDeserialize turns back into its layer."""
+    monkeypatch.setattr(neoxlite.cpu_kernels, "enabled", False)  # both layers: bitsandbytes' forward, bit for bit
     spec = QuantSpec(mode)
     w, b, x = weights(torch.float16)
     ours = quant.quantize_linear(w, b, spec, "cpu")

@@ -15,6 +15,7 @@ from neoxlite.quant.serialize import quantize_checkpoint
 from safetensors.torch import load_file, save_file
 
 import neoxlite
+import neoxlite.cpu_kernels
 from neoxlite.cli import main as cli_main
 
 transformers = pytest.importorskip("transformers")
@@ -67,7 +68,9 @@ def prequantized(checkpoint, tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_logits_equal_transformers_bitsandbytes(checkpoint, mode):
+def test_logits_equal_transformers_bitsandbytes(checkpoint, mode, monkeypatch):
+    # bitsandbytes' own forward, bit for bit; neoxlite's kernels (other fp32 sum order): tests/test_quant_kernels.py
+    monkeypatch.setattr(neoxlite.cpu_kernels, "enabled", False)
     folder, fp32 = checkpoint(**SHAPE)
     spec = QuantSpec(mode)
     ours = load(folder, quant=mode)
@@ -110,7 +113,8 @@ def test_compute_dtype_and_double_quant_follow_the_keywords(checkpoint):
     "arch", ["GPTNeoXModel", "GPTNeoXForSequenceClassification", "GPTNeoXForTokenClassification",
              "GPTNeoXForQuestionAnswering"]
 )
-def test_every_model_class_quantizes(checkpoint, arch):
+def test_every_model_class_quantizes(checkpoint, arch, monkeypatch):
+    monkeypatch.setattr(neoxlite.cpu_kernels, "enabled", False)  # bit for bit, as above
     folder, _ = checkpoint(arch, **SHAPE)
     model = load(folder, arch, quant="nf4")
     quantized = sorted(n for n, m in model.named_modules() if quant.is_quantized(m))

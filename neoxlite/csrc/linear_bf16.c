@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "gelu.h"
 
 #define ROWS 4       /* weight rows per task: their 64-byte chunks are read side by side */
 #define MAX_M 4      /* input rows per pass over a weight block (one fp32 accumulator each) */
@@ -24,23 +25,6 @@
 /* Each row's next task (the same thread's, under a static schedule) is also prefetched into L2 as the current
  * one is read: the memory system then always has two blocks in flight, which takes one core from about 75% to
  * about 100% of the bandwidth that a plain streaming read reaches (measured on Sapphire Rapids). */
-
-/* GELU(x) = x/2 (1 + erf(x / sqrt 2)) with erf as PyTorch's vectorized CPU kernel computes it (Abramowitz and
- * Stegun 7.1.26, |error| < 1.5e-7), in the same order of operations, so the bf16 results agree with F.gelu. */
-#define GELU_P 0.3275911f
-#define GELU_A1 0.254829592f
-#define GELU_A2 -0.284496736f
-#define GELU_A3 1.421413741f
-#define GELU_A4 -1.453152027f
-#define GELU_A5 1.061405429f
-#define SQRT1_2 0.70710678118654752440f
-
-static inline float gelu_scalar(float v) {
-    const float a = v * SQRT1_2, t = 1.0f / (GELU_P * fabsf(a) + 1.0f);
-    const float r = (((GELU_A5 * t + GELU_A4) * t + GELU_A3) * t + GELU_A2) * t + GELU_A1;
-    const float erf_abs = 1.0f - expf(-(a * a)) * t * r;
-    return v * 0.5f * (1.0f + copysignf(erf_abs, a));
-}
 
 static void gelu_bf16_scalar(uint16_t *y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16(gelu_scalar(bf16_to_float(y[i])));

@@ -1,0 +1,622 @@
+/* Quantized linear layers for CPU decoding, computed from bitsandbytes' stored formats without a dequantized
+ * copy: y[m, n] = bias[n] + sum_k x[m, k] * W[n, k] for a few input rows (decode steps, small batches).
+ *
+ * Decoding reads every weight once per step, so these loops read each weight byte once for up to four input
+ * rows, expand it in registers and multiply in fp32; four weight rows are read side by side with prefetches,
+ * and OpenMP (torch's libgomp) splits the output columns between threads.
+ *
+ * 4-bit (nf4, fp4): two codes per byte, the first value of a pair in the high nibble, row-major, one scale per
+ * 64 values (a row holds whole blocks). The scale is an fp32 absmax, or with double quantization an 8-bit code
+ * of it, decoded here per block as bitsandbytes decodes it (code2[q] * absmax2[block / 256], then + offset):
+ * no second copy of the scales in memory. Each block's 16-entry table (code * scale) is built in registers and
+ * rounded to the compute dtype, which is exactly the weight bitsandbytes' CPU path dequantizes before its matmul;
+ * a weight is then one table lookup away: AVX512 vpermps (16 entries); AVX2 in bf16/fp16 two vpshufb over the
+ * table's low and high bytes (32 weights), in fp32 two 8-entry vpermps and a blend. The input rows are reordered
+ * once per call to the order the lookups produce (lookup_order).
+ *
+ * int8 (LLM.int8): int8 weights with one fp32 scale per output row (SCB). The input rows are quantized per call
+ * as bitsandbytes does (float16, then round(x * 127 / rowmax)), with the columns holding a value >= threshold
+ * taken out and multiplied in the compute dtype instead; the int8 products are summed exactly in int32.
+ *
+ * Sums are fp32 and every rounding is bitsandbytes', so results equal its CPU path up to the order of the fp32
+ * sums. Built at first use by neoxlite/cpu_kernels.py; the ISA is picked at run time (AVX512F+BW, or AVX2+FMA).
+ */
+#pragma GCC optimize("fp-contract=off") /* a * b + c must round twice, as in bitsandbytes' PyTorch ops */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+#include "gelu.h"
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };      /* the compute dtype: input, output, bias */
+enum { QISA_NONE = 0, QISA_AVX2 = 1, QISA_AVX512 = 2 };
+
+#define QROWS 4       /* weight rows per task, read side by side */
+#define QMAX_M 4      /* input rows per pass over the weights */
+#define QBLOCK 64     /* 4-bit values per scale (32 bytes) */
+#define QPREFETCH 512 /* bytes ahead of each weight row's read position, into L1 */
+#define AVX512_TARGET "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c"
+
+/* ---------------------------------------------------------------- scalar conversions (F16C for float16) */
+__attribute__((target("f16c"))) static float load_value(const void *p, int64_t i, int dt) {
+    if (dt == DT_BF16) return bf16_to_float(((const uint16_t *)p)[i]);
+    if (dt == DT_F16) return _cvtsh_ss(((const uint16_t *)p)[i]);
+    return ((const float *)p)[i];
+}
+
+__attribute__((target("f16c"))) static float round_to(float v, int dt) { /* to dt and back, nearest even */
+    if (dt == DT_BF16) return bf16_to_float(float_to_bf16(v));
+    if (dt == DT_F16) return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT));
+    return v;
+}
+
+__attribute__((target("f16c"))) static void store_value(void *p, int64_t i, float v, int dt) {
+    if (dt == DT_BF16) ((uint16_t *)p)[i] = float_to_bf16(v);
+    else if (dt == DT_F16) ((uint16_t *)p)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+    else ((float *)p)[i] = v;
+}
+
+/* bias, one rounding to the compute dtype, and GELU of that (F.gelu in the compute dtype) */
+static void store_sum(void *y, int64_t i, float sum, const void *bias, int64_t n, int dt, int gelu) {
+    if (bias) sum += load_value(bias, n, dt);
+    float v = round_to(sum, dt);
+    if (gelu) v = gelu_scalar(v);
+    store_value(y, i, v, dt);
+}
+
+/* ---------------------------------------------------------------- 4-bit: scales and input reordering */
+typedef struct {
+    const float *absmax;    /* one fp32 scale per block, or NULL with double quantization: */
+    const uint8_t *absmax8; /* the block scales' 8-bit codes, */
+    const float *code2;     /* their 256-entry code, */
+    const float *absmax2;   /* one scale per 256 blocks, */
+    float offset;           /* and the mean added back */
+} scales_t;
+
+static inline float block_scale(const scales_t *s, int64_t b) {
+    if (s->absmax) return s->absmax[b];
+    const float v = s->code2[s->absmax8[b]] * s->absmax2[b >> 8];
+    return v + s->offset;
+}
+
+/* Where each of a block's 64 inputs goes in the order the lookups produce their weights: order[slot] = the
+ * value's index in the block (a packed byte j holds values 2j, high nibble, and 2j + 1). */
+static void lookup_order(int isa, int dt, int order[QBLOCK]) {
+    int slot = 0;
+    if (isa == QISA_AVX512 || dt == DT_F32) { /* groups of 16 (AVX512: 32) bytes' values: the even, then the odd */
+        const int group = isa == QISA_AVX512 ? 32 : 16;
+        for (int g = 0; g < QBLOCK; g += group)
+            for (int odd = 0; odd < 2; ++odd)
+                for (int t = 0; t < group / 2; ++t) order[slot++] = g + 2 * t + odd;
+        return;
+    }
+    /* AVX2 bf16/fp16 (byte-plane lookups, block4_planes_avx2): the high nibbles' weights, then the low ones'; each
+     * as four vectors of eight bytes' values, taken from the two 128-bit lanes as the unpacks leave them */
+    static const int bf16_bytes[4][8] = {{0, 1, 2, 3, 16, 17, 18, 19}, {4, 5, 6, 7, 20, 21, 22, 23},
+                                         {8, 9, 10, 11, 24, 25, 26, 27}, {12, 13, 14, 15, 28, 29, 30, 31}};
+    static const int f16_bytes[4][8] = {{0, 1, 2, 3, 4, 5, 6, 7}, {16, 17, 18, 19, 20, 21, 22, 23},
+                                        {8, 9, 10, 11, 12, 13, 14, 15}, {24, 25, 26, 27, 28, 29, 30, 31}};
+    const int(*bytes)[8] = dt == DT_BF16 ? bf16_bytes : f16_bytes;
+    for (int odd = 0; odd < 2; ++odd)
+        for (int v = 0; v < 4; ++v)
+            for (int t = 0; t < 8; ++t) order[slot++] = 2 * bytes[v][t] + odd;
+}
+
+/* x (M x K, dtype) to fp32, each block of 64 in the lookup order */
+static void reorder_input(const void *x, int dt, int64_t M, int64_t K, const int order[QBLOCK], float *out) {
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t b = 0; b < K; b += QBLOCK)
+            for (int slot = 0; slot < QBLOCK; ++slot) out[m * K + b + slot] = load_value(x, m * K + b + order[slot], dt);
+}
+
+/* ---------------------------------------------------------------- AVX2 + FMA */
+__attribute__((target("avx2,fma"))) static inline float hsum_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2"))) static inline int32_t hsum_epi32_avx2(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* fp32 compute (the weight is code * scale, unrounded): x reordered in groups of 16; w: the task's first weight
+ * row; 8 packed bytes give 16 weights per step, each from two vpermps and a blend */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+block4_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
+            int64_t K, int rows, int mt, float *sums) {
+    __m256 acc[QROWS][QMAX_M];
+    for (int r = 0; r < QROWS; ++r)
+        for (int m = 0; m < QMAX_M; ++m) acc[r][m] = _mm256_setzero_ps();
+    const __m256 code_lo = _mm256_loadu_ps(code), code_hi = _mm256_loadu_ps(code + 8);
+    const int64_t blocks = K / QBLOCK;
+    for (int64_t b = 0; b < blocks; ++b) {
+        for (int r = 0; r < rows; ++r) {
+            const uint8_t *p = w + (r * K + b * QBLOCK) / 2;
+            if ((b & 1) == 0) { /* once per 64-byte line */
+                _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + QROWS * K / 2), _MM_HINT_T1); /* a hint: never faults */
+            }
+            const __m256 s = _mm256_set1_ps(block_scale(sc, first_block + r * blocks + b));
+            const __m256 lo = _mm256_mul_ps(code_lo, s), hi = _mm256_mul_ps(code_hi, s);
+            for (int c = 0; c < 4; ++c) {
+                /* vpermps reads bits 0-2 of each lane; bit 3 picks the table half through the sign bit */
+                const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * c)));
+                const __m256i vh = _mm256_srli_epi32(v, 4);
+                const __m256 w_odd = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, v), _mm256_permutevar8x32_ps(hi, v),
+                                                      _mm256_castsi256_ps(_mm256_slli_epi32(v, 28)));
+                const __m256 w_even = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, vh),
+                                                       _mm256_permutevar8x32_ps(hi, vh),
+                                                       _mm256_castsi256_ps(_mm256_slli_epi32(v, 24)));
+                const float *xb = x + b * QBLOCK + 16 * c;
+                for (int m = 0; m < mt; ++m) {
+                    acc[r][m] = _mm256_fmadd_ps(w_even, _mm256_loadu_ps(xb + m * K), acc[r][m]);
+                    acc[r][m] = _mm256_fmadd_ps(w_odd, _mm256_loadu_ps(xb + m * K + 8), acc[r][m]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int m = 0; m < mt; ++m) sums[r * QMAX_M + m] = hsum_avx2(acc[r][m]);
+}
+
+/* bf16/fp16: the block's 16 weights (table * scale, rounded) as two 16-byte planes (low and high bytes of each
+ * 16-bit value), in both lanes; then vpshufb looks up 32 weights' bytes at once */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+block_planes_avx2(__m256 code_a, __m256 code_b, float scale, int dt, __m256i *low, __m256i *high) {
+    const __m256 s = _mm256_set1_ps(scale);
+    __m256i halves; /* lane 0: entries 0-7, lane 1: entries 8-15, as 16-bit values */
+    if (dt == DT_BF16) { /* code_a = entries 0-3 and 8-11, code_b = 4-7 and 12-15: packus puts them in order */
+        const __m256i ua = _mm256_castps_si256(_mm256_mul_ps(code_a, s));
+        const __m256i ub = _mm256_castps_si256(_mm256_mul_ps(code_b, s));
+        const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+        const __m256i ra = _mm256_srli_epi32(_mm256_add_epi32(ua, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ua, 16), one))), 16);
+        const __m256i rb = _mm256_srli_epi32(_mm256_add_epi32(ub, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ub, 16), one))), 16);
+        halves = _mm256_packus_epi32(ra, rb);
+    } else { /* code_a = entries 0-7, code_b = 8-15 */
+        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        halves = _mm256_set_m128i(_mm256_cvtps_ph(_mm256_mul_ps(code_b, s), rnd), _mm256_cvtps_ph(_mm256_mul_ps(code_a, s), rnd));
+    }
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m256i bytes = _mm256_shuffle_epi8(halves, split); /* per lane: 8 low bytes, 8 high bytes */
+    *low = _mm256_permute4x64_epi64(bytes, 0x88);              /* qwords 0, 2, 0, 2 */
+    *high = _mm256_permute4x64_epi64(bytes, 0xdd);             /* qwords 1, 3, 1, 3 */
+}
+
+/* 32 weights from 32 nibble indices: four vectors of 8 fp32 (in lookup_order's order) */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+lookup32_avx2(__m256i idx, __m256i low, __m256i high, int dt, __m256 out[4]) {
+    const __m256i lo = _mm256_shuffle_epi8(low, idx), hi = _mm256_shuffle_epi8(high, idx);
+    const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi); /* 16-bit values */
+    if (dt == DT_BF16) {
+        const __m256i zero = _mm256_setzero_si256();
+        out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, a));
+        out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, a));
+        out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, b));
+        out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, b));
+    } else {
+        out[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(a));
+        out[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(a, 1));
+        out[2] = _mm256_cvtph_ps(_mm256_castsi256_si128(b));
+        out[3] = _mm256_cvtph_ps(_mm256_extracti128_si256(b, 1));
+    }
+}
+
+/* bf16/fp16 compute: vpshufb lookups, 32 weights per pair of shuffles (fewer instructions than vpermps) */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
+                   int64_t K, int rows, int mt, int dt, float *sums) {
+    __m256 acc[QROWS][QMAX_M];
+    for (int r = 0; r < QROWS; ++r)
+        for (int m = 0; m < QMAX_M; ++m) acc[r][m] = _mm256_setzero_ps();
+    __m256 code_a, code_b;
+    if (dt == DT_BF16) {
+        code_a = _mm256_setr_ps(code[0], code[1], code[2], code[3], code[8], code[9], code[10], code[11]);
+        code_b = _mm256_setr_ps(code[4], code[5], code[6], code[7], code[12], code[13], code[14], code[15]);
+    } else {
+        code_a = _mm256_loadu_ps(code);
+        code_b = _mm256_loadu_ps(code + 8);
+    }
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    const int64_t blocks = K / QBLOCK;
+    for (int64_t b = 0; b < blocks; ++b) {
+        for (int r = 0; r < rows; ++r) {
+            const uint8_t *p = w + (r * K + b * QBLOCK) / 2;
+            if ((b & 1) == 0) {
+                _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + QROWS * K / 2), _MM_HINT_T1);
+            }
+            __m256i low, high;
+            block_planes_avx2(code_a, code_b, block_scale(sc, first_block + r * blocks + b), dt, &low, &high);
+            const __m256i packed = _mm256_loadu_si256((const __m256i *)p);
+            __m256 wv[8];
+            lookup32_avx2(_mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), low, high, dt, wv); /* even */
+            lookup32_avx2(_mm256_and_si256(packed, nibble), low, high, dt, wv + 4);                   /* odd */
+            const float *xb = x + b * QBLOCK;
+            for (int m = 0; m < mt; ++m)
+                for (int v = 0; v < 8; ++v) acc[r][m] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(xb + m * K + 8 * v), acc[r][m]);
+        }
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int m = 0; m < mt; ++m) sums[r * QMAX_M + m] = hsum_avx2(acc[r][m]);
+}
+
+#define DISPATCH_M(BLOCK, rows, mt, ...)                                                                          \
+    do {                                                                                                        \
+        if ((rows) < QROWS) BLOCK(__VA_ARGS__, rows, mt);                                                       \
+        else if ((mt) == 1) BLOCK(__VA_ARGS__, QROWS, 1);                                                       \
+        else if ((mt) == 2) BLOCK(__VA_ARGS__, QROWS, 2);                                                       \
+        else if ((mt) == 3) BLOCK(__VA_ARGS__, QROWS, 3);                                                       \
+        else BLOCK(__VA_ARGS__, QROWS, 4);                                                                      \
+    } while (0)
+
+#define CALL4_AVX2(x, w, code, sc, fb, K, dt, sums, rows, mt) block4_avx2(x, w, code, sc, fb, K, rows, mt, sums)
+#define CALL4_PLANES(x, w, code, sc, fb, K, dt, sums, rows, mt)                                                   \
+    block4_planes_avx2(x, w, code, sc, fb, K, rows, mt, dt, sums)
+
+__attribute__((target("avx2,fma,f16c"))) static void
+linear4_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, const void *bias, void *y,
+             int64_t M, int64_t N, int64_t K, int dt, int gelu) {
+    const int64_t tasks = (N + QROWS - 1) / QROWS;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t n0 = t * QROWS;
+        const int rows = N - n0 < QROWS ? (int)(N - n0) : QROWS;
+        const uint8_t *wn = w + n0 * K / 2;
+        float sums[QROWS * QMAX_M];
+        for (int64_t m0 = 0; m0 < M; m0 += QMAX_M) {
+            const int mt = M - m0 < QMAX_M ? (int)(M - m0) : QMAX_M;
+            const float *xm = x + m0 * K;
+            const int64_t fb = n0 * (K / QBLOCK);
+            /* constant dtype, rows and mt: every accumulator can live in a register */
+            if (dt == DT_BF16) DISPATCH_M(CALL4_PLANES, rows, mt, xm, wn, code, sc, fb, K, DT_BF16, sums);
+            else if (dt == DT_F16) DISPATCH_M(CALL4_PLANES, rows, mt, xm, wn, code, sc, fb, K, DT_F16, sums);
+            else DISPATCH_M(CALL4_AVX2, rows, mt, xm, wn, code, sc, fb, K, DT_F32, sums);
+            for (int r = 0; r < rows; ++r)
+                for (int m = 0; m < mt; ++m)
+                    store_sum(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], bias, n0 + r, dt, gelu);
+        }
+    }
+}
+
+/* x: int8 rows; |x| <= 127, so |w| * (+-x) pairs never saturate vpmaddubsw (w = -128 included) */
+__attribute__((target("avx2"), always_inline)) static inline void
+block8_avx2(const int8_t *x, const int8_t *w, int64_t K, int rows, int mt, int32_t *sums) {
+    __m256i acc[QROWS][QMAX_M];
+    for (int r = 0; r < QROWS; ++r)
+        for (int m = 0; m < QMAX_M; ++m) acc[r][m] = _mm256_setzero_si256();
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t kfull = K / 32 * 32;
+    for (int64_t k = 0; k < kfull; k += 32) {
+        __m256i xv[QMAX_M];
+        for (int m = 0; m < mt; ++m) xv[m] = _mm256_loadu_si256((const __m256i *)(x + m * K + k));
+        for (int r = 0; r < rows; ++r) {
+            const int8_t *p = w + r * K + k;
+            if ((k & 63) == 0) {
+                _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + QROWS * K), _MM_HINT_T1);
+            }
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)p);
+            const __m256i aw = _mm256_abs_epi8(wv);
+            for (int m = 0; m < mt; ++m) {
+                const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[m], wv));
+                acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int m = 0; m < mt; ++m) {
+            int32_t s = hsum_epi32_avx2(acc[r][m]);
+            for (int64_t k = kfull; k < K; ++k) s += (int32_t)w[r * K + k] * x[m * K + k];
+            sums[r * QMAX_M + m] = s;
+        }
+}
+
+/* ---------------------------------------------------------------- AVX512F + BW */
+__attribute__((target(AVX512_TARGET), always_inline)) static inline __m512 round_avx512(__m512 v, int dt) {
+    if (dt == DT_BF16) {
+        const __m512i u = _mm512_castps_si512(v);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+        return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
+    }
+    if (dt == DT_F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return v;
+}
+
+/* x: reordered in groups of 32; 16 packed bytes give 32 weights per step, one vpermps per 16 */
+__attribute__((target(AVX512_TARGET), always_inline)) static inline void
+block4_avx512(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
+              int64_t K, int rows, int mt, int dt, float *sums) {
+    __m512 acc[QROWS][QMAX_M];
+    for (int r = 0; r < QROWS; ++r)
+        for (int m = 0; m < QMAX_M; ++m) acc[r][m] = _mm512_setzero_ps();
+    const __m512 table = _mm512_loadu_ps(code);
+    const int64_t blocks = K / QBLOCK;
+    for (int64_t b = 0; b < blocks; ++b) {
+        for (int r = 0; r < rows; ++r) {
+            const uint8_t *p = w + (r * K + b * QBLOCK) / 2;
+            if ((b & 1) == 0) {
+                _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
+                _mm_prefetch((const char *)(p + QROWS * K / 2), _MM_HINT_T1);
+            }
+            const __m512 t = round_avx512(_mm512_mul_ps(table, _mm512_set1_ps(block_scale(sc, first_block + r * blocks + b))), dt);
+            for (int c = 0; c < 2; ++c) {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16 * c)));
+                const __m512 w_odd = _mm512_permutexvar_ps(v, t); /* reads bits 0-3 of each lane */
+                const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t);
+                const float *xb = x + b * QBLOCK + 32 * c;
+                for (int m = 0; m < mt; ++m) {
+                    acc[r][m] = _mm512_fmadd_ps(w_even, _mm512_loadu_ps(xb + m * K), acc[r][m]);
+                    acc[r][m] = _mm512_fmadd_ps(w_odd, _mm512_loadu_ps(xb + m * K + 16), acc[r][m]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int m = 0; m < mt; ++m) sums[r * QMAX_M + m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+#define CALL4_AVX512(x, w, code, sc, fb, K, dt, sums, rows, mt) block4_avx512(x, w, code, sc, fb, K, rows, mt, dt, sums)
+
+__attribute__((target(AVX512_TARGET))) static void
+linear4_avx512(const float *x, const uint8_t *w, const float *code, const scales_t *sc, const void *bias, void *y,
+               int64_t M, int64_t N, int64_t K, int dt, int gelu) {
+    const int64_t tasks = (N + QROWS - 1) / QROWS;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t n0 = t * QROWS;
+        const int rows = N - n0 < QROWS ? (int)(N - n0) : QROWS;
+        const uint8_t *wn = w + n0 * K / 2;
+        float sums[QROWS * QMAX_M];
+        for (int64_t m0 = 0; m0 < M; m0 += QMAX_M) {
+            const int mt = M - m0 < QMAX_M ? (int)(M - m0) : QMAX_M;
+            const float *xm = x + m0 * K;
+            const int64_t fb = n0 * (K / QBLOCK);
+            if (dt == DT_BF16) DISPATCH_M(CALL4_AVX512, rows, mt, xm, wn, code, sc, fb, K, DT_BF16, sums);
+            else if (dt == DT_F16) DISPATCH_M(CALL4_AVX512, rows, mt, xm, wn, code, sc, fb, K, DT_F16, sums);
+            else DISPATCH_M(CALL4_AVX512, rows, mt, xm, wn, code, sc, fb, K, DT_F32, sums);
+            for (int r = 0; r < rows; ++r)
+                for (int m = 0; m < mt; ++m)
+                    store_sum(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], bias, n0 + r, dt, gelu);
+        }
+    }
+}
+
+/* the same products as block8_avx2, 64 at a time; a masked load zero-fills the row's tail */
+__attribute__((target(AVX512_TARGET), always_inline)) static inline void
+block8_avx512(const int8_t *x, const int8_t *w, int64_t K, int rows, int mt, int32_t *sums) {
+    __m512i acc[QROWS][QMAX_M];
+    for (int r = 0; r < QROWS; ++r)
+        for (int m = 0; m < QMAX_M; ++m) acc[r][m] = _mm512_setzero_si512();
+    const __m512i ones = _mm512_set1_epi16(1), zero = _mm512_setzero_si512();
+    const int64_t kfull = K / 64 * 64;
+    for (int64_t k = 0; k < K; k += 64) {
+        const __mmask64 mask = k < kfull ? ~(__mmask64)0 : (((__mmask64)1 << (K - kfull)) - 1);
+        __m512i xv[QMAX_M];
+        for (int m = 0; m < mt; ++m) xv[m] = _mm512_maskz_loadu_epi8(mask, x + m * K + k);
+        for (int r = 0; r < rows; ++r) {
+            const int8_t *p = w + r * K + k;
+            _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + QROWS * K), _MM_HINT_T1);
+            const __m512i wv = _mm512_maskz_loadu_epi8(mask, p);
+            const __m512i aw = _mm512_abs_epi8(wv);
+            const __mmask64 negative = _mm512_movepi8_mask(wv);
+            for (int m = 0; m < mt; ++m) {
+                const __m512i sx = _mm512_mask_sub_epi8(xv[m], negative, zero, xv[m]); /* x * sign(w) */
+                acc[r][m] = _mm512_add_epi32(acc[r][m], _mm512_madd_epi16(_mm512_maddubs_epi16(aw, sx), ones));
+            }
+        }
+    }
+    for (int r = 0; r < rows; ++r)
+        for (int m = 0; m < mt; ++m) sums[r * QMAX_M + m] = _mm512_reduce_add_epi32(acc[r][m]);
+}
+
+/* ---------------------------------------------------------------- int8: activations and outputs */
+typedef struct {
+    int8_t *q;          /* M x K: round(x16 * 127 / rowmax), outlier columns zero */
+    float *row_max;     /* M: max |x16| over the values below the threshold */
+    int64_t *cols;      /* the outlier columns, */
+    float *outliers;    /* M x ncols: their inputs in the compute dtype, */
+    int64_t ncols;
+} act8_t;
+
+/* bitsandbytes' int8_vectorwise_quant(x.to(float16), threshold): x16 = x rounded to float16; values with
+ * |x16| >= threshold mark their column as an outlier and do not count toward the row's max. */
+__attribute__((target("f16c"))) static void quantize_activations(const void *x, int dt, int64_t M, int64_t K,
+                                                                float threshold, uint8_t *is_outlier, act8_t *a) {
+    const int outlying = threshold > 0.0f;
+    const float limit = round_to(threshold, DT_F16); /* the comparison is made in float16 */
+    memset(is_outlier, 0, (size_t)K);
+    for (int64_t m = 0; m < M; ++m) {
+        float row_max = 0.0f;
+        for (int64_t k = 0; k < K; ++k) {
+            const float v = fabsf(round_to(load_value(x, m * K + k, dt), DT_F16));
+            if (outlying && v >= limit) is_outlier[k] = 1;
+            else if (v > row_max) row_max = v;
+        }
+        a->row_max[m] = row_max;
+    }
+    a->ncols = 0;
+    for (int64_t k = 0; k < K; ++k)
+        if (is_outlier[k]) a->cols[a->ncols++] = k;
+    for (int64_t m = 0; m < M; ++m) {
+        /* PyTorch computes `127.0 / row_max` (a scalar over a tensor) as reciprocal(row_max) * 127 */
+        const float scale = (1.0f / a->row_max[m]) * 127.0f;
+        for (int64_t k = 0; k < K; ++k) {
+            const float v = round_to(load_value(x, m * K + k, dt), DT_F16) * scale;
+            a->q[m * K + k] = is_outlier[k] || a->row_max[m] == 0.0f ? 0 : (int8_t)nearbyintf(v);
+        }
+        for (int64_t j = 0; j < a->ncols; ++j) a->outliers[m * a->ncols + j] = load_value(x, m * K + a->cols[j], dt);
+    }
+}
+
+/* int8_mm_dequant: sum * (rowmax * SCB) / 127^2 + bias, rounded to the compute dtype; then, as addmm does, the
+ * outlier columns' products with the dequantized weights (SCB / 127 * w, in the compute dtype) added in fp32
+ * and rounded again; GELU last. */
+static void store_int8(void *y, int64_t i, int32_t sum, const act8_t *a, int64_t m, const int8_t *w_row,
+                       float scb, const void *bias, int64_t n, int dt, int gelu) {
+    float v = (float)sum * (a->row_max[m] * scb);
+    v = v * 6.200124e-05f;
+    if (bias) v += load_value(bias, n, dt);
+    if (a->ncols) {
+        float extra = 0.0f;
+        for (int64_t j = 0; j < a->ncols; ++j) {
+            const float w = (float)w_row[a->cols[j]] * scb;
+            extra += a->outliers[m * a->ncols + j] * round_to(w * 7.874015718698502e-3f, dt);
+        }
+        v = round_to(v, dt) + extra;
+    }
+    v = round_to(v, dt);
+    if (gelu) v = round_to(gelu_scalar(v), dt);
+    store_value(y, i, v, dt);
+}
+
+#define CALL8(BLOCK, x, w, K, sums, rows, mt) BLOCK(x, w, K, rows, mt, sums)
+
+#define LINEAR8(NAME, TARGET, BLOCK)                                                                            \
+    __attribute__((target(TARGET))) static void NAME(const act8_t *a, const int8_t *w, const float *scb,         \
+                                                     const void *bias, void *y, int64_t M, int64_t N, int64_t K, \
+                                                     int dt, int gelu) {                                         \
+        const int64_t tasks = (N + QROWS - 1) / QROWS;                                                          \
+        _Pragma("omp parallel for schedule(static)") for (int64_t t = 0; t < tasks; ++t) {                       \
+            const int64_t n0 = t * QROWS;                                                                       \
+            const int rows = N - n0 < QROWS ? (int)(N - n0) : QROWS;                                            \
+            int32_t sums[QROWS * QMAX_M];                                                                       \
+            for (int64_t m0 = 0; m0 < M; m0 += QMAX_M) {                                                        \
+                const int mt = M - m0 < QMAX_M ? (int)(M - m0) : QMAX_M;                                        \
+                DISPATCH_M(CALL8, rows, mt, BLOCK, a->q + m0 * K, w + n0 * K, K, sums);                         \
+                for (int r = 0; r < rows; ++r)                                                                  \
+                    for (int m = 0; m < mt; ++m)                                                                \
+                        store_int8(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], a, m0 + m,                   \
+                                   w + (n0 + r) * K, scb[n0 + r], bias, n0 + r, dt, gelu);                      \
+            }                                                                                                   \
+        }                                                                                                       \
+    }
+
+LINEAR8(linear8_avx2, "avx2,fma,f16c", block8_avx2)
+LINEAR8(linear8_avx512, AVX512_TARGET, block8_avx512)
+
+/* ---------------------------------------------------------------- int8 weight quantization (loading) */
+/* 8 values of dtype dt from p, rounded to float16 and back (Int8Params quantizes w.to(float16)) */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 load8_as_f16(const void *p, int64_t i,
+                                                                                         int dt) {
+    __m256 v;
+    if (dt == DT_BF16)
+        v = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+    else if (dt == DT_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    else v = _mm256_loadu_ps((const float *)p + i);
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+/* Row i of w (N x K, dtype dt): scales[i] = max |w16|, q = round(w16 * (127 / max)) with PyTorch's arithmetic
+ * (the reciprocal times 127, then nearest even); an all-zero row gives zeros. */
+__attribute__((target("avx2,fma,f16c"))) static int quantize_rows_int8(int dt, const void *w, int8_t *q,
+                                                                        float *scales, int64_t N, int64_t K) {
+    const int64_t kfull = K / 8 * 8;
+    int overflow = 0;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const int64_t row = n * K;
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 top = _mm256_setzero_ps();
+        for (int64_t k = 0; k < kfull; k += 8) top = _mm256_max_ps(top, _mm256_andnot_ps(sign, load8_as_f16(w, row + k, dt)));
+        float lanes[8], mx = 0.0f;
+        _mm256_storeu_ps(lanes, top);
+        for (int j = 0; j < 8; ++j) mx = lanes[j] > mx ? lanes[j] : mx;
+        for (int64_t k = kfull; k < K; ++k) {
+            const float v = fabsf(round_to(load_value(w, row + k, dt), DT_F16));
+            mx = v > mx ? v : mx;
+        }
+        scales[n] = mx;
+        if (!isfinite(mx)) { /* a value beyond float16's range (or NaN): left to PyTorch's own arithmetic */
+#pragma omp atomic write
+            overflow = 1;
+        }
+        const float scale = (1.0f / mx) * 127.0f;
+        const __m256 s = _mm256_set1_ps(scale);
+        for (int64_t k = 0; k < kfull; k += 8) {
+            const __m256 r = _mm256_round_ps(_mm256_mul_ps(load8_as_f16(w, row + k, dt), s),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m128i i32lo = _mm256_castsi256_si128(_mm256_cvtps_epi32(r));
+            __m128i i32hi = _mm256_extracti128_si256(_mm256_cvtps_epi32(r), 1);
+            const __m128i i8 = _mm_packs_epi16(_mm_packs_epi32(i32lo, i32hi), _mm_setzero_si128());
+            _mm_storel_epi64((__m128i *)(q + row + k), mx == 0.0f ? _mm_setzero_si128() : i8);
+        }
+        for (int64_t k = kfull; k < K; ++k)
+            q[row + k] = mx == 0.0f ? 0 : (int8_t)nearbyintf(round_to(load_value(w, row + k, dt), DT_F16) * scale);
+    }
+    return overflow;
+}
+
+/* ---------------------------------------------------------------- entry points (called through ctypes) */
+int neox_quant_isa(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) return QISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return QISA_AVX2;
+    return QISA_NONE;
+}
+
+/* x: M x K in dtype `dt`; w: N * K / 2 packed bytes; code: the 16 values; absmax: N * K / 64 fp32 scales, or
+ * NULL and (absmax8, code2, absmax2, offset) with double quantization; bias: N in `dt` or NULL; y: M x N in
+ * `dt`. K must be a multiple of 64. Returns 0; -1 for an ISA this CPU lacks; -2 when out of memory. */
+int neox_linear_4bit(int isa, int dt, const void *x, const uint8_t *w, const float *code, const float *absmax,
+                     const uint8_t *absmax8, const float *code2, const float *absmax2, float offset,
+                     const void *bias, void *y, int64_t M, int64_t N, int64_t K, int gelu) {
+    if (isa != QISA_AVX2 && isa != QISA_AVX512) return -1;
+    float *xr = malloc((size_t)(M * K) * sizeof(float));
+    if (!xr) return -2;
+    const scales_t sc = {absmax, absmax8, code2, absmax2, offset};
+    int order[QBLOCK];
+    lookup_order(isa, dt, order);
+    reorder_input(x, dt, M, K, order, xr);
+    if (isa == QISA_AVX512) linear4_avx512(xr, w, code, &sc, bias, y, M, N, K, dt, gelu);
+    else linear4_avx2(xr, w, code, &sc, bias, y, M, N, K, dt, gelu);
+    free(xr);
+    return 0;
+}
+
+/* x: M x K in `dt`; w: N x K int8; scb: N fp32; threshold: LLM.int8's outlier threshold (0: none); bias: N in
+ * `dt` or NULL; y: M x N in `dt`. Returns 0; -1 for an ISA this CPU lacks; -2 when out of memory. */
+int neox_linear_int8(int isa, int dt, const void *x, const int8_t *w, const float *scb, float threshold,
+                     const void *bias, void *y, int64_t M, int64_t N, int64_t K, int gelu) {
+    if (isa != QISA_AVX2 && isa != QISA_AVX512) return -1;
+    act8_t a;
+    a.q = malloc((size_t)(M * K));
+    a.row_max = malloc((size_t)M * sizeof(float));
+    a.cols = malloc((size_t)K * sizeof(int64_t));
+    a.outliers = malloc((size_t)(M * K) * sizeof(float));
+    uint8_t *is_outlier = malloc((size_t)K);
+    int status = -2;
+    if (a.q && a.row_max && a.cols && a.outliers && is_outlier) {
+        quantize_activations(x, dt, M, K, threshold, is_outlier, &a);
+        if (isa == QISA_AVX512) linear8_avx512(&a, w, scb, bias, y, M, N, K, dt, gelu);
+        else linear8_avx2(&a, w, scb, bias, y, M, N, K, dt, gelu);
+        status = 0;
+    }
+    free(a.q);
+    free(a.row_max);
+    free(a.cols);
+    free(a.outliers);
+    free(is_outlier);
+    return status;
+}
+
+/* w: N x K in `dt`; q: N x K int8; scales: N fp32. bitsandbytes' Int8Params quantization, bit for bit. Returns 0;
+ * 1 when a row's max is not finite in float16 (q is then not bitsandbytes'); -1 for an ISA this CPU lacks (both
+ * ISAs run the AVX2 loop: it is bound by memory). */
+int neox_quantize_int8(int isa, int dt, const void *w, int8_t *q, float *scales, int64_t N, int64_t K) {
+    if (isa != QISA_AVX2 && isa != QISA_AVX512) return -1;
+    return quantize_rows_int8(dt, w, q, scales, N, K);
+}
