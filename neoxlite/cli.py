@@ -18,7 +18,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from neoxlite import __version__
 from neoxlite.options import (
     add_load_options,
     add_model_option,
@@ -40,6 +39,18 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class VersionAction(argparse.Action):
+    """--version: prints neoxlite's version (read only when asked for: the lookup is slow to import)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit", **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        import neoxlite
+
+        parser.exit(message=f"neoxlite {neoxlite.__version__}\n")
 
 
 def load_for_cli(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -154,7 +165,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="neoxlite", description="Run GPT-NeoX models on one ordinary machine.")
-    parser.add_argument("--version", action="version", version=f"neoxlite {__version__}")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="continue a prompt, streaming the text",
@@ -185,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; returns its exit status."""
-    prog, parser = "neoxlite", None
+    words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
+    prog, parser = " ".join(["neoxlite", *words[:1]]), None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

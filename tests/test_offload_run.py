@@ -310,10 +310,11 @@ def test_cli_plan_and_offload_commands(ckpt, tmp_path, capsys):
     assert main(["plan", *common, "--cpu-memory", budget, "--offload-dir", str(tmp_path), "--disk-gbps", "1"]) == 0
     out = capsys.readouterr().out
     for text in ("placement:", "cpu   layers.0, head", "disk  embed_in, layers.1-5", "bytes per tier:",
-                 "batch   1: disk->cpu", "tokens/s (disk read bound)", "disk 1 GB/s"):
+                 "one decoding step at batch 2", "tokens/s (disk read bound)", "read per step at 1 GB/s (disk)",
+                 "disk 1 GB/s"):
         assert text in out, out
     assert main(["plan", *common, "--cpu-memory", "1KiB", "--offload-dir", str(tmp_path)]) == 2
-    assert "smallest cpu_memory that fits" in capsys.readouterr().err
+    assert "smallest --cpu-memory that fits" in capsys.readouterr().err
 
     load(ckpt, torch.float32, cpu_memory=int(budget), offload_dir=tmp_path)
     (tmp_path / "mine.txt").write_text("not neoxlite's")

@@ -44,7 +44,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from neoxlite.checkpoint import Checkpoint
     from neoxlite.config import GPTNeoXConfig
     from neoxlite.hub import resolve
-    from neoxlite.loading import parse_device, parse_dtype
+    from neoxlite.loading import stored_float_dtype
     from neoxlite.model import GPTNeoXForCausalLM
     from neoxlite.offload.placement import Workload, plan_model, quantized_layer_names
     from neoxlite.offload.planner import Links
@@ -56,18 +56,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from neoxlite.demo import demo_path
 
         args.model = str(demo_path())
+    if args.device is None and args.gpu_memory is not None:
+        args.device = "cuda"  # a GPU budget plans for a GPU, whether or not this machine has one
     kw = load_kwargs(args)
+    device = torch.device(kw["device"])  # not the loader's check: planning for a GPU this machine lacks is fine
+    if device.type == "cuda" and not torch.cuda.is_available():
+        if kw.get("gpu_memory") is None:
+            raise ValueError("this machine has no CUDA device: give the GPU's memory (--gpu-memory 24GiB) to plan "
+                             "for one")
+        print(f"[no CUDA device here: planning for one with --gpu-memory {kw['gpu_memory']}, its host link at "
+              f"{(args.pcie_gbps or Links.pcie / 1e9):.3g} GB/s (--pcie-gbps)]", file=sys.stderr)
     folder = resolve(args.model)
     config = GPTNeoXConfig.from_json_file(folder / "config.json")
     spec, prequantized = resolve_spec(config.quantization_config, quant=kw.get("quant"),
                                       compute_dtype=kw.get("compute_dtype"))
     ckpt = Checkpoint(folder)
-    dtype = parse_dtype(kw.get("dtype")) or next(
-        (ckpt.dtype(k) for k in ckpt.keys if ckpt.dtype(k).is_floating_point), torch.float32)
-    device = parse_device(kw.get("device"))
+    dtype = kw.get("dtype") or stored_float_dtype(ckpt)  # the loader's own rule
     with torch.device("meta"):
         model = GPTNeoXForCausalLM(config)
-    links = Links()
     overrides = {name: getattr(args, f"{flag}_gbps") * 1e9 for name, flag in
                  (("disk", "disk"), ("pcie", "pcie"), ("cpu_memory", "cpu"), ("gpu_memory", "gpu"))
                  if getattr(args, f"{flag}_gbps") is not None}
@@ -77,17 +83,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         overrides["disk"] = measure_read_bandwidth(files)
         print(f"[disk read: {overrides['disk'] / 1e9:.2f} GB/s, measured in {time.perf_counter() - start:.1f} s]",
               file=sys.stderr)
-    links = dataclasses.replace(links, **overrides)
+    workload = Workload(kw.get("max_batch_size", 1), kw.get("max_context"))
     plan = plan_model(model, dtype=dtype, device=device, spec=spec,
                       quantized=quantized_layer_names(model, spec, prequantized),
                       gpu_memory=kw.get("gpu_memory"), cpu_memory=kw.get("cpu_memory"),
-                      offload_dir=kw.get("offload_dir"),
-                      workload=Workload(kw.get("max_batch_size", 1), kw.get("max_context")), links=links)
+                      offload_dir=kw.get("offload_dir"), workload=workload,
+                      links=dataclasses.replace(Links(), **overrides))
     what = f"{folder.name}: {len(plan.homes)} blocks, {format_size(sum(plan.block_bytes.values()))} in {dtype}"
     if spec.enabled:
         what += f" ({spec.describe()})"
     print(what)
-    print(plan.explain())
+    print(plan.explain(workload.max_batch_size))
+    print("(set the bandwidths with --disk-gbps, --pcie-gbps, --cpu-gbps, --gpu-gbps; the batch with "
+          "--max-batch-size)")
     return 0
 
 
