@@ -50,7 +50,8 @@ class VersionAction(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
         import neoxlite
 
-        parser.exit(message=f"neoxlite {neoxlite.__version__}\n")
+        print(f"neoxlite {neoxlite.__version__}")
+        parser.exit()
 
 
 def load_for_cli(args: argparse.Namespace) -> tuple[Any, Any]:
