@@ -87,7 +87,7 @@ class Chat:
                 message = self.read_message()
             except KeyboardInterrupt:
                 print(file=sys.stderr)
-                self.note("Ctrl-D or /bye leaves")
+                self.note("to leave: Ctrl-D or /bye")
                 continue
             if message is None:
                 if not self.tty:
@@ -132,6 +132,7 @@ class Chat:
     def set(self, text: str) -> None:
         if not text:
             shown = sampling_kwargs(self.settings, getattr(self.model, "generation_config", None))
+            shown |= {k: v for k, v in self.settings.items() if k not in shown}  # e.g. top_k while greedy
             self.note(", ".join(f"{k} {v}" for k, v in shown.items()))
             return
         name, _, value = text.partition(" ")
