@@ -99,7 +99,11 @@ class Chat:
                 if self.command(message) == "bye":
                     return 0
                 continue
-            self.reply(message)
+            try:
+                self.reply(message)
+            except KeyboardInterrupt:  # before the reply began (reply() itself keeps a partial reply)
+                print(file=sys.stderr)
+                self.note("stopped")
 
     # ------------------------------------------------------------------ commands
     def command(self, line: str) -> str | None:
