@@ -8,6 +8,7 @@ This module imports nothing heavy at the top, so that all of this holds from the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -195,12 +196,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Holds a Ctrl-C until the block ends, then raises it: torch's import probes numpy inside a try that
+    swallows a KeyboardInterrupt (the command would run on as if nothing was pressed)."""
+    pressed: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:  # started with Ctrl-C ignored (nohup, `&` in a script): leave it so
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; returns its exit status."""
     words = [w for w in (sys.argv[1:] if argv is None else argv) if not w.startswith("-")]
     prog, parser = " ".join(["neoxlite", *words[:1]]), None
     try:
-        parser = build_parser()
+        with interrupts_held():
+            import torch  # noqa: F401  (the slow, Ctrl-C-swallowing import, done while a Ctrl-C is held)
+
+            parser = build_parser()
         args = parser.parse_args(argv)
         prog = f"neoxlite {args.command}"
         return args.func(args)

@@ -59,10 +59,10 @@ def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The `from_pretrained` keywords the user set on the command line (unset flags are left out)."""
     import torch
 
-    kwargs = {name: getattr(args, name) for name in _LOAD_KEYWORDS if getattr(args, name, None) is not None}
     from neoxlite.loading import parse_dtype
     from neoxlite.offload.budget import parse_size
 
+    kwargs = {name: getattr(args, name) for name in _LOAD_KEYWORDS if getattr(args, name, None) is not None}
     if kwargs.get("quant") == "none":
         kwargs["quant"] = None
     for name in ("dtype", "compute_dtype"):

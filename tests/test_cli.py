@@ -143,9 +143,9 @@ def test_an_internal_error_is_one_line_with_how_to_see_the_traceback(monkeypatch
 class Child:
     """A running `neoxlite` whose stderr is collected as it comes (progress bars end lines with \\r)."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, cwd: Path | None = None) -> None:
         self.proc = subprocess.Popen([NEOXLITE, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, cwd=cwd)
         self.err = b""
         self.out = b""
         threading.Thread(target=self._read, args=("err", self.proc.stderr), daemon=True).start()
@@ -160,6 +160,16 @@ class Child:
         while text.encode() not in self.err[after:]:
             assert self.proc.poll() is None and time.monotonic() < deadline, (text, self.err.decode())
             time.sleep(0.01)
+
+    def wait_for_library(self, name: str, timeout: float = 120) -> None:
+        """Until the child has mapped a shared library whose path holds `name` (it is importing it)."""
+        maps = Path(f"/proc/{self.proc.pid}/maps")
+        if not maps.exists():
+            pytest.skip("needs /proc to see the child's progress")
+        deadline = time.monotonic() + timeout
+        while name not in maps.read_text():
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.err.decode()
+            time.sleep(0.005)
 
     def send(self, line: str) -> None:
         self.proc.stdin.write(line.encode())
@@ -184,7 +194,7 @@ def assert_interrupted(status: int, err: str) -> None:
 def test_ctrl_c_at_any_moment_is_one_line_and_status_130(moment):
     child = Child("generate", "def f():", "--max-new-tokens", "400")
     if moment == "importing":
-        time.sleep(0.3)  # the interpreter is up (site done), torch and the model code are being imported
+        child.wait_for_library("numpy")  # torch is importing numpy: the moment torch would swallow a Ctrl-C
     elif moment == "loading":
         child.wait_for("loading")  # the loader's progress bar: weights are being read
     else:
@@ -194,8 +204,8 @@ def test_ctrl_c_at_any_moment_is_one_line_and_status_130(moment):
     assert_interrupted(*child.finish())
 
 
-def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation():
-    child = Child("chat", "--max-new-tokens", "400", "--repetition-penalty", "1.0")
+def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(tmp_path):
+    child = Child("chat", "--max-new-tokens", "400", "--repetition-penalty", "1.0", cwd=tmp_path)
     child.wait_for("you> ")
     child.interrupt()  # at an empty prompt: a hint, the chat goes on
     child.wait_for("[to leave: Ctrl-D or /bye]")
@@ -209,6 +219,9 @@ def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation():
     child.send("/save history.json\n/bye\n")
     status, err = child.finish()
     assert status == 0 and "Traceback" not in err, err
+    messages = json.loads((tmp_path / "history.json").read_text())
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "def main():"
+    assert messages[1]["content"] in child.out.decode()  # the part shown before Ctrl-C stays in the conversation
 
 
 # ------------------------------------------------------------------------------------------ chat
