@@ -7,11 +7,12 @@ Which tabs exist follows each checkpoint's `config.json` `architectures`; a chec
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from neoxlite.app import prompting
 
 from neoxlite.config import GPTNeoXConfig
 from neoxlite.generation import context_limit
+from neoxlite.limits import check_text_fits
 from neoxlite.options import DEFAULT_SAMPLING, sampling_kwargs
 
 # architecture (config.json) -> task, in the order the tabs appear
@@ -44,7 +46,7 @@ MAX_ANSWER_TOKENS = 64  # longest answer span the QA head may pick
 class Source:
     """One checkpoint the app serves: where it is and which task its head does."""
 
-    name: str  # as the user gave it (folder or hub id)
+    name: str  # as the page shows it: hub id or folder name, never an absolute path (models.display_name)
     folder: Path  # resolved local folder
     config: GPTNeoXConfig
 
@@ -63,10 +65,13 @@ class Source:
     @classmethod
     def open(cls, path_or_id: str | Path) -> Source:
         """Resolves the checkpoint (downloading a hub id) and reads its config; the weights load later."""
+        from neoxlite.app.models import display_name
+
         from neoxlite.hub import resolve
 
         folder = resolve(path_or_id)
-        source = cls(name=str(path_or_id), folder=folder, config=GPTNeoXConfig.from_json_file(folder / "config.json"))
+        config = GPTNeoXConfig.from_json_file(folder / "config.json")
+        source = cls(name=display_name(path_or_id), folder=folder, config=config)
         if source.architecture not in TASKS:
             raise ValueError(
                 f"{path_or_id}: config.json says architectures={source.config.architectures!r}; the app serves "
@@ -126,6 +131,13 @@ class LoadStep:
     seconds: float = 0.0
     error: str = ""
     started: float = field(default=0.0, repr=False)
+    block: str = ""  # the block loaded last
+    blocks_done: int = 0
+    blocks_total: int = 0
+
+    def on_block(self, block: str, done: int, total: int) -> None:
+        """The loader's progress callback (neoxlite.loading.load_pretrained's on_block)."""
+        self.block, self.blocks_done, self.blocks_total = block, done, total
 
 
 class Engine:
@@ -144,6 +156,7 @@ class Engine:
             raise ValueError("no checkpoint to serve: pass -m MODEL and/or --head PATH")
         self.sources = {task: by_task[task] for task in TASK_TITLES if task in by_task}
         self.load_kwargs = dict(load_kwargs or {})
+        self.task_kwargs = {task: self.load_kwargs for task in self.sources}  # each model's load keywords
         self.models: dict[str, torch.nn.Module] = {}
         self.tokenizers: dict[str, Any] = {}
         self.steps = [LoadStep(source) for source in self.sources.values()]
@@ -168,7 +181,7 @@ class Engine:
 
     def context_length(self, task: str) -> int:
         """Tokens a request may use: the model's context, or less when the load reserved less (max_context)."""
-        reserved = self.load_kwargs.get("max_context")
+        reserved = self.task_kwargs.get(task, self.load_kwargs).get("max_context")
         limit = self.sources[task].context_length
         return min(limit, int(reserved)) if reserved else limit
 
@@ -189,7 +202,8 @@ class Engine:
             for step in self.steps:
                 step.state, step.started = "loading", time.perf_counter()
                 source = step.source
-                model, tokenizer = load(source.folder, cls=getattr(neoxlite, source.architecture), **self.load_kwargs)
+                model, tokenizer = load(source.folder, cls=getattr(neoxlite, source.architecture),
+                                        on_block=step.on_block, **self.load_kwargs)
                 self.models[source.task], self.tokenizers[source.task] = model, tokenizer
                 step.state, step.seconds = "ready", time.perf_counter() - step.started
         except Exception as e:  # reported in the UI and on every request; the traceback goes to stderr
@@ -214,15 +228,75 @@ class Engine:
         if task not in self.sources:
             flag = "-m MODEL" if task == "chat" else "--head PATH"
             raise ValueError(f"no {TASK_TITLES[task].lower()} model is loaded; start the app with {flag} "
-                             f"pointing at a {next(a for a, t in TASKS.items() if t == task)} checkpoint")
+                             f"pointing at a {next(a for a, t in TASKS.items() if t == task)} checkpoint, "
+                             "or load one in the Models tab")
         self.wait()
+        if task not in self.models:  # an earlier checkpoint failed, so the loader never reached this one
+            raise LoadError(f"the {TASK_TITLES[task].lower()} model was not loaded; load it in the Models tab")
         return self.models[task], self.tokenizers[task]
+
+    # --- loading from the page: one model per task, the old one freed first ---------------------------
+
+    def load_checkpoint(self, location: str | Path, load_kwargs: dict[str, Any],
+                        on_block: Callable[[str, int, int], None] | None = None) -> LoadStep:
+        """Loads `location` in place of the model serving the same task, in the caller's thread.
+
+        The model it replaces is unloaded (and its memory given back) before the new weights are read, so
+        the two never need room at once. on_block(block, done, total) follows the loader; the step (also in
+        `load_status`) says how it went. A failure leaves the task with no model and raises.
+        """
+        import neoxlite
+        from neoxlite.api import load
+
+        source = Source.open(location)
+        step = LoadStep(source)
+
+        def progress(block: str, done: int, total: int) -> None:
+            step.on_block(block, done, total)
+            if on_block is not None:
+                on_block(block, done, total)
+
+        self._loaded.wait()  # the launch's own loading finishes first
+        self.unload(source.task)
+        step.state, step.started = "loading", time.perf_counter()
+        self.steps.append(step)
+        try:
+            model, tokenizer = load(source.folder, cls=getattr(neoxlite, source.architecture),
+                                    on_block=progress, **load_kwargs)
+        except Exception as e:
+            step.state, step.seconds = "failed", time.perf_counter() - step.started
+            step.error = f"{type(e).__name__}: {e}"
+            release_memory()  # whatever the loader had built before it failed
+            raise
+        with self._lock:
+            self.models[source.task], self.tokenizers[source.task] = model, tokenizer
+            self.task_kwargs[source.task] = dict(load_kwargs)
+            self.sources[source.task] = source
+            self.sources = {task: self.sources[task] for task in TASK_TITLES if task in self.sources}  # tab order
+        step.state, step.seconds = "ready", time.perf_counter() - step.started
+        return step
+
+    def unload(self, task: str) -> bool:
+        """Drops the model serving `task` and gives its memory back; False when none was loaded."""
+        with self._lock:
+            had = task in self.sources
+            self.models.pop(task, None)
+            self.tokenizers.pop(task, None)
+            self.sources.pop(task, None)
+            self.task_kwargs.pop(task, None)
+            self.steps = [s for s in self.steps if s.source.task != task]
+            if not any(s.state == "failed" for s in self.steps):
+                self._error = None  # the failed launch checkpoint is gone with it
+        release_memory()
+        return had
 
     # --- chat -------------------------------------------------------------------------------------------
 
     def chat_prompt(self, system: str, history: list[prompting.Message], message: str,
                     sampling: Sampling, style: str = "chat") -> prompting.Prompt:
         _, tokenizer = self._get("chat")
+        for text, what in ((system, "system prompt"), (message, "message")):  # refused before tokenizing
+            check_text_fits(text, tokenizer, self.context_length("chat"), what)
         return prompting.build_prompt(tokenizer, system, history, message,
                                       max_new_tokens=int(sampling.max_new_tokens),
                                       context_length=self.context_length("chat"), style=style)
@@ -256,12 +330,20 @@ class Engine:
             stream.close()
         yield Partial(reply.text, reply.tokens, reply.seconds, done=True)
 
+    def chat_tokens(self, system: str, history: list[prompting.Message], style: str = "chat") -> tuple[list[int], int]:
+        """(tokens of each message, tokens the conversation takes as the next prompt) for the context meter."""
+        _, tokenizer = self._get("chat")
+        counts = [len(tokenizer.encode(m["content"])) for m in history]
+        used = len(tokenizer.encode(prompting.render(tokenizer, system, history, style))) if history else 0
+        return counts, used
+
     # --- heads ------------------------------------------------------------------------------------------
 
     def _encode(self, task: str, text: str, what: str, special: bool = True) -> tuple[torch.nn.Module, Any, list[int]]:
         if not text.strip():
             raise ValueError(f"Enter the {what} first.")
         model, tokenizer = self._get(task)
+        check_text_fits(text, tokenizer, self.context_length(task), what)  # refused before tokenizing
         ids = tokenizer.encode(text, add_special_tokens=special)
         limit = self.context_length(task)
         if len(ids) > limit:
@@ -297,6 +379,7 @@ class Engine:
         if not question.strip():
             raise ValueError("Enter a question first.")
         model, tokenizer, ctx_ids = self._encode("answer", context, "context", special=False)
+        check_text_fits(question, tokenizer, self.context_length("answer"), "question")
         q_ids = tokenizer.encode(question.strip() + "\n", add_special_tokens=False)
         limit = self.context_length("answer")
         if len(q_ids) + len(ctx_ids) > limit:
@@ -368,6 +451,71 @@ def block_placement(model: torch.nn.Module) -> list[tuple[str, str, int]]:
         return [(block, _TIERS[home], plan.block_bytes[block]) for block, home in plan.homes.items()]
     home = "GPU" if model.device.type == "cuda" else "RAM"
     return [(block, home, size) for block, size in model.block_sizes().items()]
+
+
+@dataclass
+class TierUse:
+    """One bar of the memory chart: what the loaded models hold on a tier, against its budget."""
+
+    tier: str  # "GPU", "pinned RAM", "RAM" (pinned included) or "disk"
+    used: int  # bytes of weights and reservations (KV cache, workspace, transfer slots) the plans put there
+    budget: int | None  # the load's budget for the tier (summed over models); None: none was set
+    free: int | None  # free memory (or disk space) there now; None: unknown
+
+
+def tier_usage(models: Sequence[torch.nn.Module]) -> list[TierUse]:
+    """Bytes per tier over `models`: from each model's offload plan when it has one, else its block sizes.
+
+    On a CUDA machine the layers an offload plan keeps in RAM, and the staging buffers for disk reads, are
+    pinned (page-locked); the embedding and head kept in RAM are not.
+    """
+    used = {"GPU": 0, "pinned RAM": 0, "RAM": 0, "disk": 0}
+    budgets: dict[str, int] = {}
+    disk_dirs: set[str] = set()
+    for model in models:
+        plan = getattr(model, "offload_plan", None)
+        if plan is None:
+            for _, home, size in block_placement(model):
+                used[home] += size
+            continue
+        pinned = plan.compute == "gpu"
+        for block, home in plan.homes.items():
+            tier = _TIERS[home]
+            if tier == "RAM" and pinned and block.startswith("layers."):
+                tier = "pinned RAM"
+            used[tier] += plan.block_bytes[block]
+        for home, reserved in plan.reserved.items():
+            for what, size in reserved.items():
+                tier = "pinned RAM" if what == "staging" and pinned else _TIERS[home]
+                used[tier] += size
+        for home, budget in plan.budgets.items():
+            if budget:
+                budgets[_TIERS[home]] = budgets.get(_TIERS[home], 0) + budget
+        if plan.offload_dir is not None:
+            disk_dirs.add(plan.offload_dir)
+    free_ram = psutil.virtual_memory().available
+    free = {"GPU": torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None,
+            "pinned RAM": free_ram, "RAM": free_ram,
+            "disk": sum(shutil.disk_usage(d).free for d in disk_dirs if Path(d).is_dir()) if disk_dirs else None}
+    shown = ["GPU", "pinned RAM"] if torch.cuda.is_available() else []
+    shown += ["RAM"] + (["disk"] if disk_dirs or used["disk"] else [])
+    used["RAM"] += used["pinned RAM"]  # the RAM budget covers both: the RAM bar counts all, pinned shows its part
+    return [TierUse(t, used[t], budgets.get(t), free[t]) for t in shown]
+
+
+def release_memory() -> None:
+    """Returns freed weights to the OS now: collects cycles, empties the CUDA cache, trims glibc's heap."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, ...): the allocator keeps its own policy
+            pass
 
 
 def memory_now() -> dict[str, int | None]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from neoxlite.config import GPTNeoXConfig
+from neoxlite.hub import resolve
 from neoxlite.model import GPTNeoXForCausalLM, GPTNeoXPreTrainedModel
 from neoxlite.tokenizer import GPTNeoXTokenizerFast
 
@@ -16,8 +18,14 @@ def load(model: str | os.PathLike | None = None, cls: type[GPTNeoXPreTrainedMode
         from neoxlite.demo import demo_path
 
         model = demo_path()
+    # The tokenizer first: a broken or mismatched one fails before minutes of loading weights.
+    tokenizer = GPTNeoXTokenizerFast.from_pretrained(model, revision=kwargs.get("revision"))
+    config = GPTNeoXConfig.from_json_file(resolve(model, revision=kwargs.get("revision")) / "config.json")
+    if len(tokenizer) > config.vocab_size:  # its last ids would index past the embedding
+        raise ValueError(f"the tokenizer of {model} has {len(tokenizer)} tokens but the model's vocabulary has "
+                         f"{config.vocab_size} (config.json vocab_size); use the tokenizer that belongs "
+                         "to this checkpoint")
     loaded = cls.from_pretrained(model, **kwargs)
-    tokenizer = GPTNeoXTokenizerFast.from_pretrained(model)
     if loaded.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         loaded.config.pad_token_id = tokenizer.pad_token_id
     return loaded, tokenizer

@@ -1,17 +1,37 @@
-"""A checkpoint folder as an index of tensors: which shard holds each key, read one tensor at a time."""
+"""A checkpoint folder as an index of tensors: which shard holds each key, read one tensor at a time.
+
+Everything a checkpoint's files say is untrusted: shard names in the index, header lengths, offsets, shapes.
+Where a shard may live (`shard_path`):
+- a plain relative path from the checkpoint folder, never absolute, no empty or `.` parts;
+- resolving (symlinks followed) inside the checkpoint folder, or inside a sibling folder of the same parent
+  (`../model/x.safetensors`: the shipped demo heads share the demo model's shards that way), or, for a
+  snapshot folder of the Hugging Face cache (`.../snapshots/REV`), inside that cache repository's `blobs`
+  folder, where huggingface_hub's own symlinks point;
+- a regular file: never a device, FIFO, socket or folder (opened without blocking, checked on the open file).
+Each safetensors header is checked before any tensor is read (`_read_header`): a JSON object no larger than the
+file, known dtypes, shapes of non-negative ints, data_offsets within the data section, each span exactly
+numel * itemsize bytes, no two spans overlapping. Any violation is one ValueError naming the file.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import posixpath
 import re
+import stat
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
 # Buffers that old checkpoints carry and newer code recomputes.
 LEGACY_KEY = re.compile(r"(attention\.bias|attention\.masked_bias|rotary_emb\.inv_freq)$")
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.")
+INDEX = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+MAX_INDEX_BYTES = 100_000_000
 
 
 def block_of(key: str) -> str:
@@ -24,46 +44,81 @@ def block_of(key: str) -> str:
     return "head"
 
 
+def open_regular(path: Path, what: str) -> int:
+    """A read-only descriptor of `path`, refused (ValueError) unless it is a regular file.
+
+    O_NONBLOCK keeps a FIFO from blocking the open; the type is checked on the opened file, not on a
+    name that could change in between."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} does not exist") from None
+    except OSError as err:
+        raise ValueError(f"{what} {path} cannot be opened ({err.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{what} {path} is not a regular file; a checkpoint holds plain files only")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def shard_path(folder: Path, name: Any, source: Path) -> Path:
+    """The file a shard name from `source` (the index, or the folder listing) refers to, confined as the module
+    docstring says; ValueError naming `source` otherwise."""
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        raise ValueError(f"{source} names a shard {name!r} that is not a plain relative path")
+    parts = name.split("/")
+    if name.startswith("/") or any(p in ("", ".") for p in parts):
+        raise ValueError(f"{source} names the shard {name!r}: shards must be plain relative paths "
+                         "inside the checkpoint folder or a sibling folder")
+    base = folder.resolve()
+    lexical = Path(posixpath.normpath(posixpath.join(str(base), name)))
+    target = lexical.resolve()
+    roots = _shard_roots(base)
+    if not any(_within(target, root) for root in roots) or not any(_within(lexical, root) for root in roots[:2]):
+        raise ValueError(f"{source} names the shard {name!r}, which lies outside the checkpoint folder {base} and "
+                         "its sibling folders; shards may not be read from there")
+    return target
+
+
+def _shard_roots(base: Path) -> list[tuple[Path, int]]:
+    """(folder, parts needed below it): the checkpoint folder itself, any folder beside it (one part for the
+    sibling's name, one for the file) unless that would be the whole filesystem, and a hub-cache snapshot's blobs."""
+    roots = [(base, 1)]
+    if base.parent != Path(base.anchor):
+        roots.append((base.parent, 2))
+    if base.parent.name == "snapshots":
+        roots.append((base.parent.parent / "blobs", 1))
+    return roots
+
+
+def _within(path: Path, root: tuple[Path, int]) -> bool:
+    folder, depth = root
+    try:
+        return len(path.relative_to(folder).parts) >= depth
+    except ValueError:
+        return False
+
+
 class Checkpoint:
     """Safetensors shards of one model: a single model.safetensors or shards listed in an index json."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
         self.shard_of: dict[str, str] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, torch.dtype] = {}
         self._spans: dict[str, tuple[int, int]] = {}  # absolute byte range of each tensor in its shard
-        for shard in self._shard_files():
-            for key, (dtype, shape, start, end) in _read_header(self.folder / shard).items():
+        self.files: dict[str, Path] = weight_files(self.folder)  # shard name -> the confined file
+        for shard, path in self.files.items():
+            for key, (dtype, shape, start, end) in _read_header(path).items():
+                if key in self.shard_of:
+                    raise ValueError(f"{path}: tensor {key} is also in {self.files[self.shard_of[key]]}; "
+                                     "a checkpoint holds each tensor once")
                 self.shard_of[key] = shard
                 self._shapes[key] = shape
                 self._dtypes[key] = dtype
                 self._spans[key] = (start, end)
-
-    def _shard_files(self) -> list[str]:
-        index = self.folder / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-            missing = [s for s in shards if not (self.folder / s).exists()]
-            if missing:
-                raise FileNotFoundError(f"{index} lists shards that are not in {self.folder}: {', '.join(missing)}")
-            return shards
-        single = self.folder / "model.safetensors"
-        if single.exists():
-            return ["model.safetensors"]
-        others = sorted(p.name for p in self.folder.glob("*.safetensors"))
-        if others:
-            return others
-        pickled = sorted(p.name for p in self.folder.glob("*.bin")) + sorted(p.name for p in self.folder.glob("*.pt"))
-        if pickled:
-            raise ValueError(
-                f"{self.folder} holds only pickled weights ({', '.join(pickled[:3])}); neoxlite never unpickles files "
-                "(they can run code). Convert once with transformers: "
-                "`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, safe_serialization=True)`, "
-                "or use the hub's safetensors revision."
-            )
-        raise FileNotFoundError(f"no safetensors weights in {self.folder}")
 
     @property
     def keys(self) -> list[str]:
@@ -75,11 +130,13 @@ class Checkpoint:
     def dtype(self, key: str) -> torch.dtype:
         return self._dtypes[key]
 
+    def span(self, key: str) -> tuple[int, int]:
+        """The tensor's byte range [start, end) in its shard file (self.files[self.shard_of[key]])."""
+        return self._spans[key]
+
     def nbytes(self, key: str) -> int:
-        numel = 1
-        for dim in self._shapes[key]:
-            numel *= dim
-        return numel * self._dtypes[key].itemsize
+        start, end = self._spans[key]
+        return end - start  # the header check made it numel * itemsize
 
     def total_bytes(self) -> int:
         return sum(self.nbytes(k) for k in self.shard_of)
@@ -91,15 +148,16 @@ class Checkpoint:
         the resident part plus about one block, so every byte read here is freed when the tensor is.
         """
         start, end = self._spans[key]
+        path = self.files[self.shard_of[key]]
         buf = torch.empty(end - start, dtype=torch.uint8)
-        with open(self.folder / self.shard_of[key], "rb", buffering=0) as f:
+        with open(open_regular(path, "shard"), "rb", buffering=0) as f:
             f.seek(start)
             view = memoryview(buf.numpy())
             done = 0
             while done < len(view):
                 n = f.readinto(view[done:])
                 if not n:
-                    raise ValueError(f"{self.shard_of[key]} ends early while reading {key}: the file is truncated, re-download it")
+                    raise ValueError(f"{path} ends early while reading {key}: the file is truncated, re-download it")
                 done += n
         return buf.view(self._dtypes[key]).reshape(self._shapes[key])
 
@@ -110,28 +168,128 @@ class Checkpoint:
         return dict(blocks)
 
 
+def weight_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """Shard name -> confined file, for every safetensors file the weights of `folder` come from.
+
+    The index's shards when there is one, else model.safetensors, else every *.safetensors in the folder.
+    Pickled weights are refused: neoxlite never unpickles files."""
+    folder = Path(folder)
+    index = folder / INDEX
+    if index.exists():
+        names = sorted(set(_read_index(index).values()))
+        files: dict[str, Path] = {}
+        for name in names:
+            path = shard_path(folder, name, index)
+            if path not in files.values():  # one file named two ways ('b.safetensors', '../ckpt/b...') is read once
+                files[name] = path
+        missing = [name for name, path in files.items() if not path.exists()]
+        if missing:
+            raise ValueError(f"{index} lists shards that are missing: {', '.join(missing)}; re-download them")
+        return files
+    if (folder / "model.safetensors").exists():
+        return {"model.safetensors": shard_path(folder, "model.safetensors", folder)}
+    others = sorted(p.name for p in folder.glob("*.safetensors"))
+    if others:
+        return {name: shard_path(folder, name, folder) for name in others}
+    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickled:
+        raise ValueError(
+            f"{folder} holds only pickled weights ({', '.join(pickled[:3])}); neoxlite never unpickles files "
+            "(they can run code). Convert once with transformers: "
+            "`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out, safe_serialization=True)`, "
+            "or use the hub's safetensors revision."
+        )
+    raise FileNotFoundError(f"no safetensors weights in {folder}")
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The index's weight_map (tensor name -> shard name), checked to be an object of strings."""
+    with open(open_regular(index, "shard index"), "rb") as f:
+        raw = f.read(MAX_INDEX_BYTES + 1)
+    if len(raw) > MAX_INDEX_BYTES:
+        raise ValueError(f"{index} is larger than {MAX_INDEX_BYTES:,} bytes; it is not a shard index")
+    data = _parse_json(raw, index, "is not valid JSON")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} has no \"weight_map\" object naming each tensor's shard; re-download it")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise ValueError(f"{index}: weight_map[{key!r}] is {shard!r}, not a shard file name; re-download it")
+    return weight_map
+
+
+def _parse_json(raw: bytes, path: Path, problem: str) -> Any:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            raise ValueError("duplicate key")
+        return out
+
+    try:
+        return json.loads(raw, object_pairs_hook=no_duplicates)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} {problem}; re-download it") from None
+
+
 def _read_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
-    with open(path, "rb") as f:
+    """(dtype, shape, absolute start, absolute end) per tensor of the safetensors file at `path`, checked."""
+    with open(open_regular(path, "shard"), "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:
             raise ValueError(f"{path} is not a safetensors file (too short); re-download it")
         size = int.from_bytes(raw, "little")
-        if size > 100_000_000:
-            raise ValueError(f"{path} is not a safetensors file (header length {size}); re-download it")
-        try:
-            header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path} has a corrupt safetensors header; re-download it") from None
+        # The length is not echoed: for a file that is not safetensors, it would print the file's first bytes.
+        if size < 2 or size > min(MAX_HEADER_BYTES, file_size - 8):
+            raise ValueError(f"{path} is not a safetensors file (its header length does not fit the file); "
+                             "re-download it")
+        header = _parse_json(f.read(size), path, "has a corrupt safetensors header")
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a corrupt safetensors header (not a JSON object); re-download it")
     base = 8 + size
+    data_size = file_size - base
     entries = {}
     for key, info in header.items():
         if key == "__metadata__":
+            if not isinstance(info, dict):
+                raise ValueError(f"{path}: __metadata__ is not a JSON object; re-download it")
             continue
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {key} has dtype {info['dtype']}, which neoxlite cannot read")
-        start, end = info["data_offsets"]
-        entries[key] = (_DTYPES[info["dtype"]], tuple(info["shape"]), base + start, base + end)
+        dtype, shape, start, end = _check_entry(path, key, info, data_size)
+        entries[key] = (dtype, shape, base + start, base + end)
+    spans = sorted((start, end, key) for key, (_, _, start, end) in entries.items())
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise ValueError(f"{path}: tensors {first} and {second} overlap in the file; re-download it")
     return entries
+
+
+def _check_entry(path: Path, key: str, info: Any, data_size: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: the header entry of {key} is not a JSON object; re-download it")
+    name = info.get("dtype")
+    if not isinstance(name, str) or name not in _DTYPES:
+        raise ValueError(f"{path}: tensor {key} has dtype {name!r}, which neoxlite cannot read")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ValueError(f"{path}: tensor {key} has shape {shape!r}, not a list of sizes; re-download it")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise ValueError(f"{path}: tensor {key} has no valid data_offsets [start, end]; re-download it")
+    start, end = offsets
+    if not 0 <= start <= end <= data_size:
+        raise ValueError(f"{path}: tensor {key} has data_offsets [{start}, {end}] outside the file's "
+                         f"{data_size:,} data bytes; the file is truncated or corrupt, re-download it")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    dtype = _DTYPES[name]
+    if end - start != numel * dtype.itemsize:
+        raise ValueError(f"{path}: tensor {key} spans {end - start:,} bytes but its shape {shape} of {name} needs "
+                         f"{numel * dtype.itemsize:,}; re-download it")
+    return dtype, tuple(shape), start, end
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 _DTYPES = {

@@ -1,10 +1,17 @@
-"""Atomic file and folder writes: a reader sees the old content or the new, never half of one."""
+"""Atomic file and folder writes: a reader sees the old content or the new, never half of one.
+
+A folder is written as a hidden temporary sibling, `.<name>.<8 chars>.partial`, renamed into place when complete.
+Its writer holds an flock on it while writing; a lock dies with its process, so the next write of the same
+folder deletes the temporary folders whose lock is free (left by a kill -9) and never a live writer's.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -48,14 +55,70 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def remove_orphans(dest: str | os.PathLike) -> list[Path]:
+    """Deletes what killed writes of the folder `dest` left beside it; returns what was removed.
+
+    Only names atomic_folder generates for `dest` are looked at: `.<name>.<8 chars>.partial` folders and
+    `.<name>.old` (the old `dest` between the two renames of an overwrite), and the same names generated for
+    those in turn (an atomic write nested in another); each only when its lock is free (its writer is gone)."""
+    dest = Path(dest)
+    removed = []
+    for path in sorted(dest.parent.iterdir()):
+        if _made_for(path.name, dest.name) and _remove_if_unlocked(path):
+            removed.append(path)
+    return removed
+
+
+def _made_for(name: str, dest: str) -> bool:
+    """Whether `name` is a temporary name atomic_folder generates for `dest`, or for one of those."""
+    match = re.fullmatch(r"\.(.+)\.(?:[a-z0-9_]{8}\.partial|old)", name)
+    return match is not None and (match.group(1) == dest or _made_for(match.group(1), dest))
+
+
+def _remove_if_unlocked(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False  # gone already, or not a folder this module made
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False  # a live writer
+    try:
+        if os.stat(path).st_ino != os.fstat(fd).st_ino:
+            return False
+        shutil.rmtree(path, ignore_errors=True)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _locked_temp_folder(dest: Path) -> tuple[Path, int]:
+    """A new temporary sibling folder of `dest` and the descriptor holding its flock."""
+    while True:
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial"))
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return tmp, fd
+        os.close(fd)  # another run took it for an orphan in the instant before the lock: make another
+
+
 @contextlib.contextmanager
 def atomic_folder(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary sibling folder; on success it is renamed to `dest`, on any error removed."""
+    """Yields a temporary sibling folder; on success it is renamed to `dest`, on any error removed.
+
+    Leftovers of earlier killed writes of `dest` are removed first (remove_orphans)."""
     dest = Path(dest)
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} already exists; choose another destination or remove it first")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial"))
+    remove_orphans(dest)
+    tmp, lock = _locked_temp_folder(dest)
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         yield tmp
@@ -73,3 +136,5 @@ def atomic_folder(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,10 @@ class SamplingSettings:
         self.do_sample = bool(self.do_sample)
         self.temperature = 1.0 if self.temperature is None else self.temperature
         self.repetition_penalty = 1.0 if self.repetition_penalty is None else self.repetition_penalty
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):  # NaN slips through every comparison below
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.do_sample and not self.temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}; use do_sample=False for greedy")
         if self.top_k is not None and self.top_k < 0:
@@ -57,6 +62,11 @@ class SamplingSettings:
         """(B, V) logits of the last position and (B, L) ids so far -> (B,) chosen ids. Same order as the reference:
         repetition penalty, then temperature, top-k, top-p."""
         scores = logits.float()
+        if not bool(torch.isfinite(scores).all()):
+            # NaN would make argmax pick token 0 (often end of text: an empty reply) and multinomial fail deep in torch.
+            raise ValueError(f"the model produced non-finite logits (NaN or inf) for the next token: its weights "
+                             f"hold NaN/inf or overflow in {logits.dtype}; check the checkpoint, or load it in "
+                             "float32 (--dtype float32)")
         if self.repetition_penalty != 1.0:
             picked = scores.gather(1, seen)
             picked = torch.where(picked < 0, picked * self.repetition_penalty, picked / self.repetition_penalty)
@@ -172,6 +182,9 @@ class GenerationMixin:
         if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.numel() == 0:
             raise ValueError("input_ids must be a non-empty tensor of token ids, e.g. tokenizer(text, return_tensors='pt').input_ids")
         B, prompt_len = input_ids.shape
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size:
+            raise ValueError(f"input_ids hold token id {int(input_ids.max())} (or a negative one) but the model's "
+                             f"vocabulary has {config.vocab_size} ids; use the tokenizer that belongs to this model")
         limit = context_limit(config)
         if prompt_len > limit:
             raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -80,6 +81,7 @@ def load_pretrained(
     offload_dir: str | os.PathLike | None = None,
     max_batch_size: int = 1,
     max_context: int | None = None,
+    on_block: Callable[[str, int, int], None] | None = None,
     **unknown: Any,
 ) -> nn.Module:
     """Builds `cls` from a checkpoint folder or hub id.
@@ -93,6 +95,7 @@ def load_pretrained(
     gpu_memory, cpu_memory ("6GiB", "512MB", bytes; default: free memory less a margin) and offload_dir: as soon as
     one is given, every block gets a home (GPU, RAM or disk) planned within these budgets, with room for the KV
     cache and activations of max_batch_size sequences of max_context tokens (default: min(2048, the model's)).
+    on_block: called after each block as on_block(block, blocks done, blocks in all) (the app's progress bar).
     """
     if unknown:
         raise TypeError(f"from_pretrained() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -128,6 +131,8 @@ def load_pretrained(
     offloader = Offloader.create(model, folder=folder, dtype=target_dtype, device=device, spec=spec,
                                  prequantized=prequantized, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
                                  offload_dir=offload_dir, max_batch_size=max_batch_size, max_length=max_context)
+    if offloader is None:
+        _check_fits(model, target_dtype, spec, prequantized, device)
 
     by_param: dict[str, str] = {}
     unexpected: list[str] = []
@@ -159,9 +164,11 @@ def load_pretrained(
         if name in by_param or name in new_heads:
             blocks.setdefault(block_of(name), []).append(name)
     bar = tqdm(blocks.items(), desc=f"loading {folder.name}", unit="block", disable=not progress, file=sys.stderr)
-    for block, names in bar:
+    for done, (block, names) in enumerate(bar, 1):
         if offloader is not None and not offloader.needs_loading(block):
             offloader.finish_block(block)  # offload: already intact in the disk store, nothing to read
+            if on_block is not None:
+                on_block(block, done, len(blocks))
             continue
         block_device = offloader.device_for(block) if offloader is not None else device
         for name in names:
@@ -181,6 +188,8 @@ def load_pretrained(
             del tensor  # the float copy goes before the next block is read
         if offloader is not None:
             offloader.finish_block(block)  # offload: to its home (RAM, pinned RAM or the disk store), rest freed
+        if on_block is not None:
+            on_block(block, done, len(blocks))
     if tied:
         model.embed_out.weight = model.gpt_neox.embed_in.weight
     model.base_model.compute_device = device
@@ -191,6 +200,21 @@ def load_pretrained(
         offloader.install()  # offload: the scheduler takes over the block loop
     model.eval()
     return model
+
+
+def _check_fits(model: nn.Module, dtype: torch.dtype, spec: Any, prequantized: bool, device: torch.device) -> None:
+    """Without budgets the whole model goes to `device`: refuse, before allocating, a model that cannot fit."""
+    from neoxlite.offload import budget
+    from neoxlite.offload.placement import final_block_sizes, quantized_layer_names
+
+    need = sum(final_block_sizes(model, dtype, spec, quantized_layer_names(model, spec, prequantized)).values())
+    on_gpu = device.type == "cuda"
+    have = budget.free_gpu_memory(device) if on_gpu else budget.free_cpu_memory()
+    if need > have:
+        flags = "--gpu-memory, --cpu-memory and --offload-dir" if on_gpu else "--cpu-memory and --offload-dir"
+        raise ValueError(f"this model needs {need / 2**30:.1f} GiB of {'GPU memory' if on_gpu else 'RAM'}, you have "
+                         f"{have / 2**30:.1f} GiB free; pass {flags} (cpu_memory=, offload_dir=) to keep part of it "
+                         "on disk, or quantize it (--quant nf4)")
 
 
 def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

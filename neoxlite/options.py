@@ -128,8 +128,8 @@ def sampling_kwargs(args: argparse.Namespace | dict[str, Any], generation_config
 
     if "temperature" in values:  # a temperature asks for sampling (or, at 0, for greedy)
         temperature = float(values["temperature"])
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+        if not 0 <= temperature < float("inf"):  # refuses NaN and inf too
+            raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}")
         do_sample = temperature > 0
     else:
         temperature = float(configured("temperature"))

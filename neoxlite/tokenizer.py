@@ -54,7 +54,16 @@ def _token_content(value: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A tokenizer config file as a dict ({} when absent); ValueError naming the file when it is not one."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        data = None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object of tokenizer settings; re-download it")
+    return data
 
 
 @lru_cache(maxsize=16)
@@ -136,7 +145,11 @@ class GPTNeoXTokenizerFast:
             raise ValueError("pass exactly one of tokenizer_file= (a tokenizer.json path) or tokenizer_object= "
                              "(a tokenizers.Tokenizer)")
         if tokenizer_file is not None:
-            self._tok = Tokenizer.from_file(str(tokenizer_file))
+            try:
+                self._tok = Tokenizer.from_file(str(tokenizer_file))
+            except Exception as err:  # the tokenizers library raises a bare Exception for every parse error
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise ValueError(f"{tokenizer_file} is not a valid tokenizer.json ({reason}); re-download it") from None
         else:
             self._tok = Tokenizer.from_str(tokenizer_object.to_str())  # a copy: we change its settings below
         # Padding, truncation and bos/eos are done per call from our own settings, as transformers does.

@@ -98,7 +98,7 @@ def test_index_listing_a_missing_shard_is_a_clear_error(checkpoint, tmp_path):
     bad = copy_with_config(folder, tmp_path / "bad")
     shard = sorted(bad.glob("model-*.safetensors"))[1]
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match=shard.name):
+    with pytest.raises(ValueError, match=shard.name):
         load(bad)
 
 

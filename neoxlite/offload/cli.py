@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from typing import Any
 
 from neoxlite.offload.budget import format_size
+from neoxlite.offload.planner import Links, Plan
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,15 +45,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
     from neoxlite.checkpoint import Checkpoint
-    from neoxlite.config import GPTNeoXConfig
     from neoxlite.hub import resolve
-    from neoxlite.loading import stored_float_dtype
-    from neoxlite.model import GPTNeoXForCausalLM
-    from neoxlite.offload.placement import Workload, plan_model, quantized_layer_names
     from neoxlite.offload.planner import Links
     from neoxlite.offload.store import measure_read_bandwidth
     from neoxlite.options import load_kwargs
-    from neoxlite.quant.model import resolve_spec
 
     if args.model is None:
         from neoxlite.demo import demo_path
@@ -59,44 +57,65 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.device is None and args.gpu_memory is not None:
         args.device = "cuda"  # a GPU budget plans for a GPU, whether or not this machine has one
     kw = load_kwargs(args)
-    device = torch.device(kw["device"])  # not the loader's check: planning for a GPU this machine lacks is fine
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if kw["device"].startswith("cuda") and not torch.cuda.is_available():
         if kw.get("gpu_memory") is None:
             raise ValueError("this machine has no CUDA device: give the GPU's memory (--gpu-memory 24GiB) to plan "
                              "for one")
         print(f"[no CUDA device here: planning for one with --gpu-memory {kw['gpu_memory']}, its host link at "
               f"{(args.pcie_gbps or Links.pcie / 1e9):.3g} GB/s (--pcie-gbps)]", file=sys.stderr)
-    folder = resolve(args.model)
-    config = GPTNeoXConfig.from_json_file(folder / "config.json")
-    spec, prequantized = resolve_spec(config.quantization_config, quant=kw.get("quant"),
-                                      compute_dtype=kw.get("compute_dtype"))
-    ckpt = Checkpoint(folder)
-    dtype = kw.get("dtype") or stored_float_dtype(ckpt)  # the loader's own rule
-    with torch.device("meta"):
-        model = GPTNeoXForCausalLM(config)
     overrides = {name: getattr(args, f"{flag}_gbps") * 1e9 for name, flag in
                  (("disk", "disk"), ("pcie", "pcie"), ("cpu_memory", "cpu"), ("gpu_memory", "gpu"))
                  if getattr(args, f"{flag}_gbps") is not None}
     if args.measure_disk:
+        folder = resolve(args.model)
+        ckpt = Checkpoint(folder)
         files = [folder / shard for shard in sorted(set(ckpt.shard_of.values()))]
         start = time.perf_counter()
         overrides["disk"] = measure_read_bandwidth(files)
         print(f"[disk read: {overrides['disk'] / 1e9:.2f} GB/s, measured in {time.perf_counter() - start:.1f} s]",
               file=sys.stderr)
-    workload = Workload(kw.get("max_batch_size", 1), kw.get("max_context"))
-    plan = plan_model(model, dtype=dtype, device=device, spec=spec,
-                      quantized=quantized_layer_names(model, spec, prequantized),
-                      gpu_memory=kw.get("gpu_memory"), cpu_memory=kw.get("cpu_memory"),
-                      offload_dir=kw.get("offload_dir"), workload=workload,
-                      links=dataclasses.replace(Links(), **overrides))
-    what = f"{folder.name}: {len(plan.homes)} blocks, {format_size(sum(plan.block_bytes.values()))} in {dtype}"
-    if spec.enabled:
-        what += f" ({spec.describe()})"
+    what, plan = plan_checkpoint(args.model, kw, dataclasses.replace(Links(), **overrides))
     print(what)
-    print(plan.explain(workload.max_batch_size))
+    print(plan.explain(kw.get("max_batch_size", 1)))
     print("(set the bandwidths with --disk-gbps, --pcie-gbps, --cpu-gbps, --gpu-gbps; the batch with "
           "--max-batch-size)")
     return 0
+
+
+def plan_checkpoint(model: str | os.PathLike, kw: dict[str, Any], links: Links | None = None) -> tuple[str, Plan]:
+    """(one line naming the checkpoint, its size and dtype; the plan) for a folder or hub id under the
+    `from_pretrained` keywords `kw` (quant, dtype, device, budgets...), without loading any weights."""
+    import torch
+
+    from neoxlite.checkpoint import Checkpoint
+    from neoxlite.config import GPTNeoXConfig
+    from neoxlite.hub import resolve
+    from neoxlite.loading import stored_float_dtype
+    from neoxlite.model import GPTNeoXForCausalLM
+    from neoxlite.offload.placement import Workload, plan_model, quantized_layer_names
+    from neoxlite.quant.model import resolve_spec
+
+    folder = resolve(model)
+    config = GPTNeoXConfig.from_json_file(folder / "config.json")
+    spec, prequantized = resolve_spec(config.quantization_config, quant=kw.get("quant"),
+                                      compute_dtype=kw.get("compute_dtype"))
+    ckpt = Checkpoint(folder)
+    dtype = kw.get("dtype") or stored_float_dtype(ckpt)  # the loader's own rule
+    try:  # not the loader's check: a plan for a GPU this machine lacks is what a buyer asks for
+        device = torch.device(kw.get("device") or "cpu")
+    except RuntimeError:
+        raise ValueError(f"unknown device {kw.get('device')!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    with torch.device("meta"):
+        skeleton = GPTNeoXForCausalLM(config)
+    plan = plan_model(skeleton, dtype=dtype, device=device, spec=spec,
+                      quantized=quantized_layer_names(skeleton, spec, prequantized),
+                      gpu_memory=kw.get("gpu_memory"), cpu_memory=kw.get("cpu_memory"),
+                      offload_dir=kw.get("offload_dir"),
+                      workload=Workload(kw.get("max_batch_size", 1), kw.get("max_context")), links=links or Links())
+    what = f"{folder.name}: {len(plan.homes)} blocks, {format_size(sum(plan.block_bytes.values()))} in {dtype}"
+    if spec.enabled:
+        what += f" ({spec.describe()})"
+    return what, plan
 
 
 def cmd_offload(args: argparse.Namespace) -> int:

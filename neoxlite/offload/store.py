@@ -12,9 +12,17 @@ Layout of an offload dir:
   tensors in place, no parsing and no copies, aligned as CUDA kernels need.
 - Writes are atomic (temporary file, fsync, rename); a block counts as stored only once the manifest,
   itself replaced atomically, records its size and CRC32. A crash or a full disk leaves at worst an
-  unlisted temporary file, never a listed broken block.
-- The fingerprint covers the checkpoint's identity (file names, sizes, modification times) and the settings
-  that change a block's final form (dtype, quantization). A store is reused only when both match.
+  unlisted temporary file, never a listed broken block. Each temporary file is flock'ed by its writer while
+  open, so the next store opened on this folder deletes the ones whose writer died (a kill -9) and leaves the
+  ones a live process is still writing.
+- The fingerprint covers the checkpoint's identity (the names, sizes and modification times of config files
+  and of every file the weights come from, sibling-folder shards included) and the settings that change a
+  block's final form (dtype, quantization). A store is reused only when both match.
+- The manifest carries a SHA-256 of its own content and is checked field by field (block names, offsets
+  inside the file, spans matching shapes). A manifest that fails means "rebuild this store": a one-line
+  notice on stderr, every block rebuilt from the checkpoint. Block file names are never read from the
+  manifest: the store derives them from the block name (`<block>.safetensors`, a plain name), so nothing it
+  reads can make it open or delete a file outside its folder.
 - Every listed block is checked (size and CRC32) the first time a process asks for it; a mismatch means the
   block is rebuilt from the checkpoint, never used.
 """
@@ -29,7 +37,9 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -45,7 +55,7 @@ import torch
 
 from neoxlite.offload.budget import format_size
 
-STORE_VERSION = 2  # 2: tensors start on TENSOR_ALIGN boundaries
+STORE_VERSION = 3  # 2: tensors start on TENSOR_ALIGN boundaries; 3: manifest checksummed, file names derived
 STORE_PREFIX = "neoxlite-"
 MANIFEST = "manifest.json"
 DATA_ALIGN = 4096
@@ -66,6 +76,10 @@ _DTYPE_NAMES = {
     torch.bool: "BOOL",
 }
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+# A block name is also its file's name: a plain name, no path separators, never hidden.
+BLOCK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+# The temporary files this store writes (tempfile.mkstemp beside the target): `.<target>.<8 chars>.tmp`.
+_TEMP_NAME = re.compile(r"\.(manifest\.json|[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\.safetensors)\.[a-z0-9_]{8}\.tmp")
 
 
 @dataclass(frozen=True)
@@ -98,17 +112,47 @@ class BlockEntry:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "file": self.path.name, "data_offset": self.data_offset, "data_bytes": self.data_bytes,
+            "data_offset": self.data_offset, "data_bytes": self.data_bytes,
             "crc32": self.crc32, "quantized": list(self.quantized),
             "tensors": {k: [_DTYPE_NAMES[t.dtype], list(t.shape), t.start, t.end] for k, t in self.tensors.items()},
         }
 
     @classmethod
-    def from_json(cls, name: str, root: Path, data: Mapping[str, Any]) -> BlockEntry:
-        tensors = {k: TensorEntry(_DTYPES[d], tuple(shape), start, end) for k, (d, shape, start, end) in data["tensors"].items()}
-        return cls(name=name, path=root / data["file"], data_offset=int(data["data_offset"]),
-                   data_bytes=int(data["data_bytes"]), crc32=int(data["crc32"]), tensors=tensors,
-                   quantized=tuple(data.get("quantized", ())))
+    def from_json(cls, name: str, root: Path, data: Any) -> BlockEntry:
+        """The entry a manifest records for `name`, checked; ValueError saying what is wrong otherwise."""
+        if not isinstance(name, str) or not BLOCK_NAME.fullmatch(name):
+            raise ValueError(f"block name {name!r} is not a plain name")
+        if not isinstance(data, dict) or not isinstance(data.get("tensors"), dict):
+            raise ValueError(f"block {name}: not an object with tensors")
+        data_offset, data_bytes, crc = data.get("data_offset"), data.get("data_bytes"), data.get("crc32")
+        if not (_is_int(data_offset) and data_offset > 0 and data_offset % DATA_ALIGN == 0
+                and _is_int(data_bytes) and data_bytes >= 0 and _is_int(crc) and 0 <= crc < 2**32):
+            raise ValueError(f"block {name}: bad data_offset, data_bytes or crc32")
+        quantized = data.get("quantized", [])
+        if not isinstance(quantized, list) or not all(isinstance(q, str) for q in quantized):
+            raise ValueError(f"block {name}: quantized is not a list of names")
+        tensors = {key: _tensor_entry(name, key, value, data_bytes) for key, value in data["tensors"].items()}
+        return cls(name=name, path=root / f"{name}.safetensors", data_offset=data_offset, data_bytes=data_bytes,
+                   crc32=crc, tensors=tensors, quantized=tuple(quantized))
+
+
+def _tensor_entry(block: str, key: str, value: Any, data_bytes: int) -> TensorEntry:
+    """One manifest tensor record [dtype, shape, start, end], checked to lie inside the block's data."""
+    if not (isinstance(value, list) and len(value) == 4 and value[0] in _DTYPES and isinstance(value[1], list)
+            and all(_is_int(d) and d >= 0 for d in value[1]) and _is_int(value[2]) and _is_int(value[3])):
+        raise ValueError(f"block {block}: tensor {key} is not [dtype, shape, start, end]")
+    dtype, shape, start, end = _DTYPES[value[0]], tuple(value[1]), value[2], value[3]
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if not 0 <= start <= end <= data_bytes or end - start != numel * dtype.itemsize:
+        raise ValueError(f"block {block}: tensor {key} spans [{start}, {end}], which does not fit its shape "
+                         f"or the block's {data_bytes} bytes")
+    return TensorEntry(dtype, shape, start, end)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def views(buffer: torch.Tensor, tensors: Mapping[str, TensorEntry]) -> dict[str, torch.Tensor]:
@@ -137,20 +181,23 @@ def pack_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, TensorEn
 
 # ------------------------------------------------------------------------------------------ fingerprint
 def fingerprint(checkpoint_dir: str | os.PathLike, settings: Mapping[str, Any]) -> str:
-    """Identity of (checkpoint, settings): sha256 over the weight/config files' names, sizes and mtimes.
+    """Identity of (checkpoint, settings): sha256 over the names, sizes and mtimes of the folder's json files
+    and of every file the weights come from (the index's shards, wherever they are: a shard in a sibling
+    folder counts too).
 
     `settings` must be JSON-serialisable and hold everything that changes a block's final form
     (dtype, quantization spec, ...). Editing, replacing or re-downloading a checkpoint file changes its
     size or mtime, so a stale store is never reused.
     """
+    from neoxlite.checkpoint import weight_files
+
     folder = Path(checkpoint_dir)
+    sources = {path.name: path for path in folder.iterdir() if path.suffix == ".json" and path.is_file()}
+    sources.update(weight_files(folder))  # shard name as the folder refers to it -> the file it resolves to
     files = []
-    for path in sorted(folder.iterdir()):
-        if path.suffix in (".safetensors", ".json") and path.is_file():
-            st = path.stat()  # follows the hub cache's symlinks to the blobs
-            files.append([path.name, st.st_size, st.st_mtime_ns])
-    if not any(name.endswith(".safetensors") for name, _, _ in files):
-        raise FileNotFoundError(f"no safetensors weights in {folder}")
+    for name, path in sorted(sources.items()):
+        st = path.stat()  # follows the hub cache's symlinks to the blobs
+        files.append([name, st.st_size, st.st_mtime_ns])
     payload = json.dumps({"version": STORE_VERSION, "files": files, "settings": settings}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -186,30 +233,56 @@ class BlockStore:
         self.root = self.offload_dir / f"{STORE_PREFIX}{fingerprint[:16]}"
         self.describe = dict(describe or {})
         self._checked: set[str] = set()  # blocks whose CRC this process has verified
+        self._noticed = False  # the "rebuilding" notice is printed once per process
         try:
             self.root.mkdir(exist_ok=True)
         except OSError as err:
             raise _disk_error(err, self.offload_dir, "creating the store folder") from err
+        remove_orphans(self.root)
         self._entries = self._read_manifest()
 
     # ---------------------------------------------------------------- manifest
     def _read_manifest(self) -> dict[str, BlockEntry]:
         path = self.root / MANIFEST
-        if not path.exists():
-            return {}
         try:
-            data = json.loads(path.read_text())
-            if data.get("version") != STORE_VERSION or data.get("fingerprint") != self.fingerprint:
-                return {}  # another version or a 16-hex-digit prefix collision: start over
-            return {name: BlockEntry.from_json(name, self.root, e) for name, e in data.get("blocks", {}).items()}
-        except (ValueError, KeyError, TypeError):
-            return {}  # an unreadable manifest lists nothing; blocks are rebuilt
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO in its place must not block
+        except FileNotFoundError:
+            return {}
+        except OSError as err:
+            return self._damaged(f"cannot be read ({err.strerror})")
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return self._damaged("is not a regular file")
+            raw = f.read()
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            return self._damaged("is not valid JSON")
+        if not isinstance(data, dict) or data.get("sha256") != _manifest_checksum(data):
+            return self._damaged("does not match its checksum")
+        if data.get("version") != STORE_VERSION or data.get("fingerprint") != self.fingerprint:
+            return {}  # another version or a 16-hex-digit prefix collision: start over
+        blocks = data.get("blocks")
+        if not isinstance(blocks, dict):
+            return self._damaged("lists no blocks")
+        try:
+            return {name: BlockEntry.from_json(name, self.root, e) for name, e in blocks.items()}
+        except ValueError as err:
+            return self._damaged(f"is inconsistent: {err}")
+
+    def _damaged(self, problem: str) -> dict[str, BlockEntry]:
+        """A manifest that cannot be trusted lists nothing: every block is rebuilt (and the manifest rewritten)."""
+        if not self._noticed:
+            print(f"[offload store {self.root}: the manifest {problem}; rebuilding this store]", file=sys.stderr)
+            self._noticed = True
+        return {}
 
     def _write_manifest(self) -> None:
-        data = {
+        data: dict[str, Any] = {
             "version": STORE_VERSION, "fingerprint": self.fingerprint, "describe": self.describe,
             "blocks": {name: e.to_json() for name, e in self._entries.items()},
         }
+        data["sha256"] = _manifest_checksum(data)
         _atomic_write(self.root / MANIFEST, [json.dumps(data, indent=1).encode()])
 
     @contextlib.contextmanager
@@ -243,7 +316,8 @@ class BlockStore:
             return False
         if block in self._checked:
             return True
-        if _file_crc32(entry.path, entry.file_bytes) == entry.crc32:
+        # The CRC covers the file's own safetensors header, so a layout that agrees with it is the one written.
+        if _file_crc32(entry.path, entry.file_bytes) == entry.crc32 and _header_agrees(entry):
             self._checked.add(block)
             return True
         with self._locked():
@@ -273,6 +347,8 @@ class BlockStore:
         """
         if not tensors:
             raise ValueError(f"block {block} has no tensors to store")
+        if not BLOCK_NAME.fullmatch(block):
+            raise ValueError(f"block name {block!r} is not a plain name (letters, digits, '_', '.', '-')")
         layout, offset = pack_layout(tensors)
         order = list(layout)
         header: dict[str, Any] = {"__metadata__": {"format": "pt", "neoxlite_block": block,
@@ -427,10 +503,36 @@ def drop_cached(entry: BlockEntry) -> None:
     _advise(entry, os.POSIX_FADV_DONTNEED)
 
 
+def _header_agrees(entry: BlockEntry) -> bool:
+    """Whether the block file's own header (checked by the CRC) lays out the tensors as `entry` says."""
+    with open(entry.path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if 8 + size != entry.data_offset:
+            return False
+        try:
+            header = json.loads(f.read(size))
+        except (ValueError, RecursionError):
+            return False
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+        return False
+    written = {key: info for key, info in header.items() if key != "__metadata__" and not key.startswith("__pad__.")}
+    expected = {key: {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [t.start, t.end]}
+                for key, t in entry.tensors.items()}
+    quantized = header["__metadata__"].get("neoxlite_quantized", "")
+    return written == expected and quantized == ",".join(entry.quantized)
+
+
+def _manifest_checksum(data: Mapping[str, Any]) -> str:
+    """SHA-256 of the manifest's content (every field but the checksum itself), in a canonical JSON form."""
+    body = {k: v for k, v in data.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _file_crc32(path: Path, expected_size: int) -> int | None:
-    """CRC32 of a file, or None when it is missing or not `expected_size` bytes long."""
+    """CRC32 of a file, or None when it is missing, not a regular file, or not `expected_size` bytes long."""
     try:
-        if path.stat().st_size != expected_size:
+        st = path.lstat()  # a link, a FIFO or a device in a block's place is not a block the store wrote
+        if not stat.S_ISREG(st.st_mode) or st.st_size != expected_size:
             return None
         crc = 0
         with open(path, "rb", buffering=0) as f:
@@ -443,9 +545,53 @@ def _file_crc32(path: Path, expected_size: int) -> int | None:
         return None
 
 
+def _locked_temp(path: Path) -> tuple[int, str]:
+    """A new temporary file beside `path`, flock'ed while its descriptor is open (see remove_orphans)."""
+    while True:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return fd, tmp
+        os.close(fd)  # another run took it for an orphan in the instant before the lock: make another
+
+
+def remove_orphans(root: Path) -> list[str]:
+    """Deletes the temporary files a killed writer left in the store folder `root`; returns their names.
+
+    Only names this module generates are looked at, and only regular files whose flock can be taken: a live
+    writer holds its file's lock until it has renamed it, and a lock dies with its process, so a file whose
+    lock is free has no writer left. Three processes sharing one offload dir never delete each other's files.
+    """
+    removed = []
+    for path in root.iterdir():
+        if not _TEMP_NAME.fullmatch(path.name):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone already, or a link: not a file this store wrote
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(path)
+                    removed.append(path.name)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def _atomic_write(path: Path, chunks: Iterator[bytes | memoryview] | list[bytes]) -> int:
-    """Writes chunks to a temporary file beside `path`, fsyncs, renames over `path`; returns the CRC32."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Writes chunks to a temporary file beside `path`, fsyncs, renames over `path`; returns the CRC32.
+
+    The temporary file stays locked until it has its final name, so no other run takes it for an orphan."""
+    fd, tmp = _locked_temp(path)
     crc = 0
     try:
         with os.fdopen(fd, "wb") as f:
@@ -454,7 +600,7 @@ def _atomic_write(path: Path, chunks: Iterator[bytes | memoryview] | list[bytes]
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)  # make the rename itself durable

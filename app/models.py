@@ -1,0 +1,134 @@
+"""Which checkpoints the app can offer, how the page names them, and the plan for loading one.
+
+A checkpoint is named by its hub id or its folder's name, never by an absolute path: the page is shown to
+whoever opens it, and screenshots of it travel. The choices are the demo (the language model and its
+heads), the GPT-NeoX checkpoints in the Hugging Face cache, and the ones the app was started with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEMO_NAME = "demo"
+GPT_NEOX = "gpt_neox"  # config.json model_type of every checkpoint the app can serve
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One checkpoint offered in the model panel."""
+
+    name: str  # what the page shows: hub id, "demo[/head]" or folder name
+    location: str  # what the loader gets: a hub id or a local folder
+    where: str  # "demo", "hub cache" or "local"
+
+
+def display_name(path_or_id: str | os.PathLike) -> str:
+    """The name the page shows for a folder or hub id.
+
+    A hub id stays as it is; a folder in the Hugging Face cache becomes its repository id; the demo's folders
+    become "demo" and "demo/<head>"; any other folder its own name.
+    """
+    text = str(path_or_id)
+    path = Path(os.path.expanduser(text))
+    if not path.is_dir():
+        return text  # a hub id (resolved later, with its own error if it is neither)
+    path = path.resolve()
+    demo = _demo_root()
+    if demo is not None and path.parent == demo:
+        return DEMO_NAME if path.name == "model" else f"{DEMO_NAME}/{path.name}"
+    # hub cache layout: .../models--ORG--NAME/snapshots/REVISION
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name[len("models--"):].replace("--", "/")
+    return path.name
+
+
+def _demo_root() -> Path | None:
+    from neoxlite.demo import demo_path
+
+    try:
+        return demo_path().parent
+    except FileNotFoundError:  # an installation without the demo: nothing to offer from it
+        return None
+
+
+def demo_choices() -> list[Choice]:
+    from neoxlite.demo import demo_head_paths, demo_path
+
+    try:
+        folders = [demo_path(), *demo_head_paths()]
+    except FileNotFoundError:
+        return []
+    return [Choice(display_name(f), str(f), "demo") for f in folders]
+
+
+def cached_choices(cache_dir: str | os.PathLike | None = None) -> list[Choice]:
+    """GPT-NeoX checkpoints in the Hugging Face cache (their newest revision), by repository id.
+
+    Reads only each snapshot's config.json; a cache that does not exist yet offers nothing.
+    """
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        cache = scan_cache_dir(cache_dir)
+    except CacheNotFound:
+        return []
+    found = []
+    for repo in sorted(cache.repos, key=lambda r: r.repo_id.lower()):
+        if repo.repo_type != "model" or not repo.revisions:
+            continue
+        newest = max(repo.revisions, key=lambda r: r.last_modified)
+        if _model_type(newest.snapshot_path / "config.json") == GPT_NEOX:
+            found.append(Choice(repo.repo_id, repo.repo_id, "hub cache"))
+    return found
+
+
+def _model_type(config: Path) -> str | None:
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):  # missing, unreadable or not a JSON object: not ours
+        return None
+
+
+def choices(started_with: list[str | os.PathLike] = (), cache_dir: str | os.PathLike | None = None) -> list[Choice]:
+    """The checkpoints the model panel offers: what the app started with, the demo, then the hub cache.
+
+    Each name appears once (the first source wins).
+    """
+    offered = [Choice(display_name(p), str(p), "local") for p in started_with] + demo_choices()
+    offered += cached_choices(cache_dir)
+    seen: set[str] = set()
+    return [c for c in offered if not (c.name in seen or seen.add(c.name))]
+
+
+def load_options(quant: str | None, gpu_memory: str | None, cpu_memory: str | None,
+                 offload_dir: str | None, device: str | None = None) -> dict[str, Any]:
+    """`from_pretrained` keywords from the model panel's fields ("" or "none": not set)."""
+    import torch
+
+    from neoxlite.offload.budget import parse_size
+
+    kwargs: dict[str, Any] = {}
+    if quant and quant != "none":
+        kwargs["quant"] = quant
+    for name, value in (("gpu_memory", gpu_memory), ("cpu_memory", cpu_memory)):
+        if value and value.strip():
+            parse_size(value.strip(), name=name)  # a bad size fails here, named, before anything loads
+            kwargs[name] = value.strip()
+    if offload_dir and offload_dir.strip():
+        kwargs["offload_dir"] = offload_dir.strip()
+    kwargs["device"] = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return kwargs
+
+
+def plan_summary(location: str | os.PathLike, load_kwargs: dict[str, Any]) -> str:
+    """`neoxlite plan`'s report for a checkpoint under the given options, headed by its page name."""
+    from neoxlite.offload.cli import plan_checkpoint
+
+    what, plan = plan_checkpoint(location, load_kwargs)
+    name = display_name(location)
+    return f"{name}{what[what.index(':'):]}\n{plan.explain()}"
