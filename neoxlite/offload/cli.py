@@ -90,7 +90,7 @@ def plan_checkpoint(model: str | os.PathLike, kw: dict[str, Any], links: Links |
     from neoxlite.checkpoint import Checkpoint
     from neoxlite.config import GPTNeoXConfig
     from neoxlite.hub import resolve
-    from neoxlite.loading import stored_float_dtype
+    from neoxlite.loading import parse_dtype, stored_float_dtype
     from neoxlite.model import GPTNeoXForCausalLM
     from neoxlite.offload.placement import Workload, plan_model, quantized_layer_names
     from neoxlite.quant.model import resolve_spec
@@ -100,7 +100,7 @@ def plan_checkpoint(model: str | os.PathLike, kw: dict[str, Any], links: Links |
     spec, prequantized = resolve_spec(config.quantization_config, quant=kw.get("quant"),
                                       compute_dtype=kw.get("compute_dtype"))
     ckpt = Checkpoint(folder)
-    dtype = kw.get("dtype") or stored_float_dtype(ckpt)  # the loader's own rule
+    dtype = parse_dtype(kw.get("dtype")) or stored_float_dtype(ckpt)  # the loader's own rule
     try:  # not the loader's check: a plan for a GPU this machine lacks is what a buyer asks for
         device = torch.device(kw.get("device") or "cpu")
     except RuntimeError:
