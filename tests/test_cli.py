@@ -108,7 +108,7 @@ def test_generate_into_a_closed_pipe_ends_quietly():
 
 @pytest.mark.parametrize(("flags", "expected"), [
     (["x", "--top-p", "2"], "neoxlite generate: error: --top-p must be within (0, 1], got 2.0"),
-    (["x", "--temperature", "-1"], "neoxlite generate: error: --temperature must be >= 0"),
+    (["x", "--temperature", "-1"], "neoxlite generate: error: --temperature must be a finite number >= 0"),
     (["x", "--gpu-memory", "lots"], "neoxlite generate: error: --gpu-memory 'lots' is not a size"),
     (["x", "--max-batch-size", "0"], "neoxlite generate: error: --max-batch-size must be at least 1, got 0"),
     ([], "neoxlite generate: error: no prompt: give PROMPT, - to read it from stdin, or --file PATH"),
@@ -158,7 +158,9 @@ class Child:
     def wait_for(self, text: str, timeout: float = 120, after: int = 0) -> None:
         deadline = time.monotonic() + timeout
         while text.encode() not in self.err[after:]:
-            assert self.proc.poll() is None and time.monotonic() < deadline, (text, self.err.decode())
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError((text, self.err.decode()))
             time.sleep(0.01)
 
     def wait_for_library(self, name: str, timeout: float = 120) -> None:
@@ -179,7 +181,11 @@ class Child:
         self.proc.send_signal(signal.SIGINT)
 
     def finish(self, timeout: float = 120) -> tuple[int, str]:
-        status = self.proc.wait(timeout=timeout)
+        try:
+            status = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # no child left behind by a failed test
+            raise
         time.sleep(0.1)  # the readers drain the pipes
         return status, self.err.decode()
 
