@@ -144,8 +144,11 @@ class Child:
     """A running `neoxlite` whose stderr is collected as it comes (progress bars end lines with \\r)."""
 
     def __init__(self, *args: str, cwd: Path | None = None) -> None:
+        # Ctrl-C as in a terminal: a library in this test process (the app's server) may have left SIGINT
+        # ignored, and an ignored signal stays ignored in a child.
         self.proc = subprocess.Popen([NEOXLITE, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, cwd=cwd)
+                                     stderr=subprocess.PIPE, cwd=cwd,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.err = b""
         self.out = b""
         threading.Thread(target=self._read, args=("err", self.proc.stderr), daemon=True).start()
