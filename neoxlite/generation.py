@@ -282,6 +282,12 @@ def _hit_stop(tokenizer: Any, tokens: torch.Tensor, stops: list[str]) -> torch.T
 
 def stream_text(model: Any, tokenizer: Any, prompt: str | torch.Tensor, **kwargs: Any) -> Iterator[str]:
     """Yields the reply as text deltas; holds back bytes that do not form a whole character yet."""
+    return (delta for delta in stream_tokens_as_text(model, tokenizer, prompt, **kwargs) if delta)
+
+
+def stream_tokens_as_text(model: Any, tokenizer: Any, prompt: str | torch.Tensor, **kwargs: Any) -> Iterator[str]:
+    """Yields, for every generated token (eos excluded), the text it adds: "" while a character is incomplete,
+    so a caller counts tokens as tokens."""
     if isinstance(prompt, str):
         input_ids = tokenizer(prompt, return_tensors="pt").input_ids
     else:
@@ -303,8 +309,8 @@ def stream_text(model: Any, tokenizer: Any, prompt: str | torch.Tensor, **kwargs
             break
         ids.append(tid)
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd") or len(text) <= len(shown):
+            yield ""
             continue
-        if len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
+        yield text[len(shown):]
+        shown = text

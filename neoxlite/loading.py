@@ -111,10 +111,12 @@ def load_pretrained(
                                       double_quant=double_quant, int8_threshold=int8_threshold,
                                       skip_modules=skip_modules)
     target_dtype = parse_dtype(dtype)
+    if device is None and gpu_memory is not None and torch.cuda.is_available():
+        device = "cuda"  # a GPU budget asks for the GPU, as transformers' max_memory does
     device = parse_device(device)
     ckpt = Checkpoint(folder)
     if target_dtype is None:
-        target_dtype = _stored_float_dtype(ckpt)
+        target_dtype = stored_float_dtype(ckpt)
 
     with torch.device("meta"):
         model = cls(config)
@@ -221,7 +223,8 @@ def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
 
 
-def _stored_float_dtype(ckpt: Checkpoint) -> torch.dtype:
+def stored_float_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The dtype a checkpoint loads in by default (`neoxlite plan` uses it too)."""
     # The float dtype holding the most bytes: a pre-quantized checkpoint also has small float32 quant-state
     # tensors (block scales, code books) beside its float16 embeddings, and safetensors lists float32 first.
     by_dtype: dict[torch.dtype, int] = {}

@@ -8,15 +8,18 @@ the app both use them, so flags, keywords and defaults cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 QUANT_MODES = ("none", "int8", "nf4", "fp4")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 # Sampling defaults for the CLI and the app (the Python API keeps transformers' defaults: greedy). On the command
 # line a checkpoint's generation_config.json comes first: these fill only what neither a flag nor it sets.
 DEFAULT_SAMPLING = dict(max_new_tokens=128, temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1, seed=None)
+
+# Keywords without an underscore that error messages use only as the setting's name (see flag_names).
+_BARE_KEYWORDS = ("temperature", "seed")
 
 # flag dest -> from_pretrained keyword (the same names; listed to keep the mapping explicit)
 _LOAD_KEYWORDS = ("dtype", "device", "quant", "compute_dtype", "gpu_memory", "cpu_memory", "offload_dir",
@@ -56,17 +59,38 @@ def load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The `from_pretrained` keywords the user set on the command line (unset flags are left out)."""
     import torch
 
+    from neoxlite.loading import parse_dtype
+    from neoxlite.offload.budget import parse_size
+
     kwargs = {name: getattr(args, name) for name in _LOAD_KEYWORDS if getattr(args, name, None) is not None}
     if kwargs.get("quant") == "none":
         kwargs["quant"] = None
-    if kwargs.get("dtype") == "auto":
-        del kwargs["dtype"]
     for name in ("dtype", "compute_dtype"):
         if name in kwargs:
-            kwargs[name] = getattr(torch, _DTYPE_ALIASES.get(kwargs[name], kwargs[name]))
+            kwargs[name] = parse_dtype(kwargs[name])  # the loader's one table of dtype names
+            if kwargs[name] is None:  # "auto": the checkpoint's
+                del kwargs[name]
+    for name in ("gpu_memory", "cpu_memory"):  # checked here, so a typo fails before the load
+        parse_size(kwargs.get(name), name=name)
+    for name in ("max_batch_size", "max_context"):
+        if name in kwargs and kwargs[name] < 1:
+            raise ValueError(f"{name} must be at least 1, got {kwargs[name]}")
     if "device" not in kwargs:
         kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     return kwargs
+
+
+def flag_names(message: str, parser: argparse.ArgumentParser) -> str:
+    """`message` (an error raised by the Python API) with the keywords the user set as flags spelled as those
+    flags: "top_p must be within (0, 1]" -> "--top-p must be within (0, 1]", "gpu_memory='x'" -> "--gpu-memory 'x'"."""
+    for action in parser._actions:
+        flag = next((o for o in action.option_strings if o.startswith("--")), None)
+        keyword = action.dest
+        if flag is None or ("_" not in keyword and keyword not in _BARE_KEYWORDS):
+            continue
+        message = re.sub(rf"(?<![\w.\-/]){keyword}(?!\w)(=?)", lambda m, f=flag: f + (" " if m.group(1) else ""),
+                         message)
+    return re.sub(r"(--[\w-]+) ?/ \1\b", r"\1", message)  # "offload_dir= / --offload-dir" said it twice
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -126,4 +150,9 @@ def sampling_kwargs(args: argparse.Namespace | dict[str, Any], generation_config
     seed = values.get("seed")
     if seed is not None and seed != "":
         kwargs["seed"] = int(seed)
+    from neoxlite.generation import SamplingSettings
+
+    # generate()'s own checks, run now so that a bad value fails before the model loads
+    SamplingSettings(**{k: kwargs[k] for k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+                        if k in kwargs})
     return kwargs

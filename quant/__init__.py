@@ -9,9 +9,16 @@ first use of a layer function, so code that only reads a spec does not pay for i
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from .spec import BLOCKSIZE_4BIT, DEFAULT_SKIP_MODULES, MODES, QuantSpec, matches_module, parse_compute_dtype
+
+# On CPUs with AVX512-BF16, bitsandbytes logs at import that the optional `kernels` package (not a dependency)
+# could not give it a 4-bit kernel, then uses its own: nothing for the user to do, so that message is dropped at
+# its logger; everything else bitsandbytes logs still shows.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
 
 _LAYER_NAMES = (
     "Linear4bit",

@@ -39,8 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import torch
-
     from neoxlite.checkpoint import Checkpoint
 
     from .model import format_block_table
@@ -51,11 +49,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         args.src,
         args.dst,
         quant=args.quant,
-        compute_dtype=getattr(torch, args.compute_dtype) if args.compute_dtype else None,
+        compute_dtype=args.compute_dtype,  # a name ("bf16", "bfloat16", ...): the spec parses every spelling
         double_quant=args.double_quant,
         int8_threshold=args.int8_threshold,
         skip_modules=args.skip_modules,
-        dtype=None if args.dtype in (None, "auto") else getattr(torch, args.dtype),
+        dtype=args.dtype,  # likewise parsed by the loader's dtype table ("auto": the checkpoint's)
         device=args.device,
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,

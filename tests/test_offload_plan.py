@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from neoxlite.offload.budget import format_size, parse_size, resolve_budgets
 from neoxlite.offload.planner import CPU, DISK, GPU, BudgetTooSmall, Links, Plan, activation_bytes, plan
@@ -40,14 +41,19 @@ def test_parse_size_types():
         parse_size([1])
 
 
-def test_resolve_budgets_defaults_and_errors():
+def test_resolve_budgets_defaults_and_errors(monkeypatch, caplog):
     budgets = resolve_budgets(compute_device="cpu")
     assert budgets.cpu > 0 and budgets.gpu == 0 and budgets.offload_dir is None
     assert not budgets.cpu_from_user
     budgets = resolve_budgets(cpu_memory="1GiB", offload_dir="/x")
     assert budgets.cpu == GiB and budgets.cpu_from_user and budgets.offload_dir == "/x"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU, and yet a CPU model: contradictory
     with pytest.raises(ValueError, match="gpu_memory"):
         resolve_budgets(gpu_memory="4GiB", compute_device="cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU: ignored, as transformers does
+    with caplog.at_level("WARNING", logger="neoxlite"):
+        assert resolve_budgets(gpu_memory="4GiB", compute_device="cpu").gpu == 0
+    assert "gpu_memory='4GiB' ignored: this machine has no CUDA device" in caplog.text
 
 
 def test_format_size():

@@ -194,14 +194,25 @@ def test_impossible_budget_names_the_minimum(ckpt, tmp_path):
 
 def test_bad_offload_dirs_and_sizes(ckpt, tmp_path):
     budget = layer_budget(ckpt, torch.float32, 1)
-    with pytest.raises(ValueError, match="does not exist"):
-        load(ckpt, torch.float32, cpu_memory=budget, offload_dir=tmp_path / "missing")
-    with pytest.raises(ValueError, match="does not exist"):  # reported even when the plan needs no disk
-        load(ckpt, torch.float32, cpu_memory="1GiB", offload_dir=tmp_path / "missing")
+    load(ckpt, torch.float32, cpu_memory=budget, offload_dir=tmp_path / "missing" / "nested")  # created
+    assert (tmp_path / "missing" / "nested").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a directory"):  # reported even when the plan needs no disk
+        load(ckpt, torch.float32, cpu_memory="1GiB", offload_dir=tmp_path / "file")
     with pytest.raises(ValueError, match="cpu_memory='lots' is not a size"):
         load(ckpt, torch.float32, cpu_memory="lots", offload_dir=tmp_path)
-    with pytest.raises(ValueError, match="gpu_memory"):
-        load(ckpt, torch.float32, gpu_memory="1GiB", device="cpu")
+
+
+def test_gpu_budget_without_a_gpu_is_ignored_with_a_notice(ckpt, caplog, monkeypatch):
+    if torch.cuda.is_available():  # with a GPU, a GPU budget for a CPU model is a contradiction
+        with pytest.raises(ValueError, match="gpu_memory"):
+            load(ckpt, torch.float32, gpu_memory="1GiB", device="cpu")
+        return
+    with caplog.at_level("WARNING", logger="neoxlite"):
+        model = load(ckpt, torch.float32, gpu_memory="1GiB")
+    assert model.device.type == "cpu"
+    assert [r.getMessage() for r in caplog.records] == [
+        "neoxlite: gpu_memory='1GiB' ignored: this machine has no CUDA device; the model runs on the CPU"]
 
 
 def test_read_only_offload_dir(ckpt, tmp_path):
@@ -299,10 +310,11 @@ def test_cli_plan_and_offload_commands(ckpt, tmp_path, capsys):
     assert main(["plan", *common, "--cpu-memory", budget, "--offload-dir", str(tmp_path), "--disk-gbps", "1"]) == 0
     out = capsys.readouterr().out
     for text in ("placement:", "cpu   layers.0, head", "disk  embed_in, layers.1-5", "bytes per tier:",
-                 "batch   1: disk->cpu", "tokens/s (disk read bound)", "disk 1 GB/s"):
+                 "one decoding step at batch 2", "tokens/s (disk read bound)", "read per step at 1 GB/s (disk)",
+                 "disk 1 GB/s"):
         assert text in out, out
     assert main(["plan", *common, "--cpu-memory", "1KiB", "--offload-dir", str(tmp_path)]) == 2
-    assert "smallest cpu_memory that fits" in capsys.readouterr().err
+    assert "smallest --cpu-memory that fits" in capsys.readouterr().err
 
     load(ckpt, torch.float32, cpu_memory=int(budget), offload_dir=tmp_path)
     (tmp_path / "mine.txt").write_text("not neoxlite's")

@@ -170,9 +170,9 @@ def test_check_space_refuses_before_writing(tmp_path, monkeypatch):
     s.check_space(2**20)
 
 
-def test_missing_or_non_directory_offload_dir(tmp_path):
-    with pytest.raises(ValueError, match="does not exist.*mkdir -p"):
-        BlockStore(tmp_path / "nope", FP)
+def test_missing_offload_dir_is_created_a_non_directory_refused(tmp_path):
+    BlockStore(tmp_path / "nope" / "deeper", FP)
+    assert (tmp_path / "nope" / "deeper").is_dir()
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="not a directory"):
         check_offload_dir(tmp_path / "file")

@@ -7,6 +7,7 @@ When the user sets no budget, the default is the memory free right now less a sa
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import psutil
 import torch
+
+logger = logging.getLogger(__name__)
 
 # Decimal units (SI) and binary units (IEC), as `nvidia-smi`, `df` and accelerate spell them. A bare
 # K/M/G/T means the binary unit, as in `docker --memory` and `ulimit`.
@@ -175,6 +178,11 @@ def resolve_budgets(
     device = torch.device(compute_device)
     gpu = parse_size(gpu_memory, name="gpu_memory")
     cpu = parse_size(cpu_memory, name="cpu_memory")
+    if gpu is not None and device.type != "cuda" and not torch.cuda.is_available():
+        # As transformers does with a GPU in max_memory on a machine without one: said, then ignored.
+        logger.warning("neoxlite: gpu_memory=%r ignored: this machine has no CUDA device; the model runs on the CPU",
+                       gpu_memory)
+        gpu = None
     if gpu is not None and gpu > 0 and device.type != "cuda":
         raise ValueError(
             f"gpu_memory={gpu_memory!r} was given but the compute device is {device}: "

@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     import dataclasses
 
+    import torch
+
     from neoxlite.checkpoint import Checkpoint
     from neoxlite.hub import resolve
     from neoxlite.offload.planner import Links
@@ -52,6 +54,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from neoxlite.demo import demo_path
 
         args.model = str(demo_path())
+    if args.device is None and args.gpu_memory is not None:
+        args.device = "cuda"  # a GPU budget plans for a GPU, whether or not this machine has one
+    kw = load_kwargs(args)
+    if kw["device"].startswith("cuda") and not torch.cuda.is_available():
+        if kw.get("gpu_memory") is None:
+            raise ValueError("this machine has no CUDA device: give the GPU's memory (--gpu-memory 24GiB) to plan "
+                             "for one")
+        print(f"[no CUDA device here: planning for one with --gpu-memory {kw['gpu_memory']}, its host link at "
+              f"{(args.pcie_gbps or Links.pcie / 1e9):.3g} GB/s (--pcie-gbps)]", file=sys.stderr)
     overrides = {name: getattr(args, f"{flag}_gbps") * 1e9 for name, flag in
                  (("disk", "disk"), ("pcie", "pcie"), ("cpu_memory", "cpu"), ("gpu_memory", "gpu"))
                  if getattr(args, f"{flag}_gbps") is not None}
@@ -63,9 +74,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         overrides["disk"] = measure_read_bandwidth(files)
         print(f"[disk read: {overrides['disk'] / 1e9:.2f} GB/s, measured in {time.perf_counter() - start:.1f} s]",
               file=sys.stderr)
-    what, plan = plan_checkpoint(args.model, load_kwargs(args), dataclasses.replace(Links(), **overrides))
+    what, plan = plan_checkpoint(args.model, kw, dataclasses.replace(Links(), **overrides))
     print(what)
-    print(plan.explain())
+    print(plan.explain(kw.get("max_batch_size", 1)))
+    print("(set the bandwidths with --disk-gbps, --pcie-gbps, --cpu-gbps, --gpu-gbps; the batch with "
+          "--max-batch-size)")
     return 0
 
 
@@ -77,7 +90,7 @@ def plan_checkpoint(model: str | os.PathLike, kw: dict[str, Any], links: Links |
     from neoxlite.checkpoint import Checkpoint
     from neoxlite.config import GPTNeoXConfig
     from neoxlite.hub import resolve
-    from neoxlite.loading import parse_device, parse_dtype
+    from neoxlite.loading import parse_dtype, stored_float_dtype
     from neoxlite.model import GPTNeoXForCausalLM
     from neoxlite.offload.placement import Workload, plan_model, quantized_layer_names
     from neoxlite.quant.model import resolve_spec
@@ -87,9 +100,11 @@ def plan_checkpoint(model: str | os.PathLike, kw: dict[str, Any], links: Links |
     spec, prequantized = resolve_spec(config.quantization_config, quant=kw.get("quant"),
                                       compute_dtype=kw.get("compute_dtype"))
     ckpt = Checkpoint(folder)
-    dtype = parse_dtype(kw.get("dtype")) or next(
-        (ckpt.dtype(k) for k in ckpt.keys if ckpt.dtype(k).is_floating_point), torch.float32)
-    device = parse_device(kw.get("device"))
+    dtype = parse_dtype(kw.get("dtype")) or stored_float_dtype(ckpt)  # the loader's own rule
+    try:  # not the loader's check: a plan for a GPU this machine lacks is what a buyer asks for
+        device = torch.device(kw.get("device") or "cpu")
+    except RuntimeError:
+        raise ValueError(f"unknown device {kw.get('device')!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
     with torch.device("meta"):
         skeleton = GPTNeoXForCausalLM(config)
     plan = plan_model(skeleton, dtype=dtype, device=device, spec=spec,

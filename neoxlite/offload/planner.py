@@ -71,6 +71,18 @@ class Links:
     gpu_memory: float = 1.5e12
 
 
+class Bound(NamedTuple):
+    """A lower bound on a decoding step's time from one resource: the bytes it must carry, each part at its
+    bandwidth (bytes/s), e.g. ((1.7 GiB, 20e9, "PCIe"),)."""
+
+    resource: str
+    parts: tuple[tuple[int, float, str], ...]
+
+    @property
+    def seconds(self) -> float:
+        return sum(n / bandwidth for n, bandwidth, _ in self.parts)
+
+
 @dataclass(frozen=True)
 class Plan:
     homes: dict[str, str]                 # block -> "gpu" | "cpu" | "disk", in model order
@@ -116,36 +128,42 @@ class Plan:
                 moved["cpu->gpu"] += row_bytes * batch
         return {link: n for link, n in moved.items() if n}
 
-    def seconds_per_step(self, batch: int = 1) -> dict[str, float]:
-        """Lower bounds on one decoding step's time, per resource; the slowest one sets the pace.
+    def bounds(self, batch: int = 1) -> list[Bound]:
+        """Lower bounds on one decoding step's time, one per resource, with the bytes and bandwidth behind each.
 
-        Transfers overlap with compute (that is what the scheduler's prefetch is for), so each resource
-        is a separate bound: link bytes / link bandwidth, and weight bytes / the computing tier's memory
-        bandwidth (decoding reads every weight once per step).
+        Transfers overlap with compute (that is what the scheduler's prefetch is for), so each resource is a
+        separate bound: link bytes / link bandwidth, and weight bytes / the computing tier's memory bandwidth
+        (decoding reads every weight once per step). Compute, kernel launches and Python come on top.
         """
         moved = self.bytes_moved_per_step(batch)
-        bounds = {}
+        bounds = []
         if moved.get("disk->cpu"):
-            bounds["disk read"] = moved["disk->cpu"] / self.links.disk
+            bounds.append(Bound("disk read", ((moved["disk->cpu"], self.links.disk, "disk"),)))
         if moved.get("cpu->gpu"):
-            bounds["PCIe"] = moved["cpu->gpu"] / self.links.pcie
-        compute_bw = self.links.gpu_memory if self.compute == GPU else self.links.cpu_memory
-        computed = sum(n for b, n in self.block_bytes.items() if b not in self.gathered)
-        seconds = computed / compute_bw
-        if self.compute == GPU and self.homes.get(HEAD) == CPU:
-            # The head runs where it lives: in RAM, at CPU memory speed, after the layers.
-            head = self.block_bytes[HEAD]
-            seconds += head / self.links.cpu_memory - head / compute_bw
-        bounds["memory bandwidth"] = seconds
+            bounds.append(Bound("PCIe", ((moved["cpu->gpu"], self.links.pcie, "PCIe"),)))
+        gpu = self.compute == GPU
+        computed = {b: n for b, n in self.block_bytes.items() if b not in self.gathered}
+        # The head runs where it lives: on a GPU machine it may be in RAM, read at CPU memory speed.
+        in_ram = computed.pop(HEAD) if gpu and self.homes.get(HEAD) == CPU else 0
+        parts = [(sum(computed.values()), self.links.gpu_memory if gpu else self.links.cpu_memory,
+                  "GPU memory" if gpu else "CPU memory")]
+        if in_ram:
+            parts.append((in_ram, self.links.cpu_memory, "CPU memory, the head"))
+        bounds.append(Bound("memory bandwidth", tuple(parts)))
         return bounds
+
+    def seconds_per_step(self, batch: int = 1) -> dict[str, float]:
+        """The bounds of `bounds()` as seconds, by resource."""
+        return {bound.resource: bound.seconds for bound in self.bounds(batch)}
 
     def tokens_per_second(self, batch: int = 1) -> float:
         """Tokens/s the slowest resource allows (the whole batch shares each block transfer)."""
         step = max(self.seconds_per_step(batch).values())
         return float("inf") if step == 0 else batch / step
 
-    def explain(self, batches: tuple[int, ...] = (1, 4, 16)) -> str:
-        """Human-readable placement, bytes per tier, bytes moved per token and the speed bound."""
+    def explain(self, batch: int = 1) -> str:
+        """Human-readable placement, bytes per tier, and what one decoding step of `batch` sequences moves and
+        reads, as upper bounds on tokens/s with the bytes and bandwidths behind them."""
         lines = [f"compute on: {self.compute.upper()}"]
         if self.slots:
             lines[0] += f"   transfer slots: {self.slots} x {format_size(self.slot_bytes)}"
@@ -162,17 +180,20 @@ class Plan:
             parts += [f"{name} {format_size(n)}" for name, n in self.reserved.get(tier, {}).items() if n]
             limit = f"in {self.offload_dir}" if tier == DISK else f"budget {format_size(self.budgets[tier])}"
             lines.append(f"  {tier:<5} {format_size(self.tier_bytes(tier)):>11} ({limit}): " + ", ".join(parts))
-        lines.append("per generated token (one decoding step; a batch shares the weight transfers):")
-        for batch in batches:
-            moved = self.bytes_moved_per_step(batch)
-            moved_text = ", ".join(f"{link} {format_size(n)}" for link, n in moved.items()) or "nothing moves"
-            bounds = self.seconds_per_step(batch)
-            slowest = max(bounds, key=lambda k: bounds[k])
-            lines.append(f"  batch {batch:>3}: {moved_text}; at most {self.tokens_per_second(batch):,.1f} tokens/s"
-                         f" ({slowest} bound)")
+        moved = self.bytes_moved_per_step(batch)
+        moved_text = ", ".join(f"{link} {format_size(n)}" for link, n in moved.items()) or "nothing moves"
+        lines.append(f"one decoding step at batch {batch} (a new token for each sequence; the batch shares each "
+                     f"weight read): {moved_text}")
+        for bound in sorted(self.bounds(batch), key=lambda b: -b.seconds):
+            rate = float("inf") if bound.seconds == 0 else batch / bound.seconds
+            reads = " + ".join(f"{format_size(n)} read per step at {bw / 1e9:,.4g} GB/s ({where})"
+                               for n, bw, where in bound.parts)
+            lines.append(f"  at most {rate:,.1f} tokens/s ({bound.resource} bound): {reads}")
+        lines.append("  (bounds from bandwidth alone: the slowest sets the pace, and the arithmetic, kernel launches "
+                     "and Python come on top)")
         links = self.links
-        lines.append(f"bandwidths assumed: disk {links.disk / 1e9:.3g} GB/s, PCIe {links.pcie / 1e9:.3g} GB/s, "
-                     f"CPU memory {links.cpu_memory / 1e9:.3g} GB/s, GPU memory {links.gpu_memory / 1e9:.3g} GB/s")
+        lines.append(f"bandwidths assumed: disk {links.disk / 1e9:,.4g} GB/s, PCIe {links.pcie / 1e9:,.4g} GB/s, "
+                     f"CPU memory {links.cpu_memory / 1e9:,.4g} GB/s, GPU memory {links.gpu_memory / 1e9:,.4g} GB/s")
         return "\n".join(lines)
 
 

@@ -204,10 +204,13 @@ def fingerprint(checkpoint_dir: str | os.PathLike, settings: Mapping[str, Any]) 
 
 # ------------------------------------------------------------------------------------------ the store
 def check_offload_dir(offload_dir: str | os.PathLike) -> Path:
-    """The offload dir as an absolute Path, after checking that it exists and that we may write in it."""
+    """The offload dir as an absolute Path, created when missing, after checking that we may write in it."""
     path = Path(os.path.expanduser(os.fspath(offload_dir))).absolute()
     if not path.exists():
-        raise ValueError(f"offload dir {path} does not exist; create it (mkdir -p {path}) or pass another --offload-dir")
+        try:
+            path.mkdir(parents=True, mode=0o700)  # like a cache folder: the blocks are the user's own weights
+        except OSError as err:
+            raise ValueError(f"offload dir {path} cannot be created ({err.strerror}); pass another --offload-dir") from None
     if not path.is_dir():
         raise ValueError(f"offload dir {path} is not a directory; pass a folder to --offload-dir")
     try:  # os.access is not enough: root passes it on read-only mounts and immutable folders
