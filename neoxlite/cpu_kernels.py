@@ -283,20 +283,22 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
         f"bitsandbytes above; continuous-batching steps: kernels at every batch ({crossover})")
 
 
-def _time_bf16(kernel: BF16Kernel) -> dict[int, tuple[float, float]]:
-    """The bf16 kernel and PyTorch's matmul timed on matrix_engine's calibration shape."""
-    k, n = matrix_engine.CALIBRATION_SHAPE
+def _time_bf16(kernel: BF16Kernel, shape: tuple[int, int] = matrix_engine.CALIBRATION_SHAPE
+               ) -> dict[int, tuple[float, float]]:
+    """The bf16 kernel and PyTorch's matmul timed on a linear of `shape` (in_features, out_features)."""
+    k, n = shape
     weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     return matrix_engine.time_engines(lambda x: kernel.linear(x, weight, None), lambda x: F.linear(x, weight),
                                       k, torch.bfloat16)
 
 
-def _time_4bit(quant: QuantKernel) -> dict[int, tuple[float, float]]:
-    """The nf4 kernel and the many-row path (bitsandbytes' dequantize, then PyTorch's bf16 matmul) timed on
-    matrix_engine's calibration shape."""
+def _time_4bit(quant: QuantKernel, shape: tuple[int, int] = matrix_engine.CALIBRATION_SHAPE
+               ) -> dict[int, tuple[float, float]]:
+    """The nf4 kernel and the many-row path (bitsandbytes' dequantize, then PyTorch's bf16 matmul) timed on a
+    linear of `shape` (in_features, out_features)."""
     import bitsandbytes.functional as bnbf  # only where AMX runs: bitsandbytes loads in about a second
 
-    k, n = matrix_engine.CALIBRATION_SHAPE
+    k, n = shape
     weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
     packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4")
     codes, table, absmax = packed.view(torch.uint8).reshape(-1), state.code.float(), state.absmax.float()

@@ -107,3 +107,14 @@ def test_on_amx_many_rows_go_to_onednn_at_the_measured_crossover():
     x = torch.randn(KERNEL.max_rows + 1, 2048).bfloat16()
     with torch.no_grad():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@needs_kernel
+def test_calibration_times_both_engines_on_a_layer():
+    """What an AMX machine runs at first use, here on a small shape: every candidate row count timed."""
+    quant = neoxlite.cpu_kernels.quant_kernel()
+    for timings in (neoxlite.cpu_kernels._time_bf16(KERNEL, (128, 64)),
+                    neoxlite.cpu_kernels._time_4bit(quant, (128, 64))):
+        assert sorted(timings) == list(matrix_engine.CANDIDATE_ROWS)
+        assert all(k > 0 and e > 0 for k, e in timings.values())
+        assert 1 <= matrix_engine.pick_rows(timings) <= 32
