@@ -32,10 +32,12 @@ _HEADERS = [Path(__file__).with_name("csrc") / name for name in ("bf16.h", "gelu
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 _LIBS = ["-lm"]
 _ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512-BF16"}
-# Input rows up to which the kernel beats oneDNN's vector bf16 matmul on a CPU without AMX (bench/decode.py):
-# AVX512-BF16 forms 32 products per instruction, AVX2 widens bf16 to fp32 first and falls behind sooner. Where
-# AMX can run, neoxlite.matrix_engine measures the crossover instead (about 4 rows there).
-_MAX_ROWS = {1: 4, 2: 32}
+# Input rows up to which the kernel serves bf16 linears on a CPU without AMX. Without a matrix engine oneDNN's
+# bf16 matmul is vector code too, and slower: on this project's AVX2 machine (Zen 3, no native bf16, 2 threads,
+# best of 5, shared machine) a 2048 -> 8192 linear took kernel / oneDNN 28/48 ms at 4 rows, 68/183 at 16,
+# 120/288 at 32 (cpu_kernels._time_bf16). The earlier AVX2 limit of 4 rows was measured on Sapphire Rapids, where
+# oneDNN ran on AMX: that case is now neoxlite.matrix_engine's measured crossover (about 4 rows there).
+_MAX_ROWS = {1: 32, 2: 32}
 # fp32 rows served by one pass over the weights; beyond that MKL's GEMM reads them once for all rows.
 MAX_ROWS_F32 = 4
 _QUANT_ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512F/BW"}
