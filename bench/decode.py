@@ -3,12 +3,17 @@
     .venv/bin/python bench/decode.py [--shape pythia-410m] [--dtypes bf16 fp32] [--tokens 64]
     .venv/bin/python bench/decode.py --dtypes bf16 --quant int8 nf4 fp4    (bitsandbytes layers, compute dtype = dtype)
     .venv/bin/python bench/decode.py --dtypes bf16 --quant none nf4 int8 --llama-cpp $L/lcpp --llama-cpp-src SRC
+    .venv/bin/python bench/decode.py --dtypes bf16 --batch 1 4 16 32 --skip-reference   (batched decode)
 
 Decoding one token reads every weight once (the embedding only one row), so tokens/s can be at most
 read bandwidth / weight bytes. The bandwidth of a shared machine drifts by a third within minutes, so it is
 probed before and after every timed model, and the share of the bound is taken against the highest probe of the
 whole run (the conservative choice; the range seen is printed). Each figure is the median of several timed runs of `tokens` new tokens after
 a fixed prompt, with prefill subtracted (a run of 1 new token is timed the same way).
+
+With --batch, each model decodes batches of that many sequences; tokens/s counts every sequence's tokens, and
+the bound is per step (one read of the weights serves the whole batch). Which engine computes which batch (the
+kernel, or oneDNN on AMX above the measured crossover) is in the status line printed first.
 
 Quantized layers run neoxlite's kernels (neoxlite/csrc/linear_quant.c); the reference is transformers +
 bitsandbytes with the same settings. With --llama-cpp VENV (a virtualenv with llama-cpp-python, built as
@@ -100,6 +105,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], metavar="N",
+                        help="sequences decoded together (each figure counts the tokens of all of them)")
     parser.add_argument("--skip-reference", action="store_true", help="neoxlite only")
     parser.add_argument("--quant", nargs="+", default=["none"], choices=["none", "int8", "nf4", "fp4"],
                         help="linear-layer quantization modes to time (bitsandbytes; compute dtype = --dtypes)")
@@ -109,6 +116,8 @@ def main() -> None:
                         help="llama.cpp's source tree (vendor/llama.cpp of the llama-cpp-python sdist; default "
                              "$LLAMA_CPP_SRC), for converting the checkpoint to GGUF")
     args = parser.parse_args()
+    if min(args.batch) < 1:
+        parser.error(f"--batch {min(args.batch)}: give batch sizes of at least 1")
     if args.llama_cpp and not (args.llama_cpp / "bin" / "python").exists():
         parser.error(f"--llama-cpp {args.llama_cpp}: no bin/python there; give the llama-cpp-python virtualenv")
     if args.llama_cpp and not (args.llama_cpp_src and (Path(args.llama_cpp_src) / "convert_hf_to_gguf.py").exists()):
@@ -123,7 +132,9 @@ def main() -> None:
     probes = [read_bandwidth()]
     print(f"machine: {torch.get_num_threads()} threads, read bandwidth {probes[0] / 1e9:.1f} GB/s; "
           f"{kernel_status()}")
-    prompt = torch.randint(2, 50000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    prompts = {b: torch.randint(2, 50000, (b, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+               for b in args.batch}
+    prompt = prompts[args.batch[0]][:1]  # the token check: one sequence
     for name, mode in [(d, q) for d in args.dtypes for q in args.quant]:
         dtype = DTYPES[name]
         folder = random_checkpoint(args.shape, torch.bfloat16 if dtype != torch.float32 else torch.float32)
@@ -132,12 +143,13 @@ def main() -> None:
         if mode != "none":
             name = f"{name} {mode}"
         nbytes = decode_bytes(ours)
-        ours_rate = decode_rate(lambda n, m=ours: m.generate(prompt, max_new_tokens=n, eos_token_id=[]),
-                                args.tokens, args.repeats)
+        ours_rates = {b: b * decode_rate(lambda n, m=ours, p=prompts[b]: m.generate(p, max_new_tokens=n,
+                                                                                    eos_token_id=[]),
+                                         args.tokens, args.repeats) for b in args.batch}
         probes.append(read_bandwidth())
         ours_tokens = ours.generate(prompt, max_new_tokens=16, eos_token_id=[])
         del ours
-        ref_rate = None
+        ref_rates = None
         if not args.skip_reference:
             if mode == "none":
                 ref = transformers.GPTNeoXForCausalLM.from_pretrained(folder, dtype=dtype).eval()
@@ -150,10 +162,11 @@ def main() -> None:
                 ref = transformers.GPTNeoXForCausalLM.from_pretrained(
                     folder, dtype=dtype, quantization_config=bnb, device_map="cpu").eval()
 
-            def ref_run(n: int, ref=ref) -> None:
-                ref.generate(prompt, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+            def ref_run(n: int, p: torch.Tensor, ref=ref) -> None:
+                ref.generate(p, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
 
-            ref_rate = decode_rate(ref_run, args.tokens, args.repeats)
+            ref_rates = {b: b * decode_rate(lambda n, p=prompts[b]: ref_run(n, p), args.tokens, args.repeats)
+                         for b in args.batch}
             probes.append(read_bandwidth())
             ref_tokens = ref.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
             same = torch.equal(ref_tokens, ours_tokens)
@@ -166,15 +179,21 @@ def main() -> None:
                         f"token and neoxlite's differ by {gap:.3g}: a near-tie)")
             del ref
         bound = max(probes) / nbytes
-        line = (f"{args.shape} {name}: neoxlite {ours_rate:.1f} tok/s = {ours_rate / bound:.0%} of the "
-                f"{bound:.1f} tok/s bound ({nbytes / 1e9:.2f} GB/token; bandwidth probes "
-                f"{min(probes) / 1e9:.1f}-{max(probes) / 1e9:.1f} GB/s, bound from the highest)")
-        if ref_rate is not None:
-            line += (f"; transformers {ref_rate:.1f} tok/s = {ref_rate / bound:.0%}; ratio {ours_rate / ref_rate:.2f}x"
-                     f"; same tokens: {same}")
-        if args.llama_cpp:
-            line += f"\n    beside it, {llama_cpp_rate(args.llama_cpp, Path(args.llama_cpp_src), folder, mode, args.tokens)}"
-        print(line, flush=True)
+        for b in args.batch:
+            label = name if len(args.batch) == 1 else f"{name} batch {b}"
+            ours_rate = ours_rates[b]
+            line = (f"{args.shape} {label}: neoxlite {ours_rate:.1f} tok/s = {ours_rate / (b * bound):.0%} of the "
+                    f"{b * bound:.1f} tok/s bound ({nbytes / 1e9:.2f} GB/step; bandwidth probes "
+                    f"{min(probes) / 1e9:.1f}-{max(probes) / 1e9:.1f} GB/s, bound from the highest)")
+            if ref_rates is not None:
+                ref_rate = ref_rates[b]
+                line += (f"; transformers {ref_rate:.1f} tok/s = {ref_rate / (b * bound):.0%}; ratio "
+                         f"{ours_rate / ref_rate:.2f}x")
+                if b == args.batch[0]:
+                    line += f"; same tokens: {same}"
+            if args.llama_cpp and b == args.batch[0]:
+                line += f"\n    beside it, {llama_cpp_rate(args.llama_cpp, Path(args.llama_cpp_src), folder, mode, args.tokens)}"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

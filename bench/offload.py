@@ -264,6 +264,11 @@ def main() -> None:
           f"{', cold reads' if args.cold else ''}"
           f"{f', each process limited to {args.ram_limit} of RAM (page cache included)' if args.ram_limit else ''}",
           file=sys.stderr)
+    from neoxlite.cpu_kernels import kernel_status
+
+    # which engine computes each batch's linears: on a CPU with AMX, batches above the measured crossover
+    # (about 4 rows) take oneDNN's matrix-engine matmul, which is where batch 16 gains
+    print(f"CPU linears: {kernel_status()}", file=sys.stderr)
     work = Path(tempfile.mkdtemp(prefix="offload-bench-", dir=OUT))
     ours_dir, theirs_dir = work / "neoxlite", work / "accelerate"
     ours_dir.mkdir()

@@ -10,6 +10,7 @@ bitsandbytes') own path; `kernel_status()` says which case applies.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import platform
@@ -23,20 +24,27 @@ from pathlib import Path
 import torch  # loaded before the kernel, so the kernel's libgomp.so.1 is torch's and shares its threads
 import torch.nn.functional as F
 
+from neoxlite import matrix_engine
+
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("linear_bf16.c", "linear_f32.c", "decode_attention_bf16.c", "linear_quant.c")]
 _HEADERS = [Path(__file__).with_name("csrc") / name for name in ("bf16.h", "gelu.h")]
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 _LIBS = ["-lm"]
 _ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512-BF16"}
-# Input rows up to which the kernel beats oneDNN's bf16 matmul (bench/decode.py; measured on Sapphire Rapids):
-# AVX512-BF16 forms 32 products per instruction, AVX2 widens bf16 to fp32 first and falls behind sooner.
-_MAX_ROWS = {1: 4, 2: 32}
+# Input rows up to which the kernel serves bf16 linears on a CPU without AMX. Without a matrix engine oneDNN's
+# bf16 matmul is vector code too, and slower: on this project's AVX2 machine (Zen 3, no native bf16, 2 threads,
+# best of 5, shared machine) a 2048 -> 8192 linear took kernel / oneDNN 28/48 ms at 4 rows, 68/183 at 16,
+# 120/288 at 32 (cpu_kernels._time_bf16). The earlier AVX2 limit of 4 rows was measured on Sapphire Rapids, where
+# oneDNN ran on AMX: that case is now neoxlite.matrix_engine's measured crossover (about 4 rows there).
+_MAX_ROWS = {1: 32, 2: 32}
 # fp32 rows served by one pass over the weights; beyond that MKL's GEMM reads them once for all rows.
 MAX_ROWS_F32 = 4
 _QUANT_ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512F/BW"}
 # Input rows up to which the quantized kernels serve a call (decode steps, small batches, the offload
-# scheduler's batches); more rows (a prefill) dequantize once and run one matmul.
+# scheduler's batches); more rows (a prefill) dequantize once and run one matmul. On this project's AVX2 machine
+# the 4-bit kernel beats bitsandbytes' dequantize + matmul at 8, 16 and 32 rows (2048 -> 8192, bf16); where AMX
+# can run, the 4-bit crossover is measured (neoxlite.matrix_engine).
 MAX_ROWS_QUANT = 32
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 QUANT_DTYPES = tuple(_DTYPE_CODES)
@@ -118,11 +126,12 @@ class QuantKernel:
 
     Both compute x @ W.T + bias in the dtype of x (float32, bfloat16 or float16; bias in it too, contiguous CPU
     tensors) from a compact weight, with fp32 sums and the roundings of bitsandbytes' CPU path, for up to
-    `max_rows` input rows; with `gelu`, F.gelu of the rounded result in the same call."""
+    `max_rows` (int8) or `max_rows_4bit` input rows; with `gelu`, F.gelu of the rounded result in the same call."""
 
     library: ctypes.CDLL
     isa: int
-    max_rows: int = MAX_ROWS_QUANT
+    max_rows: int = MAX_ROWS_QUANT  # int8
+    max_rows_4bit: int = MAX_ROWS_QUANT  # nf4 / fp4: fewer where AMX runs the dequantized matmul faster
 
     @property
     def isa_name(self) -> str:
@@ -260,8 +269,44 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
     if isa not in _ISA_NAMES or quant_isa not in _QUANT_ISA_NAMES:
         return None, None, f"this CPU has neither AVX2+FMA+F16C nor AVX512: {_FALLBACK}"
     kernel, quant = BF16Kernel(library, isa, _MAX_ROWS[isa]), QuantKernel(library, quant_isa)
-    return kernel, quant, (f"neoxlite {kernel.isa_name} kernel for bf16 linears up to {kernel.max_rows} rows; "
-                           f"{quant.isa_name} kernels for nf4/fp4/int8 linears up to {quant.max_rows} rows")
+    has_amx, why = matrix_engine.amx()
+    if has_amx:
+        rows, source = matrix_engine.crossover(f"bf16 {kernel.isa_name}", lambda: _time_bf16(kernel), _cache_dir())
+        rows_4bit, _ = matrix_engine.crossover(f"nf4 {quant.isa_name}", lambda: _time_4bit(quant), _cache_dir())
+        kernel = dataclasses.replace(kernel, max_rows=rows)
+        quant = dataclasses.replace(quant, max_rows_4bit=rows_4bit)
+        above, crossover = "oneDNN (AMX) above", f"crossover {source}"
+    else:
+        above, crossover = "oneDNN (vector) above", f"no matrix engine: {why}"
+    return kernel, quant, (
+        f"bf16: neoxlite {kernel.isa_name} kernel for 1-{kernel.max_rows} rows, {above}; "
+        f"fp32: kernel for 1-{MAX_ROWS_F32} rows, MKL above; nf4/fp4: {quant.isa_name} kernel for "
+        f"1-{quant.max_rows_4bit} rows, dequantize + {above}; int8: kernel for 1-{quant.max_rows} rows, "
+        f"bitsandbytes above; continuous-batching steps: kernels at every batch ({crossover})")
+
+
+def _time_bf16(kernel: BF16Kernel, shape: tuple[int, int] = matrix_engine.CALIBRATION_SHAPE
+               ) -> dict[int, tuple[float, float]]:
+    """The bf16 kernel and PyTorch's matmul timed on a linear of `shape` (in_features, out_features)."""
+    k, n = shape
+    weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    return matrix_engine.time_engines(lambda x: kernel.linear(x, weight, None), lambda x: F.linear(x, weight),
+                                      k, torch.bfloat16)
+
+
+def _time_4bit(quant: QuantKernel, shape: tuple[int, int] = matrix_engine.CALIBRATION_SHAPE
+               ) -> dict[int, tuple[float, float]]:
+    """The nf4 kernel and the many-row path (bitsandbytes' dequantize, then PyTorch's bf16 matmul) timed on a
+    linear of `shape` (in_features, out_features)."""
+    import bitsandbytes.functional as bnbf  # only where AMX runs: bitsandbytes loads in about a second
+
+    k, n = shape
+    weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4")
+    codes, table, absmax = packed.view(torch.uint8).reshape(-1), state.code.float(), state.absmax.float()
+    return matrix_engine.time_engines(
+        lambda x: quant.linear_4bit(x, codes, n, table, absmax, None, None),
+        lambda x: F.linear(x, bnbf.dequantize_4bit(packed, state).to(torch.bfloat16)), k, torch.bfloat16)
 
 
 def _cache_dir() -> Path:

@@ -71,7 +71,7 @@ def test_linear_uses_the_kernel_for_decode_rows_only(monkeypatch):
     layer = Linear(64, 96).to(torch.bfloat16).requires_grad_(False)
     with torch.no_grad():
         layer(torch.randn(1, 1, 64).bfloat16())  # a decode step at batch 1
-        layer(torch.randn(4, 1, 64).bfloat16())  # batch 4
+        layer(torch.randn(KERNEL.max_rows, 1, 64).bfloat16())  # the largest batch the kernel serves here
         assert len(calls) == 2
         layer(torch.randn(1, KERNEL.max_rows + 1, 64).bfloat16())  # a prefill: PyTorch's matmul
         assert len(calls) == 2

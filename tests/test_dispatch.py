@@ -1,0 +1,120 @@
+"""Which engine computes a CPU linear of a given number of rows (neoxlite.matrix_engine): the crossover picked from
+timings (injected here; measured on an AMX machine), its cache, AMX detection, and the dispatch that follows it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import neoxlite.cpu_kernels
+from neoxlite import matrix_engine
+from neoxlite.cpu_kernels import BF16Kernel, bf16_kernel, kernel_status
+from neoxlite.linear import Linear
+
+KERNEL = bf16_kernel()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"no CPU kernel here: {kernel_status()}")
+HAS_AMX, AMX_WHY = matrix_engine.amx()
+
+# Issue 18's figures (Sapphire Rapids, 2048 -> 8192 bf16, 2 threads), in seconds: (kernel, oneDNN on AMX)
+SAPPHIRE_RAPIDS = {1: (0.65e-3, 1.24e-3), 4: (0.95e-3, 1.16e-3), 16: (3.39e-3, 1.43e-3), 32: (6.00e-3, 1.60e-3)}
+
+
+@pytest.mark.parametrize("timings,rows", [
+    (SAPPHIRE_RAPIDS, 4),
+    ({r: (r * 1e-4, 1e-2) for r in matrix_engine.CANDIDATE_ROWS}, 32),  # the kernel wins everywhere
+    ({1: (2e-3, 1e-3), 4: (3e-3, 1e-3)}, 1),  # one row always stays on the kernel
+    ({1: (1e-3, 2e-3), 2: (3e-3, 2e-3), 4: (1e-3, 2e-3)}, 1),  # a loss ends the range, a later win is noise
+    ({1: (1e-3, 1e-3), 8: (2e-3, 2e-3), 16: (3e-3, 2e-3)}, 8),  # a tie keeps the kernel
+])
+def test_crossover_is_the_last_row_count_the_kernel_wins(timings, rows):
+    assert matrix_engine.pick_rows(timings) == rows
+    assert matrix_engine.AMX_DEFAULT_ROWS == matrix_engine.pick_rows(SAPPHIRE_RAPIDS)
+
+
+def test_crossover_is_measured_once_and_cached_whole(tmp_path):
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return SAPPHIRE_RAPIDS
+
+    assert matrix_engine.crossover("bf16 test", measure, tmp_path) == (4, "measured now")
+    rows, source = matrix_engine.crossover("bf16 test", measure, tmp_path)
+    assert (rows, len(calls)) == (4, 1) and "measured earlier" in source
+    assert [p.name for p in tmp_path.iterdir()] == ["crossover.json"]  # no temporary file left behind
+    saved = json.loads((tmp_path / "crossover.json").read_text())
+    (key, entry), = saved.items()
+    assert key.endswith("bf16 test") and torch.__version__ in key and entry["ms"]["16"] == [3.39, 1.43]
+    assert matrix_engine.crossover("nf4 test", lambda: {1: (1.0, 2.0), 2: (1.0, 2.0)}, tmp_path)[0] == 2
+    assert len(json.loads((tmp_path / "crossover.json").read_text())) == 2  # both kept
+
+
+@pytest.mark.parametrize("content", ["{", "[1, 2]", '{"x": {"rows": "many"}}', '{"k": {"rows": 0}}'])
+def test_a_damaged_cache_is_measured_again(tmp_path, content):
+    (tmp_path / "crossover.json").write_text(content)
+    assert matrix_engine.crossover("bf16 test", lambda: SAPPHIRE_RAPIDS, tmp_path) == (4, "measured now")
+    assert "bf16 test" in next(iter(json.loads((tmp_path / "crossover.json").read_text())))
+
+
+def test_amx_needs_both_flags(monkeypatch):
+    monkeypatch.setattr(matrix_engine, "cpu_flags", lambda: {"avx2", "amx_tile"})
+    matrix_engine.amx.cache_clear()
+    try:
+        usable, why = matrix_engine.amx()
+    finally:
+        matrix_engine.amx.cache_clear()
+    assert not usable and "amx_bf16" in why and "amx_tile" not in why
+
+
+@needs_kernel
+def test_status_says_which_engine_runs_which_rows():
+    status = kernel_status()
+    assert f"kernel for 1-{KERNEL.max_rows} rows" in status
+    assert ("oneDNN (AMX) above" in status) is HAS_AMX
+    if not HAS_AMX:
+        assert AMX_WHY in status
+        assert KERNEL.max_rows == neoxlite.cpu_kernels._MAX_ROWS[KERNEL.isa]  # nothing changes without AMX
+
+
+@needs_kernel
+def test_rows_above_the_crossover_take_torchs_matmul_with_its_bits(monkeypatch):
+    monkeypatch.setattr(neoxlite.cpu_kernels, "_loaded", dataclasses.replace(KERNEL, max_rows=2))
+    calls = []
+    real = BF16Kernel.linear
+    monkeypatch.setattr(BF16Kernel, "linear", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    layer = Linear(64, 96).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(3, 1, 64).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias)) and not calls
+        layer(x[:2])
+        assert len(calls) == 1
+        layer.forward_rows(x)  # rows of independent sequences stay on the kernel at every batch
+        assert len(calls) == 2
+
+
+@pytest.mark.skipif(not HAS_AMX, reason=f"AMX cannot run here: {AMX_WHY}")
+@needs_kernel
+def test_on_amx_many_rows_go_to_onednn_at_the_measured_crossover():
+    """On an AMX machine: the crossover was measured (or read from the cache) and is below the AVX512 limit, and a
+    batch above it is oneDNN's matmul bit for bit."""
+    assert "oneDNN (AMX) above" in kernel_status() and "crossover measured" in kernel_status()
+    assert 1 <= KERNEL.max_rows < 32
+    layer = Linear(2048, 512).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(KERNEL.max_rows + 1, 2048).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@needs_kernel
+def test_calibration_times_both_engines_on_a_layer():
+    """What an AMX machine runs at first use, here on a small shape: every candidate row count timed."""
+    quant = neoxlite.cpu_kernels.quant_kernel()
+    for timings in (neoxlite.cpu_kernels._time_bf16(KERNEL, (128, 64)),
+                    neoxlite.cpu_kernels._time_4bit(quant, (128, 64))):
+        assert sorted(timings) == list(matrix_engine.CANDIDATE_ROWS)
+        assert all(k > 0 and e > 0 for k, e in timings.values())
+        assert 1 <= matrix_engine.pick_rows(timings) <= 32
