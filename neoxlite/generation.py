@@ -226,13 +226,21 @@ class GenerationMixin:
         attention_mask = attention_mask.to(device=device, dtype=torch.long)
         # Positions count real tokens only, so a left-padded row is positioned as if it had no padding.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        # The mask of every step, preallocated and sliced, and only where a row has padding (checked once here,
+        # not once a step: on a GPU each check waits for the device); without padding the steps attend plainly
+        # causally, which is what an all-ones mask gives too.
+        masks = None
+        if not bool(attention_mask.all()):
+            masks = attention_mask.new_ones(B, prompt_len + max_new_tokens)
+            masks[:, :prompt_len] = attention_mask
         cache = StaticCache(config, B, prompt_len + max_new_tokens, self._cache_dtype(), device)
         eos = torch.tensor(eos_ids, device=device) if eos_ids else None
         unfinished = torch.ones(B, dtype=torch.bool, device=device)
         seen = input_ids
         new_tokens: list[torch.Tensor] = []
 
-        logits = self(input_ids, attention_mask, position_ids, cache=cache, logits_to_keep=1).logits[:, -1]
+        logits = self(input_ids, attention_mask if masks is not None else None, position_ids, cache=cache,
+                      logits_to_keep=1).logits[:, -1]
         for step in range(max_new_tokens):
             chosen = settings.next_tokens(logits.to(device), seen, generator).to(device)
             chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad_token_id))
@@ -245,9 +253,9 @@ class GenerationMixin:
             if not bool(unfinished.any()) or step == max_new_tokens - 1:
                 return
             seen = torch.cat([seen, chosen[:, None]], dim=1)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            step_mask = masks[:, :prompt_len + step + 1] if masks is not None else None
             position_ids = position_ids[:, -1:] + 1
-            logits = self(chosen[:, None], attention_mask, position_ids, cache=cache).logits[:, -1]
+            logits = self(chosen[:, None], step_mask, position_ids, cache=cache).logits[:, -1]
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         """Prompt plus new tokens, (B, prompt + new), as transformers' generate returns them."""

@@ -8,19 +8,17 @@ ready on the compute device, which is where the offload scheduler plugs in.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neoxlite import cpu_step
 from neoxlite.cache import RowStep, StaticCache
 from neoxlite.config import GPTNeoXConfig
-from neoxlite.cpu_kernels import BF16Kernel, bf16_kernel
 from neoxlite.generation import GenerationMixin
-from neoxlite.linear import DecodeLinear, Linear
+from neoxlite.linear import Linear
 from neoxlite.outputs import ModelOutput
 
 _ACT = {
@@ -89,17 +87,11 @@ class GPTNeoXAttention(nn.Module):
         """(B, T, 3C) fused q/k/v projections -> (B, T, C) attention output, before the output projection."""
         B, T, _ = fused.shape
         C = self.num_heads * self.head_size
-        cos, sin = rope
         if T == 1 and mask is None and kv is not None:
-            kernel = _decode_attention_kernel(fused, kv)
-            if kernel is not None:  # rotary, cache write and attention in one call (neoxlite/csrc)
-                cache, layer_idx = kv
-                if isinstance(cache, RowStep):
-                    return kernel.decode_attention_rows(fused, cos, sin, cache.keys[layer_idx],
-                                                        cache.values[layer_idx], cache.rows_tensor,
-                                                        cache.positions_tensor, self.num_heads)
-                return kernel.decode_attention(fused, cos, sin, cache.keys[layer_idx], cache.values[layer_idx],
-                                               cache.length, self.num_heads)
+            fast = cpu_step.decode_attention(fused, rope, kv, self.num_heads)
+            if fast is not None:
+                return fast
+        cos, sin = rope
         # NeoX interleaves per head: each head's slice of the fused output is [q | k | v].
         qkv = fused.view(B, T, self.num_heads, 3 * self.head_size).transpose(1, 2)  # (B, nh, T, 3hs)
         hs = self.head_size
@@ -121,17 +113,6 @@ class GPTNeoXAttention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )
         return y.transpose(1, 2).reshape(B, T, C)
-
-
-def _decode_attention_kernel(qkv: torch.Tensor, kv: tuple[StaticCache | RowStep, int]) -> BF16Kernel | None:
-    """neoxlite's CPU kernel where it computes this decode step (bf16 on the CPU, no autograd), else None."""
-    cache, layer_idx = kv
-    keys, values = cache.keys[layer_idx], cache.values[layer_idx]
-    if (qkv.dtype != torch.bfloat16 or qkv.device.type != "cpu" or keys.dtype != torch.bfloat16
-            or keys.device.type != "cpu" or not keys.is_contiguous() or not values.is_contiguous()
-            or keys.shape[-1] > 512 or (torch.is_grad_enabled() and qkv.requires_grad)):
-        return None
-    return bf16_kernel()
 
 
 class GPTNeoXMLP(nn.Module):
@@ -163,9 +144,9 @@ class GPTNeoXLayer(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 kv: tuple[StaticCache | RowStep, int] | None = None) -> torch.Tensor:
         if x.shape[1] == 1 and mask is None and kv is not None and not self.training:
-            kernel = self._decode_kernel(x, kv)
-            if kernel is not None:
-                return self._decode_step(kernel, x, rope, kv)
+            kernel = cpu_step.decode_kernel(self, x, kv)
+            if kernel is not None:  # the CPU kernels' direct step: the same operations, the same bits
+                return cpu_step.decode_step(self, kernel, x, rope, kv)
         # (dropout is called only when training: at batch 1 each module call is a measurable share of a step)
         attn = self.attention(self.input_layernorm(x), rope, mask, kv)
         if self.training:
@@ -185,89 +166,7 @@ class GPTNeoXLayer(nn.Module):
     def release_cached_tensors(self) -> None:
         """Drops the references the decode fast path keeps to this layer's tensors. The offload scheduler calls it
         when it unbinds a layer, so a file mapping the tensors view is released (and leaves RSS) at once."""
-        self.__dict__.pop("_kernel_step", None)
-
-    def _decode_kernel(self, x: torch.Tensor, kv: tuple[StaticCache | RowStep, int]) -> BF16Kernel | None:
-        """neoxlite's CPU kernels when they can run this decode step's linears (bf16 or fp32 in RAM, unquantized,
-        no autograd, a batch the linear kernel takes), else None."""
-        if (x.dtype is not torch.bfloat16 and x.dtype is not torch.float32) or not x.is_cpu or torch.is_grad_enabled():
-            return None
-        cached = self.__dict__.get("_kernel_step")  # (parameter slots, _KernelStep or None)
-        if cached is None or not all(params.get(name) is tensor for params, name, tensor in cached[0]):
-            cached = self.__dict__["_kernel_step"] = (_parameter_slots(self), _KernelStep.of(self))
-        if cached[1] is None or cached[1].dtype is not x.dtype:
-            return None
-        kernel = bf16_kernel()
-        if kernel is None or not kernel.rows_for(x.dtype):
-            return None
-        # Rows of independent sequences take the kernel at any batch: it computes each row alone, so each gets
-        # the bits it gets in a batch of one (what continuous batching promises); a batch otherwise up to where
-        # the kernel beats PyTorch's matmul.
-        return kernel if isinstance(kv[0], RowStep) or x.shape[0] <= kernel.rows_for(x.dtype) else None
-
-    def _decode_step(self, kernel: BF16Kernel, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                     kv: tuple[StaticCache | RowStep, int]) -> torch.Tensor:
-        """forward() for one new token: the same operations in the same order (the same bits as the module path),
-        called directly, without a module call, attribute lookup or check per operation (at batch 1 those cost
-        about a tenth of a step)."""
-        s: _KernelStep = self.__dict__["_kernel_step"][1]
-        fused = s.qkv(F.layer_norm(x, s.shape, *s.norm1))
-        attn = s.dense(s.attention.attend(fused, rope, None, kv))
-        if not s.parallel:
-            x = x + attn
-        normed = F.layer_norm(x, s.shape, *s.norm2)
-        hidden = s.up(normed) if s.act is None else s.act(s.up(normed))  # (GELU fused into s.up when exact)
-        out = s.down(hidden)
-        return out + attn + x if s.parallel else x + out  # the reference's order of bf16 roundings
-
-
-@dataclass(frozen=True)
-class _KernelStep:
-    """A layer's tensors for GPTNeoXLayer._decode_step, looked up once: at batch 1 each nn.Module attribute lookup
-    costs about a microsecond, and a step made about fifty."""
-
-    norm1: tuple[torch.Tensor, torch.Tensor, float]  # weight, bias, eps
-    norm2: tuple[torch.Tensor, torch.Tensor, float]
-    shape: tuple[int, ...]  # the norms' normalized_shape
-    qkv: Callable[[torch.Tensor], torch.Tensor]  # each linear's DecodeLinear.decode_call
-    dense: Callable[[torch.Tensor], torch.Tensor]
-    up: Callable[[torch.Tensor], torch.Tensor]  # with GELU when act is None
-    down: Callable[[torch.Tensor], torch.Tensor]
-    attention: GPTNeoXAttention  # its attend(): the decode kernel in bf16, PyTorch's ops otherwise
-    dtype: torch.dtype
-    parallel: bool
-    act: Any  # None: exact GELU, fused into the first MLP linear
-
-    @classmethod
-    def of(cls, layer: GPTNeoXLayer) -> _KernelStep | None:
-        """None unless every linear is a DecodeLinear a kernel computes in the norms' dtype (neoxlite's Linear on
-        weights the kernel reads, or a quantized layer) and the norms are in RAM, all in one dtype."""
-        attention, mlp = layer.attention, layer.mlp
-        linears = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
-        norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        dtype = layer.input_layernorm.weight.dtype if layer.input_layernorm.weight is not None else None
-        calls = [m.decode_call(dtype, gelu=m is mlp.dense_h_to_4h and mlp.exact_gelu)
-                 if isinstance(m, DecodeLinear) and dtype is not None else None for m in linears]
-        if not (all(c is not None for c in calls)
-                and all(n.weight is not None and n.bias is not None and n.weight.dtype is dtype
-                        and n.bias.dtype is dtype and n.weight.is_cpu for n in norms)):
-            return None
-        qkv, dense, up, down = calls
-        norm1, norm2 = ((n.weight, n.bias, n.eps) for n in norms)
-        return cls(norm1, norm2, tuple(norms[0].normalized_shape), qkv, dense, up, down, attention, dtype,
-                   layer.use_parallel_residual, None if mlp.exact_gelu else mlp.act)
-
-
-def _parameter_slots(layer: GPTNeoXLayer) -> tuple[tuple[dict[str, Any], str, Any], ...]:
-    """(owner dict, name, object) for the submodules and tensors _KernelStep holds: the same objects later means
-    the same layer (the offload scheduler rebinds tensors and swaps quantized modules; .to() clears the cache
-    through _apply)."""
-    attention, mlp = layer.attention, layer.mlp
-    owners = ((layer, ("attention", "mlp", "input_layernorm", "post_attention_layernorm")),
-              (attention, ("query_key_value", "dense")), (mlp, ("dense_h_to_4h", "dense_4h_to_h")))
-    modules = tuple((m._modules, name, m._modules.get(name)) for m, names in owners for name in names)
-    leaves = [module for _, _, module in modules if module is not None and module not in (attention, mlp)]
-    return modules + tuple((m._parameters, name, m._parameters.get(name)) for m in leaves for name in ("weight", "bias"))
+        cpu_step.release(self)
 
 
 class ResidentScheduler:

@@ -61,18 +61,18 @@ def test_kernel_is_as_accurate_as_the_reference_and_greedy_tokens_are_its_choice
 
 @pytest.mark.skipif(bf16_kernel() is None, reason="neoxlite's CPU kernel cannot run here")
 def test_direct_decode_step_gives_the_module_path_bits(models, monkeypatch):
-    """GPTNeoXLayer._decode_step (kernel calls without module calls) against forward()'s module path, both with
+    """neoxlite.cpu_step.decode_step (kernel calls without module calls) against forward()'s module path, both with
     the kernels: the same operations in the same order, so the same bits."""
-    import neoxlite.model
+    import neoxlite.cpu_step
 
     ours, _, _ = models
     direct = ours.generate(PROMPT, max_new_tokens=24, eos_token_id=[])
     calls = []
-    step = neoxlite.model.GPTNeoXLayer._decode_step
-    monkeypatch.setattr(neoxlite.model.GPTNeoXLayer, "_decode_step", lambda *a: calls.append(1) or step(*a))
+    step = neoxlite.cpu_step.decode_step
+    monkeypatch.setattr(neoxlite.cpu_step, "decode_step", lambda *a: calls.append(1) or step(*a))
     assert torch.equal(ours.generate(PROMPT, max_new_tokens=24, eos_token_id=[]), direct)
     assert len(calls) == 23 * ours.config.num_hidden_layers  # every decode step of every layer took it
-    monkeypatch.setattr(neoxlite.model.GPTNeoXLayer, "_decode_kernel", lambda self, x, kv: None)
+    monkeypatch.setattr(neoxlite.cpu_step, "decode_kernel", lambda self, x, kv: None)
     assert torch.equal(ours.generate(PROMPT, max_new_tokens=24, eos_token_id=[]), direct)
 
 

@@ -233,18 +233,18 @@ def test_quantized_model_is_as_accurate_as_bitsandbytes_and_greedy_tokens_are_it
 
 @needs_kernel
 def test_direct_decode_step_runs_quantized_layers_with_the_module_path_bits(quantized_models, monkeypatch):
-    """GPTNeoXLayer._decode_step calls the quantized kernels directly (no module calls): the same bits as
+    """neoxlite.cpu_step.decode_step calls the quantized kernels directly (no module calls): the same bits as
     forward()'s module path."""
-    import neoxlite.model
+    import neoxlite.cpu_step
 
     _, ours, _, _ = quantized_models
     direct = ours.generate(PROMPT[:1], max_new_tokens=8, eos_token_id=[])
     calls = []
-    step = neoxlite.model.GPTNeoXLayer._decode_step
-    monkeypatch.setattr(neoxlite.model.GPTNeoXLayer, "_decode_step", lambda *a: calls.append(1) or step(*a))
+    step = neoxlite.cpu_step.decode_step
+    monkeypatch.setattr(neoxlite.cpu_step, "decode_step", lambda *a: calls.append(1) or step(*a))
     assert torch.equal(ours.generate(PROMPT[:1], max_new_tokens=8, eos_token_id=[]), direct)
     assert len(calls) == 7 * ours.config.num_hidden_layers
-    monkeypatch.setattr(neoxlite.model.GPTNeoXLayer, "_decode_kernel", lambda self, x, kv: None)
+    monkeypatch.setattr(neoxlite.cpu_step, "decode_kernel", lambda self, x, kv: None)
     assert torch.equal(ours.generate(PROMPT[:1], max_new_tokens=8, eos_token_id=[]), direct)
 
 

@@ -1,0 +1,135 @@
+"""The CPU decode fast path: a layer's one-token step through neoxlite's kernels (neoxlite/csrc).
+
+model.py holds the math; this module wraps a layer's decode step, as gpt-fast keeps `decode_one_token` apart
+from its model. It computes the same operations in the same order as the layer's forward() (so the same bits),
+but calls the kernels directly: at batch 1 each module call or attribute lookup is a measurable share of a step.
+GPTNeoXLayer.forward asks `decode_kernel` whether it applies and hands the step to `decode_step`;
+GPTNeoXAttention.attend asks `decode_attention` for the fused rotary + cache write + attention kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from neoxlite.cache import RowStep, StaticCache
+from neoxlite.cpu_kernels import BF16Kernel, bf16_kernel
+from neoxlite.linear import DecodeLinear
+
+if TYPE_CHECKING:
+    from neoxlite.model import GPTNeoXAttention, GPTNeoXLayer
+
+_CACHED = "_kernel_step"  # the layer's __dict__ key for its (parameter slots, KernelStep or None)
+
+
+def decode_attention(fused: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                     kv: tuple[StaticCache | RowStep, int], num_heads: int) -> torch.Tensor | None:
+    """(B, 1, 3C) fused q/k/v -> (B, 1, C) attention output by the kernel (rotary, cache write and attention in one
+    call) where it computes this step (bf16 on the CPU, no autograd), else None."""
+    cache, layer_idx = kv
+    keys, values = cache.keys[layer_idx], cache.values[layer_idx]
+    if (fused.dtype != torch.bfloat16 or fused.device.type != "cpu" or keys.dtype != torch.bfloat16
+            or keys.device.type != "cpu" or not keys.is_contiguous() or not values.is_contiguous()
+            or keys.shape[-1] > 512 or (torch.is_grad_enabled() and fused.requires_grad)):
+        return None
+    kernel = bf16_kernel()
+    if kernel is None:
+        return None
+    cos, sin = rope
+    if isinstance(cache, RowStep):
+        return kernel.decode_attention_rows(fused, cos, sin, keys, values, cache.rows_tensor,
+                                            cache.positions_tensor, num_heads)
+    return kernel.decode_attention(fused, cos, sin, keys, values, cache.length, num_heads)
+
+
+def decode_kernel(layer: GPTNeoXLayer, x: torch.Tensor, kv: tuple[StaticCache | RowStep, int]) -> BF16Kernel | None:
+    """neoxlite's CPU kernels when they can run this decode step's linears (bf16 or fp32 in RAM, unquantized,
+    no autograd, a batch the linear kernel takes), else None."""
+    if (x.dtype is not torch.bfloat16 and x.dtype is not torch.float32) or not x.is_cpu or torch.is_grad_enabled():
+        return None
+    cached = layer.__dict__.get(_CACHED)
+    if cached is None or not all(params.get(name) is tensor for params, name, tensor in cached[0]):
+        cached = layer.__dict__[_CACHED] = (_parameter_slots(layer), KernelStep.of(layer))
+    if cached[1] is None or cached[1].dtype is not x.dtype:
+        return None
+    kernel = bf16_kernel()
+    if kernel is None or not kernel.rows_for(x.dtype):
+        return None
+    # Rows of independent sequences take the kernel at any batch: it computes each row alone, so each gets
+    # the bits it gets in a batch of one (what continuous batching promises); a batch otherwise up to where
+    # the kernel beats PyTorch's matmul.
+    return kernel if isinstance(kv[0], RowStep) or x.shape[0] <= kernel.rows_for(x.dtype) else None
+
+
+def decode_step(layer: GPTNeoXLayer, kernel: BF16Kernel, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv: tuple[StaticCache | RowStep, int]) -> torch.Tensor:
+    """layer.forward() for one new token after decode_kernel() said yes: the same operations in the same order
+    (the same bits as the module path), called directly, without a module call, attribute lookup or check per
+    operation (at batch 1 those cost about a tenth of a step)."""
+    s: KernelStep = layer.__dict__[_CACHED][1]
+    fused = s.qkv(F.layer_norm(x, s.shape, *s.norm1))
+    attn = s.dense(s.attention.attend(fused, rope, None, kv))
+    if not s.parallel:
+        x = x + attn
+    normed = F.layer_norm(x, s.shape, *s.norm2)
+    hidden = s.up(normed) if s.act is None else s.act(s.up(normed))  # (GELU fused into s.up when exact)
+    out = s.down(hidden)
+    return out + attn + x if s.parallel else x + out  # the reference's order of bf16 roundings
+
+
+def release(layer: GPTNeoXLayer) -> None:
+    """Drops the references the fast path keeps to the layer's tensors (see GPTNeoXLayer.release_cached_tensors)."""
+    layer.__dict__.pop(_CACHED, None)
+
+
+@dataclass(frozen=True)
+class KernelStep:
+    """A layer's tensors for decode_step, looked up once: at batch 1 each nn.Module attribute lookup costs about a
+    microsecond, and a step made about fifty."""
+
+    norm1: tuple[torch.Tensor, torch.Tensor, float]  # weight, bias, eps
+    norm2: tuple[torch.Tensor, torch.Tensor, float]
+    shape: tuple[int, ...]  # the norms' normalized_shape
+    qkv: Callable[[torch.Tensor], torch.Tensor]  # each linear's DecodeLinear.decode_call
+    dense: Callable[[torch.Tensor], torch.Tensor]
+    up: Callable[[torch.Tensor], torch.Tensor]  # with GELU when act is None
+    down: Callable[[torch.Tensor], torch.Tensor]
+    attention: GPTNeoXAttention  # its attend(): the decode kernel in bf16, PyTorch's ops otherwise
+    dtype: torch.dtype
+    parallel: bool
+    act: Any  # None: exact GELU, fused into the first MLP linear
+
+    @classmethod
+    def of(cls, layer: GPTNeoXLayer) -> KernelStep | None:
+        """None unless every linear is a DecodeLinear a kernel computes in the norms' dtype (neoxlite's Linear on
+        weights the kernel reads, or a quantized layer) and the norms are in RAM, all in one dtype."""
+        attention, mlp = layer.attention, layer.mlp
+        linears = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        dtype = layer.input_layernorm.weight.dtype if layer.input_layernorm.weight is not None else None
+        calls = [m.decode_call(dtype, gelu=m is mlp.dense_h_to_4h and mlp.exact_gelu)
+                 if isinstance(m, DecodeLinear) and dtype is not None else None for m in linears]
+        if not (all(c is not None for c in calls)
+                and all(n.weight is not None and n.bias is not None and n.weight.dtype is dtype
+                        and n.bias.dtype is dtype and n.weight.is_cpu for n in norms)):
+            return None
+        qkv, dense, up, down = calls
+        norm1, norm2 = ((n.weight, n.bias, n.eps) for n in norms)
+        return cls(norm1, norm2, tuple(norms[0].normalized_shape), qkv, dense, up, down, attention, dtype,
+                   layer.use_parallel_residual, None if mlp.exact_gelu else mlp.act)
+
+
+def _parameter_slots(layer: GPTNeoXLayer) -> tuple[tuple[dict[str, Any], str, Any], ...]:
+    """(owner dict, name, object) for the submodules and tensors KernelStep holds: the same objects later means
+    the same layer (the offload scheduler rebinds tensors and swaps quantized modules; .to() clears the cache
+    through GPTNeoXLayer._apply)."""
+    attention, mlp = layer.attention, layer.mlp
+    owners = ((layer, ("attention", "mlp", "input_layernorm", "post_attention_layernorm")),
+              (attention, ("query_key_value", "dense")), (mlp, ("dense_h_to_4h", "dense_4h_to_h")))
+    modules = tuple((m._modules, name, m._modules.get(name)) for m, names in owners for name in names)
+    leaves = [module for _, _, module in modules if module is not None and module not in (attention, mlp)]
+    return modules + tuple((m._parameters, name, m._parameters.get(name)) for m in leaves for name in ("weight", "bias"))
