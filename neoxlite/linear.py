@@ -24,7 +24,7 @@ from neoxlite.cpu_kernels import BF16Kernel, bf16_kernel
 
 @runtime_checkable
 class DecodeLinear(Protocol):
-    """A linear layer the direct decode step (neoxlite.model.GPTNeoXLayer._decode_step) can call without a module
+    """A linear layer the direct decode step (neoxlite.cpu_step.decode_step) can call without a module
     call: this Linear, and the quantized layers of neoxlite.quant."""
 
     def decode_call(self, dtype: torch.dtype, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
