@@ -56,9 +56,8 @@ class SlotCache:
 
     def __init__(self, config: GPTNeoXConfig, slots: int, max_length: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
-        shape = (slots, config.num_attention_heads, max_length, config.head_size)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        buffers = StaticCache(config, slots, max_length, dtype, device)  # one row of buffers per slot
+        self.keys, self.values = buffers.keys, buffers.values
         self.slots = slots
         self.max_length = max_length
 
