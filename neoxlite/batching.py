@@ -98,7 +98,8 @@ class _Row:
     slot: int
     budget: int  # new tokens at most (the request's, capped by the room in the slot)
     generator: torch.Generator | None
-    seen: torch.Tensor  # (1, tokens so far) ids: prompt and generated, for the repetition penalty and stops
+    # (1, prompt + budget) ids, filled up to `length`: allocated once, so a new token is one write, not a copy
+    buffer: torch.Tensor
     prefilled: int = 0  # prompt tokens already in the cache
     generated: int = 0
     counts: torch.Tensor | None = None  # (V,) times each token was generated, for OpenAI's penalties
@@ -106,6 +107,25 @@ class _Row:
     @property
     def prompt_len(self) -> int:
         return len(self.request.prompt)
+
+    @property
+    def length(self) -> int:
+        return self.prompt_len + self.generated
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """(1, tokens so far) ids: prompt and generated, for the repetition penalty and stop strings."""
+        return self.buffer[:, :self.length]
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that changes the logits first: picked with the other such rows in one argmax."""
+        sampling = self.request.sampling
+        return not sampling.do_sample and sampling.repetition_penalty == 1.0 and self.counts is None
+
+    def append(self, token_id: int) -> None:
+        self.buffer[0, self.length] = token_id
+        self.generated += 1
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -230,8 +250,11 @@ class Batcher:
             generator = (torch.Generator(device="cpu").manual_seed(request.seed)
                          if request.seed is not None else None)
             budget = min(request.max_new_tokens, self.max_context - len(request.prompt))
-            seen = torch.tensor([list(request.prompt)], dtype=torch.long, device=self.model.device)
-            self._rows.append(_Row(request, self._free.pop(0), budget, generator, seen))
+            buffer = torch.empty(1, len(request.prompt) + budget, dtype=torch.long, device=self.model.device)
+            buffer[0, :len(request.prompt)] = torch.tensor(list(request.prompt), dtype=torch.long)
+            counts = (torch.zeros(self.model.config.vocab_size, device=self.model.device)
+                      if request.presence_penalty or request.frequency_penalty else None)
+            self._rows.append(_Row(request, self._free.pop(0), budget, generator, buffer, counts=counts))
 
     def _prefill(self, row: _Row) -> None:
         """The next chunk of the row's prompt into its slot; after the last, its first token."""
@@ -243,32 +266,28 @@ class Batcher:
             self._sample([row], out.logits[:, -1])
 
     def _step(self, rows: list[_Row]) -> None:
-        tokens = torch.cat([row.seen[0, -1:] for row in rows])
+        tokens = torch.tensor([int(row.buffer[0, row.length - 1]) for row in rows], device=self.model.device)
         # the newest token of each row goes to the position after its cached ones
-        step = self.cache.step([row.slot for row in rows], [row.prompt_len + row.generated - 1 for row in rows])
+        step = self.cache.step([row.slot for row in rows], [row.length - 1 for row in rows])
         self._sample(rows, self.model.decode_rows(tokens, step))
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Each row's next token from its (V,) logits, as stream_generate picks it for a batch of one."""
-        device = self.model.device
+        """Each row's next token from its row of (B, V) logits, as stream_generate picks it for a batch of one:
+        plain greedy rows in one argmax, the others row by row with their own settings and generators."""
+        logits = logits.to(self.model.device)
+        chosen = self._choose(rows, logits)
+        wanted = [b for b, row in enumerate(rows) if row.request.logprobs is not None]
+        with_logprobs = dict(zip(wanted, self._with_logprobs(logits[wanted], [rows[b] for b in wanted],
+                                                             [chosen[b] for b in wanted]), strict=True))
         for b, row in enumerate(rows):
-            request = row.request
-            scores = logits[b:b + 1].to(device)
-            if row.counts is not None:  # OpenAI's penalties, on the tokens generated so far
-                scores = scores.float() - (request.frequency_penalty * row.counts
-                                           + request.presence_penalty * (row.counts > 0))
-            chosen = request.sampling.next_tokens(scores, row.seen, row.generator).to(device)
-            token_id = int(chosen[0])
-            row.seen = torch.cat([row.seen, chosen[:, None]], dim=1)
-            row.generated += 1
-            if request.presence_penalty or request.frequency_penalty:
-                if row.counts is None:
-                    row.counts = torch.zeros(logits.shape[-1], device=device)
+            request, token_id = row.request, chosen[b]
+            row.append(token_id)
+            if row.counts is not None:
                 row.counts[token_id] += 1
             if token_id in request.eos_token_ids:
                 self._retire(row, "stop", counted=row.generated - 1)
                 continue
-            request.emit(self._token(token_id, logits[b], request.logprobs))
+            request.emit(with_logprobs.get(b) or Token(token_id))
             if request.stop_strings and bool(_hit_stop(self.tokenizer, row.seen, list(request.stop_strings))[0]):
                 self._retire(row, "stop")
             elif row.generated >= row.budget:
@@ -278,13 +297,39 @@ class Batcher:
             self._recent.popleft()
 
     @staticmethod
-    def _token(token_id: int, logits: torch.Tensor, top: int | None) -> Token:
-        if top is None:
-            return Token(token_id)
+    def _choose(rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """The next token id of each row."""
+        chosen = [0] * len(rows)
+        greedy = [b for b, row in enumerate(rows) if row.plain_greedy]
+        if greedy:  # the same checks and argmax as next_tokens, for all of them at once
+            picks = SamplingSettings().next_tokens(logits[greedy], logits.new_empty(len(greedy), 0, dtype=torch.long),
+                                                   None)
+            for b, token_id in zip(greedy, picks.tolist(), strict=True):
+                chosen[b] = token_id
+        for b, row in enumerate(rows):
+            if row.plain_greedy:
+                continue
+            request, scores = row.request, logits[b:b + 1]
+            if row.counts is not None:  # OpenAI's penalties, on the tokens generated so far
+                scores = scores.float() - (request.frequency_penalty * row.counts
+                                           + request.presence_penalty * (row.counts > 0))
+            chosen[b] = int(request.sampling.next_tokens(scores, row.seen, row.generator)[0])
+        return chosen
+
+    @staticmethod
+    def _with_logprobs(logits: torch.Tensor, rows: list[_Row], chosen: list[int]) -> list[Token]:
+        """The token events of rows that ask for logprobs: one log_softmax and one top-k for all of them."""
+        if not rows:
+            return []
         logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = max(row.request.logprobs for row in rows)
         best = torch.topk(logprobs, min(top, logprobs.shape[-1])) if top else None
-        pairs = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else ()
-        return Token(token_id, float(logprobs[token_id]), pairs)
+        picked = logprobs.gather(1, torch.tensor(chosen, device=logprobs.device)[:, None])[:, 0].tolist()
+        indices = best.indices.tolist() if best is not None else [[] for _ in rows]
+        values = best.values.tolist() if best is not None else [[] for _ in rows]
+        return [Token(token_id, picked[i], tuple(zip(indices[i][:row.request.logprobs],
+                                                     values[i][:row.request.logprobs], strict=True)))
+                for i, (row, token_id) in enumerate(zip(rows, chosen, strict=True))]
 
     def _retire(self, row: _Row, reason: str, counted: int | None = None) -> None:
         self._rows.remove(row)
