@@ -169,6 +169,37 @@ def test_a_client_that_disconnects_frees_its_row(served, client):
     assert completion(client).choices[0].text
 
 
+def test_a_non_streaming_client_that_disconnects_is_cancelled(served, monkeypatch):
+    """The batcher is driven by hand here: the request waits until the client has gone, so the next turn must
+    drop it instead of admitting it (the handler is not cancelled by uvicorn; it watches for the disconnect)."""
+    loaded = (served[1].model, served[1].tokenizer)
+    idle = Server(NAME, lambda: loaded, max_batch_size=2)
+    idle.start_loading()
+    wait_ready(idle)
+    idle.batcher.close()
+    batcher = idle.batcher = Batcher(*loaded, max_batch_size=2, start=False)
+    submitted: list[BatchRequest] = []
+    monkeypatch.setattr(batcher, "submit", lambda job: submitted.append(job) or Batcher.submit(batcher, job))
+    url, http = start(idle)
+    try:
+        body = json.dumps({"model": NAME, "prompt": PROMPT, "max_tokens": 50}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.monotonic() + 20
+            while not submitted and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert submitted and not submitted[0].cancelled.is_set()
+        while not submitted[0].cancelled.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert submitted[0].cancelled.is_set()
+        batcher.turn()  # the cancelled request is dropped, not admitted
+        assert batcher.metrics()["running"] == 0 and batcher.metrics()["waiting"] == 0
+    finally:
+        http.should_exit = True
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_bad_requests_get_openai_errors(served, client):
     url = served[0] + "/v1"

@@ -1,8 +1,10 @@
 """The OpenAI-compatible endpoints: /v1/models, /v1/completions, /v1/chat/completions, plus /health and /metrics.
 
 The model loads on a thread while the server already answers (503 until it is ready). Each generation request
-becomes a `neoxlite.batching.Request` on the shared Batcher; its tokens come back through an asyncio queue and
-leave as text (whole characters only, cut before any stop string), streamed as server-sent events or at once.
+becomes a `neoxlite.batching.Request` on the shared Batcher; its tokens come back through an asyncio queue (one
+wake-up of the event loop per decode step carries every row's token) and leave as text (whole characters only,
+cut before any stop string), streamed as server-sent events or at once. A client that goes away, streaming or
+not, cancels its request: the batcher frees its row at the next step.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -24,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neoxlite.app.prompting import cut_at_stop, render
 from neoxlite.app.prompting import stop_strings as chat_stop_strings
-from neoxlite.batching import Batcher, Finish, QueueFull, Token, eos_token_ids
+from neoxlite.batching import Batcher, Event, Finish, QueueFull, Token, eos_token_ids
 from neoxlite.batching import Request as BatchRequest
 from neoxlite.limits import check_text_fits
 from neoxlite.serve.requests import ApiError, Generation, parse
@@ -44,6 +47,7 @@ class Server:
         self.batcher: Batcher | None = None
         self.eos_ids: list[int] = []
         self.started = time.time()
+        self.mailbox: _Mailbox | None = None  # made on the event loop's first request
         self._load = load
 
     def start_loading(self) -> threading.Thread:
@@ -144,10 +148,12 @@ async def _generate(server: Server, request: Request, chat: bool) -> Any:
                             f"{len(prompt_ids)} and max_tokens asks for {max_tokens}; lower max_tokens to {room} "
                             "or shorten the prompt", "max_tokens", "context_length_exceeded")
     loop = asyncio.get_running_loop()
+    if server.mailbox is None or server.mailbox.loop is not loop:
+        server.mailbox = _Mailbox(loop)
     events: asyncio.Queue = asyncio.Queue()
     job = BatchRequest(prompt_ids, max_tokens, generation.sampling, generation.seed, server.eos_ids, stops,
                        generation.presence_penalty, generation.frequency_penalty, generation.logprobs,
-                       sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+                       sink=server.mailbox.sink(events))
     try:
         batcher.submit(job)
     except QueueFull as error:
@@ -156,15 +162,53 @@ async def _generate(server: Server, request: Request, chat: bool) -> Any:
     if generation.stream:
         return StreamingResponse(_stream(reply, job, events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
         while not isinstance(event := await events.get(), Finish):
             reply.add(event)
     finally:
+        watcher.cancel()
         job.cancel()  # a no-op once finished; frees the row if this handler was cancelled
     reply.finish(event)
     if event.reason == "error":
         raise ApiError(500, f"generation failed: {event.error}", kind="server_error")
     return reply.whole()
+
+
+async def _cancel_on_disconnect(request: Request, job: BatchRequest) -> None:
+    """Cancels `job` when the client of a non-streaming request goes away (uvicorn does not cancel the handler;
+    the body is read, so the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+
+
+class _Mailbox:
+    """Events from the batcher's thread to the event loop. The first event after a delivery schedules the next
+    delivery; the events that follow ride along, so a decode step of 16 rows wakes the loop once, not 16 times."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: deque[tuple[asyncio.Queue, Event]] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def sink(self, events: asyncio.Queue) -> Callable[[Event], None]:
+        """A Request sink (called on the batcher's thread) that puts its events into `events`."""
+        def put(event: Event) -> None:
+            with self._lock:
+                self._pending.append((events, event))
+                if self._scheduled:
+                    return
+                self._scheduled = True
+            self.loop.call_soon_threadsafe(self._deliver)
+        return put
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, deque(), False
+        for events, event in pending:
+            events.put_nowait(event)
 
 
 def _prompt(server: Server, batcher: Batcher, generation: Generation, chat: bool) -> tuple[list[int], list[str]]:
@@ -208,6 +252,8 @@ class _Reply:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.ids: list[int] = []
+        self.text = ""  # the text of ids[:self._read], decoded a few tokens at a time
+        self._prefix = self._read = 0  # ids[_prefix:_read]: the last decoded piece, context for the next one
         self.shown = ""  # text already handed out
         self.stopped = False
         self.usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
@@ -229,10 +275,21 @@ class _Reply:
             self._pending_logprobs += 1
         if self.stopped:
             return ""
-        text = self.server.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        if not self._decode_new():
             return ""  # part of a character: wait for the rest
-        return self._show(text, final=False)
+        return self._show(self.text, final=False)
+
+    def _decode_new(self) -> bool:
+        """Adds the text of the tokens not decoded yet to self.text (decoding only them and the piece before,
+        so a reply costs linear time); False while they end inside a character."""
+        decode = self.server.tokenizer.decode
+        before = decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+        after = decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if after.endswith("\ufffd") or not after.startswith(before):
+            return False
+        self.text += after[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        return True
 
     def _show(self, text: str, final: bool) -> str:
         safe, self.stopped = cut_at_stop(text, self.stops) if self.stops else (text, False)
