@@ -53,13 +53,9 @@ def launch(model: str | Path | None = None, heads: Sequence[str | Path] = (), *,
     With block=False returns (demo, url) at once; call `demo.close()` to stop. With block=True serves
     until interrupted.
     """
-    from neoxlite.app.engine import Engine
-    from neoxlite.app.ui import CSS, create_app
+    from neoxlite.app.ui import CSS
 
-    engine = Engine.from_paths(model, heads, **load)
-    demo = create_app(engine)
-    demo.queue(default_concurrency_limit=1)
-    engine.start()
+    _, demo = _build(model, heads, **load)
     _, url, _ = demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
                             quiet=not block, css=CSS)
     print(f"neoxlite app on {url}", file=sys.stderr)
@@ -69,6 +65,29 @@ def launch(model: str | Path | None = None, heads: Sequence[str | Path] = (), *,
         finally:
             demo.close()
     return demo, url
+
+
+def mount(api: Any, path: str, model: str | Path | None = None, **load: Any) -> Any:
+    """Mounts the app at `path` of the FastAPI app `api` (`neoxlite serve --ui`: the page beside the OpenAI API on
+    one port) and starts loading; returns its Engine, whose chat batcher the API shares."""
+    import gradio as gr
+    from neoxlite.app.ui import CSS
+
+    engine, demo = _build(model, (), **load)
+    gr.mount_gradio_app(api, demo, path=path, css=CSS)
+    return engine
+
+
+def _build(model: str | Path | None, heads: Sequence[str | Path], **load: Any) -> tuple[Any, Any]:
+    """(the Engine, its Blocks app queued), the weights loading in the background."""
+    from neoxlite.app.engine import Engine
+    from neoxlite.app.ui import create_app
+
+    engine = Engine.from_paths(model, heads, **load)
+    demo = create_app(engine)
+    demo.queue(default_concurrency_limit=1)
+    engine.start()
+    return engine, demo
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "neoxlite app") -> int:

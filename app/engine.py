@@ -163,6 +163,7 @@ class Engine:
         self._loaded = threading.Event()
         self._error: str | None = None
         self._lock = threading.Lock()  # one request on the models at a time, whoever calls
+        self.max_waiting = 64  # chat requests queued beyond the batcher's rows (serve --ui: --max-waiting)
 
     @classmethod
     def from_paths(cls, model: str | Path | None = None, heads: Sequence[str | Path] = (),
@@ -310,7 +311,7 @@ class Engine:
         from neoxlite.batching import Finish, Request, eos_token_ids
         from neoxlite.generation import SamplingSettings
 
-        batcher = self._chat_batcher()
+        batcher = self.chat_batcher()
         tokenizer = batcher.tokenizer
         kw = sampling.generate_kwargs()
         settings = SamplingSettings(kw["do_sample"], kw.get("temperature", 1.0), kw.get("top_k"), kw.get("top_p"),
@@ -347,9 +348,10 @@ class Engine:
         used = len(tokenizer.encode(prompting.render(tokenizer, system, history, style))) if history else 0
         return counts, used
 
-    def _chat_batcher(self) -> Any:
-        """The Batcher that runs every chat reply, made for the loaded chat model at first use: rows for
-        --max-batch-size requests (default: what the memory plan reserved, else 4)."""
+    def chat_batcher(self) -> Any:
+        """The Batcher that runs every chat reply (the page's and, with `neoxlite serve --ui`, the API's), made for
+        the loaded chat model at first use: rows for --max-batch-size requests (default: what the memory plan
+        reserved, else 4), then up to self.max_waiting queued."""
         from neoxlite.batching import Batcher
 
         model, tokenizer = self._get("chat")
@@ -361,7 +363,7 @@ class Engine:
                 reserved = getattr(model, "offload_workload", None)
                 rows = self.load_kwargs.get("max_batch_size") or (reserved[0] if reserved else 4)
                 batcher = self._batcher = Batcher(model, tokenizer, max_batch_size=rows,
-                                                  max_context=self.context_length("chat"))
+                                                  max_context=self.context_length("chat"), max_waiting=self.max_waiting)
         return batcher
 
     # --- heads ------------------------------------------------------------------------------------------

@@ -179,6 +179,8 @@ class Batcher:
             raise ValueError(f"the prompt has {prompt_len} tokens but a row holds {self.max_context}; shorten it")
         if request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+        if self.closed:
+            raise ValueError("this batcher was closed (its model was unloaded); submit to the new one")
         if request.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need the tokenizer: pass it to Batcher(model, tokenizer)")
         try:
@@ -186,6 +188,10 @@ class Batcher:
         except queue.Full:
             raise QueueFull(f"{self._waiting.maxsize} requests are already waiting; retry later") from None
         return request
+
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
 
     def metrics(self) -> dict[str, Any]:
         now = time.monotonic()

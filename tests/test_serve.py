@@ -22,7 +22,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from neoxlite.api import load  # noqa: E402
 from neoxlite.batching import Batcher  # noqa: E402
 from neoxlite.batching import Request as BatchRequest  # noqa: E402
-from neoxlite.serve.api import Server, create_app  # noqa: E402
+from neoxlite.serve.api import Server, create_app, own_batcher  # noqa: E402
 
 NAME = "demo"
 KEY = "sk-test-key"
@@ -51,7 +51,7 @@ def wait_ready(server: Server) -> None:
 def served():
     """The demo model in fp32 (the CPU kernels' path), up to 16 rows, one server for the module."""
     loaded = load(None, dtype=torch.float32)
-    server = Server(NAME, lambda: loaded, max_batch_size=16, max_waiting=32)
+    server = Server(NAME, own_batcher(lambda: loaded, max_batch_size=16, max_waiting=32))
     server.start_loading()
     wait_ready(server)
     url, http = start(server)
@@ -173,11 +173,10 @@ def test_a_non_streaming_client_that_disconnects_is_cancelled(served, monkeypatc
     """The batcher is driven by hand here: the request waits until the client has gone, so the next turn must
     drop it instead of admitting it (the handler is not cancelled by uvicorn; it watches for the disconnect)."""
     loaded = (served[1].model, served[1].tokenizer)
-    idle = Server(NAME, lambda: loaded, max_batch_size=2)
+    batcher = Batcher(*loaded, max_batch_size=2, start=False)
+    idle = Server(NAME, lambda: batcher)
     idle.start_loading()
     wait_ready(idle)
-    idle.batcher.close()
-    batcher = idle.batcher = Batcher(*loaded, max_batch_size=2, start=False)
     submitted: list[BatchRequest] = []
     monkeypatch.setattr(batcher, "submit", lambda job: submitted.append(job) or Batcher.submit(batcher, job))
     url, http = start(idle)
@@ -230,11 +229,9 @@ def test_bad_requests_get_openai_errors(served, client):
 def test_full_queue_answers_429(served):
     url, server = served
     loaded = (server.model, server.tokenizer)
-    idle = Server(NAME, lambda: loaded, max_batch_size=1)
+    idle = Server(NAME, lambda: Batcher(*loaded, max_batch_size=1, max_waiting=1, start=False))  # the queue fills
     idle.start_loading()
     wait_ready(idle)
-    idle.batcher.close()
-    idle.batcher = Batcher(*loaded, max_batch_size=1, max_waiting=1, start=False)  # nothing runs: the queue fills
     idle.batcher.submit(BatchRequest([5, 6], 3))
     idle_url, http = start(idle)
     try:
@@ -252,7 +249,7 @@ def test_loading_answers_503_then_the_key_is_enforced(served):
         go.wait(30)
         return server.model, server.tokenizer
 
-    keyed = Server(NAME, slow_load, max_batch_size=2, api_key=KEY)
+    keyed = Server(NAME, own_batcher(slow_load, max_batch_size=2), api_key=KEY)
     keyed.start_loading()
     url, http = start(keyed)
     try:
@@ -275,6 +272,62 @@ def test_loading_answers_503_then_the_key_is_enforced(served):
 
 
 # ------------------------------------------------------------------------------------------ the command
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def console(command: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    """`command` started in a shell, as a user types it, the installed console script on its PATH."""
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=env, start_new_session=True)
+    return process, env
+
+
+def wait_healthy(process: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not become ready")
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, 15)  # the shell and the server it started
+    process.wait(30)
+
+
+def test_serve_ui_serves_the_api_and_the_app_on_one_port_with_one_batcher():
+    """README's `neoxlite serve --ui` as written: the Gradio app under /ui beside /v1; a chat through the app runs on the batcher the
+    API reports on (its tokens show in /metrics), and the API answers on the same port."""
+    gradio_client = pytest.importorskip("gradio_client")
+    port = free_port()
+    process, _ = console(readme_server_section(port)[0][2])  # README's `neoxlite serve --ui`
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(process, url)
+        page = httpx.get(url + "/ui/", follow_redirects=True)
+        assert page.status_code == 200 and "gradio" in page.text.lower()
+        app = gradio_client.Client(url + "/ui/", verbose=False)
+        assert app.predict("Hello", temperature=0, max_new_tokens=8, api_name="/chat")
+        metrics = httpx.get(url + "/metrics").json()
+        assert metrics["tokens_per_second"] > 0  # the app's chat ran on the batcher the API reports on
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(model="neoxlite-demo", max_tokens=8,
+                                               messages=[{"role": "user", "content": "Hello"}])
+        assert reply.usage.completion_tokens >= 1
+    finally:
+        stop(process)
+
+
 def readme_server_section(port: int) -> tuple[list[str], str, str]:
     """(shell commands, the Python snippet, the Continue config) of README's "## Server" section, with its
     port 8000 replaced by a free one (a shared machine may have 8000 taken)."""
@@ -291,26 +344,13 @@ def test_the_readme_server_section_runs_as_written():
     """`neoxlite serve` started as the README shows, answering its Python, curl and editor-config examples."""
     import yaml
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     commands, python, config = readme_server_section(port)
-    assert [c.split()[0] for c in commands] == ["neoxlite", "curl"]
-    bin_dir = Path(sys.executable).parent  # the installed console script, as a user's PATH finds it
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(commands[0], shell=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=env, start_new_session=True)
+    assert [c.split()[0] for c in commands] == ["neoxlite", "curl", "neoxlite"]  # the last: --ui, tested above
+    process, env = console(commands[0])
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read()
-            time.sleep(0.2)
+        wait_healthy(process, url)
         ran = subprocess.run([sys.executable, "-c", python], capture_output=True, text=True, timeout=120, env=env)
         assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr
         curl = subprocess.run(commands[1], shell=True, capture_output=True, text=True, timeout=120, env=env)
@@ -323,5 +363,4 @@ def test_the_readme_server_section_runs_as_written():
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
     finally:
-        os.killpg(process.pid, 15)  # the shell and the server it started
-        process.wait(30)
+        stop(process)

@@ -10,6 +10,7 @@ not, cancels its request: the batcher frees its row at the next step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import sys
@@ -34,21 +35,21 @@ from neoxlite.serve.requests import ApiError, Generation, parse
 
 
 class Server:
-    """The served model: its name, the loading state, and once loaded the tokenizer and the batcher."""
+    """The served model's name, the loading state, and the batcher that runs the requests.
 
-    def __init__(self, name: str, load: Callable[[], tuple[Any, Any]], *, max_batch_size: int = 8,
-                 max_context: int | None = None, max_waiting: int = 64, api_key: str | None = None) -> None:
+    `batcher` gives that Batcher: called once on a loading thread (it may load the model; the server answers 503
+    until it returns), and again whenever the one it gave was closed (the app's Models tab loaded another chat
+    model, with `neoxlite serve --ui`).
+    """
+
+    def __init__(self, name: str, batcher: Callable[[], Batcher], *, api_key: str | None = None) -> None:
         self.name, self.api_key = name, api_key
-        self.max_batch_size, self.max_context, self.max_waiting = max_batch_size, max_context, max_waiting
         self.state = "loading"  # loading | ready | failed
         self.error = ""
-        self.model: Any = None
-        self.tokenizer: Any = None
-        self.batcher: Batcher | None = None
-        self.eos_ids: list[int] = []
         self.started = time.time()
         self.mailbox: _Mailbox | None = None  # made on the event loop's first request
-        self._load = load
+        self._get_batcher = batcher
+        self._batcher: Batcher | None = None
 
     def start_loading(self) -> threading.Thread:
         thread = threading.Thread(target=self._load_now, name="neoxlite-serve-load", daemon=True)
@@ -57,18 +58,35 @@ class Server:
 
     def _load_now(self) -> None:
         try:
-            model, tokenizer = self._load()
-            self.batcher = Batcher(model, tokenizer, max_batch_size=self.max_batch_size,
-                                   max_context=self.max_context, max_waiting=self.max_waiting)
-            self.eos_ids = eos_token_ids(model, tokenizer)
-            self.model, self.tokenizer, self.state = model, tokenizer, "ready"
+            self._batcher = self._get_batcher()
+            self.state = "ready"
         except Exception as error:  # noqa: BLE001 - reported by every request, traceback to stderr once
             traceback.print_exc(file=sys.stderr)
             self.error, self.state = f"{type(error).__name__}: {error}", "failed"
 
+    @property
+    def batcher(self) -> Batcher | None:
+        """The batcher to run on once loaded (None before)."""
+        if self._batcher is not None and self._batcher.closed:
+            self._batcher = self._get_batcher()
+        return self._batcher
+
+    @property
+    def model(self) -> Any:
+        return self.batcher.model if self.batcher is not None else None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.batcher.tokenizer if self.batcher is not None else None
+
     def close(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close()
+        if self._batcher is not None:
+            self._batcher.close()
+
+
+def own_batcher(load: Callable[[], tuple[Any, Any]], **batching: Any) -> Callable[[], Batcher]:
+    """A Server's `batcher` for a model of its own: loads it and makes its Batcher (keywords: Batcher's) once."""
+    return functools.cache(lambda: Batcher(*load(), **batching))
 
 
 def create_app(server: Server) -> FastAPI:
@@ -125,8 +143,12 @@ def _ready(server: Server) -> Batcher:
                        code="model_loading")
     if server.state == "failed":
         raise ApiError(503, f"the model failed to load: {server.error}", kind="server_error", code="model_failed")
-    assert server.batcher is not None
-    return server.batcher
+    try:
+        batcher = server.batcher
+    except ValueError as error:  # the app's Models tab unloaded the chat model
+        raise ApiError(503, str(error), kind="server_error", code="model_unloaded") from None
+    assert batcher is not None
+    return batcher
 
 
 async def _generate(server: Server, request: Request, chat: bool) -> Any:
@@ -140,7 +162,7 @@ async def _generate(server: Server, request: Request, chat: bool) -> Any:
     if generation.model != server.name:
         raise ApiError(404, f"the model '{generation.model}' does not exist here; this server serves '{server.name}'",
                        "model", "model_not_found")
-    prompt_ids, stops = _prompt(server, batcher, generation, chat)
+    prompt_ids, stops = _prompt(batcher, generation, chat)
     room = batcher.max_context - len(prompt_ids)
     max_tokens = generation.max_tokens if generation.max_tokens is not None else room
     if max_tokens > room:
@@ -151,14 +173,15 @@ async def _generate(server: Server, request: Request, chat: bool) -> Any:
     if server.mailbox is None or server.mailbox.loop is not loop:
         server.mailbox = _Mailbox(loop)
     events: asyncio.Queue = asyncio.Queue()
-    job = BatchRequest(prompt_ids, max_tokens, generation.sampling, generation.seed, server.eos_ids, stops,
+    eos_ids = eos_token_ids(batcher.model, batcher.tokenizer)
+    job = BatchRequest(prompt_ids, max_tokens, generation.sampling, generation.seed, eos_ids, stops,
                        generation.presence_penalty, generation.frequency_penalty, generation.logprobs,
                        sink=server.mailbox.sink(events))
     try:
         batcher.submit(job)
     except QueueFull as error:
         raise ApiError(429, str(error), kind="rate_limit_error", code="rate_limit_exceeded") from None
-    reply = _Reply(server, generation, chat, len(prompt_ids), stops)
+    reply = _Reply(server.name, batcher.tokenizer, generation, chat, len(prompt_ids), stops)
     if generation.stream:
         return StreamingResponse(_stream(reply, job, events), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -211,9 +234,9 @@ class _Mailbox:
             events.put_nowait(event)
 
 
-def _prompt(server: Server, batcher: Batcher, generation: Generation, chat: bool) -> tuple[list[int], list[str]]:
+def _prompt(batcher: Batcher, generation: Generation, chat: bool) -> tuple[list[int], list[str]]:
     """The prompt's token ids (text refused from its length before tokenizing) and the stop strings."""
-    tokenizer, context = server.tokenizer, batcher.max_context
+    tokenizer, context, vocab_size = batcher.tokenizer, batcher.max_context, batcher.model.config.vocab_size
     stops = list(generation.stop)
     if chat:
         system = "\n".join(m["content"] for m in generation.messages if m["role"] == "system")
@@ -226,8 +249,8 @@ def _prompt(server: Server, batcher: Batcher, generation: Generation, chat: bool
         text = generation.prompt
     else:
         ids = generation.prompt
-        if any(not 0 <= i < server.model.config.vocab_size for i in ids):
-            raise ApiError(400, f"prompt token ids must lie in [0, {server.model.config.vocab_size})", "prompt")
+        if any(not 0 <= i < vocab_size for i in ids):
+            raise ApiError(400, f"prompt token ids must lie in [0, {vocab_size})", "prompt")
         return ids, stops
     try:
         check_text_fits(text, tokenizer, context, "prompt")
@@ -246,9 +269,10 @@ class _Reply:
     """Tokens -> the reply's text: whole characters only, held back where a stop string may begin, cut before
     one; the usage and the logprobs; and the OpenAI objects that carry them."""
 
-    def __init__(self, server: Server, generation: Generation, chat: bool, prompt_tokens: int,
+    def __init__(self, model_name: str, tokenizer: Any, generation: Generation, chat: bool, prompt_tokens: int,
                  stops: list[str]) -> None:
-        self.server, self.generation, self.chat, self.stops = server, generation, chat, tuple(stops)
+        self.model_name, self.tokenizer = model_name, tokenizer
+        self.generation, self.chat, self.stops = generation, chat, tuple(stops)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.ids: list[int] = []
@@ -267,7 +291,7 @@ class _Reply:
         """Takes one token; returns the text it adds that is safe to show now."""
         self.ids.append(token.id)
         if self.logprobs is not None:
-            decode = self.server.tokenizer.decode
+            decode = self.tokenizer.decode
             self.logprobs["tokens"].append(decode([token.id]))
             self.logprobs["token_logprobs"].append(token.logprob)
             self.logprobs["top_logprobs"].append({decode([i]): p for i, p in token.top_logprobs})
@@ -282,7 +306,7 @@ class _Reply:
     def _decode_new(self) -> bool:
         """Adds the text of the tokens not decoded yet to self.text (decoding only them and the piece before,
         so a reply costs linear time); False while they end inside a character."""
-        decode = self.server.tokenizer.decode
+        decode = self.tokenizer.decode
         before = decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
         after = decode(self.ids[self._prefix:], skip_special_tokens=True)
         if after.endswith("\ufffd") or not after.startswith(before):
@@ -301,7 +325,7 @@ class _Reply:
 
     def finish(self, event: Finish) -> str:
         """Takes the Finish; returns the text held back until now."""
-        delta = "" if self.stopped else self._show(self.server.tokenizer.decode(self.ids, skip_special_tokens=True),
+        delta = "" if self.stopped else self._show(self.tokenizer.decode(self.ids, skip_special_tokens=True),
                                                     final=True)
         self.finish_reason = "stop" if self.stopped or event.reason == "stop" else "length"
         self.usage.update(completion_tokens=event.completion_tokens,
@@ -324,7 +348,7 @@ class _Reply:
 
     def whole(self) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.server.name,
+                "created": self.created, "model": self.model_name,
                 "choices": [self._choice(self.shown, self.finish_reason, whole=True)], "usage": self.usage}
 
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
@@ -332,12 +356,12 @@ class _Reply:
         if self.chat and first:
             choice["delta"] = {"role": "assistant", "content": text}
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.server.name, "choices": [choice],
+                "created": self.created, "model": self.model_name, "choices": [choice],
                 **({"usage": None} if self.generation.include_usage else {})}
 
     def usage_chunk(self) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.server.name, "choices": [], "usage": self.usage}
+                "created": self.created, "model": self.model_name, "choices": [], "usage": self.usage}
 
 
 def _sse(payload: dict[str, Any] | str) -> str:
@@ -370,13 +394,14 @@ def _metrics(server: Server) -> dict[str, Any]:
     from neoxlite.app.engine import memory_now
 
     out: dict[str, Any] = {"model": server.name, "state": server.state, "uptime_s": round(time.time() - server.started)}
-    if server.batcher is not None:
-        out.update(server.batcher.metrics())
+    batcher = server.batcher if server.state == "ready" else None
+    if batcher is not None:
+        out.update(batcher.metrics())
     memory: dict[str, Any] = dict(memory_now())
-    plan = getattr(server.model, "offload_plan", None)
+    plan = getattr(batcher.model if batcher is not None else None, "offload_plan", None)
     if plan is not None:
         memory["budgets"] = dict(plan.budgets)
-    if server.batcher is not None:
+    if batcher is not None:
         memory["kv_cache"] = out.pop("kv_cache_bytes")
     out["memory"] = memory
     return out

@@ -11,6 +11,7 @@ from neoxlite.options import add_load_options, add_model_option, load_kwargs
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_BATCH = 8
+UI_PATH = "/ui"
 DESCRIPTION = ("Serve a GPT-NeoX model over the OpenAI HTTP API (/v1/completions, /v1/chat/completions, "
                f"/v1/models), with continuous batching of up to --max-batch-size (default {DEFAULT_BATCH}) "
                "concurrent requests.")
@@ -28,6 +29,9 @@ def register(subparsers: Any) -> None:
                         help="require 'Authorization: Bearer KEY' on every /v1 request (default: no key)")
     parser.add_argument("--max-waiting", type=int, default=64, metavar="N",
                         help="requests queued beyond the running batch before answering 429 (default: 64)")
+    parser.add_argument("--ui", action="store_true",
+                        help=f"also serve the Gradio app at {UI_PATH} on the same port, its chat batched with the "
+                             "API's requests on the same model")
     add_load_options(parser)  # --max-batch-size also sets how many requests are decoded together
     parser.set_defaults(func=run)
 
@@ -36,20 +40,31 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from neoxlite.api import load
-    from neoxlite.serve.api import Server, create_app
+    from neoxlite.serve.api import Server, create_app, own_batcher
 
     kwargs = load_kwargs(args)
     batch = kwargs.setdefault("max_batch_size", DEFAULT_BATCH)
     if batch < 1 or args.max_waiting < 1:
         raise ValueError(f"--max-batch-size ({batch}) and --max-waiting ({args.max_waiting}) must be at least 1")
     name = args.model or "neoxlite-demo"
-    server = Server(name, lambda: load(args.model, **kwargs), max_batch_size=batch,
-                    max_context=kwargs.get("max_context"), max_waiting=args.max_waiting, api_key=args.api_key)
+    if args.ui:  # one model and one batcher: the app's, which the API asks for once the app has loaded
+        from neoxlite.app.cli import mount
+
+        server = Server(name, lambda: engine.chat_batcher(), api_key=args.api_key)  # `engine` is set just below
+        app = create_app(server)
+        engine = mount(app, UI_PATH, args.model, **kwargs)
+        engine.max_waiting = args.max_waiting  # before the batcher is made (at server.start_loading)
+    else:
+        batcher = own_batcher(lambda: load(args.model, **kwargs), max_batch_size=batch,
+                              max_context=kwargs.get("max_context"), max_waiting=args.max_waiting)
+        server = Server(name, batcher, api_key=args.api_key)
+        app = create_app(server)
     server.start_loading()
-    print(f"neoxlite serve: {name} at http://{args.host}:{args.port}/v1 (loading; GET /health says when ready)",
-          file=sys.stderr)
+    page = f", the app at http://{args.host}:{args.port}{UI_PATH}" if args.ui else ""
+    print(f"neoxlite serve: {name} at http://{args.host}:{args.port}/v1{page} (loading; GET /health says when "
+          "ready)", file=sys.stderr)
     try:
-        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         server.close()
     return 0
