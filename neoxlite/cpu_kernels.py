@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from neoxlite import matrix_engine
 
 _SOURCES = [Path(__file__).with_name("csrc") / name
-            for name in ("linear_bf16.c", "linear_f32.c", "decode_attention_bf16.c", "linear_quant.c")]
+            for name in ("linear_bf16.c", "linear_f32.c", "decode_attention_bf16.c", "linear_quant.c",
+                         "dequantize_4bit.c")]
 _HEADERS = [Path(__file__).with_name("csrc") / name for name in ("bf16.h", "gelu.h")]
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 _LIBS = ["-lm"]
@@ -172,6 +173,22 @@ class QuantKernel:
         return out.view(*x.shape[:-1], n)
 
 
+    def dequantize_4bit(self, codes: torch.Tensor, table: torch.Tensor, absmax: torch.Tensor,
+                        nested: tuple[torch.Tensor, torch.Tensor, float] | None, first_row: int,
+                        out: torch.Tensor) -> None:
+        """Rows first_row .. first_row + len(out) - 1 of the 4-bit weight linear_4bit() reads (same arguments),
+        written into `out` (rows x in_features, contiguous, float32/bfloat16/float16) as bitsandbytes' CPU
+        dequantize_4bit computes them (neoxlite/csrc/dequantize_4bit.c)."""
+        rows, k = out.shape
+        assert out.is_contiguous() and k % 64 == 0 and codes.numel() * 2 >= (first_row + rows) * k
+        code2, absmax2, offset = nested if nested is not None else (None, None, 0.0)
+        status = self.library.neox_dequantize_4bit(
+            self.isa, _DTYPE_CODES[out.dtype], codes.data_ptr(), table.data_ptr(),
+            None if nested else absmax.data_ptr(), absmax.data_ptr() if nested else None,
+            None if code2 is None else code2.data_ptr(), None if absmax2 is None else absmax2.data_ptr(), offset,
+            out.data_ptr(), first_row, rows, k)
+        _check(status)
+
     def quantize_int8(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Row-wise absmax int8 of `weight` (2-D, contiguous, float32/bfloat16/float16) as bitsandbytes' Int8Params
         computes it (from a float16 copy): (int8 weight, fp32 row maxima); None when a value is beyond float16's
@@ -264,6 +281,9 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
     library.neox_linear_int8.argtypes = ([ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_float]
                                          + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int])
     library.neox_quantize_int8.restype = ctypes.c_int
+    library.neox_dequantize_4bit.restype = ctypes.c_int
+    library.neox_dequantize_4bit.argtypes = ([ctypes.c_int] * 2 + [ctypes.c_void_p] * 6 + [ctypes.c_float]
+                                             + [ctypes.c_void_p] + [ctypes.c_int64] * 3)
     library.neox_quantize_int8.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
     isa, quant_isa = library.neox_best_isa(), library.neox_quant_isa()
     if isa not in _ISA_NAMES or quant_isa not in _QUANT_ISA_NAMES:
