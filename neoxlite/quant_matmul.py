@@ -16,13 +16,17 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from neoxlite import matrix_engine
+
 if TYPE_CHECKING:
     from neoxlite.cpu_kernels import QuantKernel
 
-# Values per dequantized tile: 2048 x 256 (1 MiB in bf16, 2 MiB in fp32) stays in the L2/L3 cache between the
-# dequantization writing it and the matmul reading it. Measured on this project's Zen 3 (2 threads, 512 rows,
-# 2048 -> 8192 nf4 bf16): 1<<18, 1<<19 and 1<<20 values per tile within 3% of each other, 1<<22 5% slower.
-TILE_VALUES = 1 << 19
+# Values per dequantized tile: 2M (4 MiB in bf16, 8 MiB in fp32; 256 rows of a 8192-input layer, 1024 of a
+# 2048-input one). Fewer, larger tiles mean fewer matmul calls, each a parallel region whose threads must all
+# arrive: on this project's shared 2-core Zen 3 (load average ~9, 2 threads, 512 rows, a pythia-410m block's
+# four nf4 linears, best of 3) 1<<18 values per tile took 4.6 s, 1<<19 1.9 s, 1<<20 1.2 s, 1<<21 1.0-1.1 s,
+# 1<<22 0.9 s; the int8 figures were too noisy there to rank (1.5-2.4 s at every size).
+TILE_VALUES = 1 << 21
 
 _buffers = threading.local()  # one tile buffer per thread and dtype: a server's threads never share one
 
@@ -48,15 +52,20 @@ def linear_4bit(kernel: QuantKernel, x: torch.Tensor, codes: torch.Tensor, out_f
                 bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W.T + bias for the 4-bit weight QuantKernel.linear_4bit reads (same arguments), in the dtype of x
     (float32/bfloat16/float16, bias in it too): bitsandbytes' F.linear(x, dequantize_4bit(W), bias), a tile of
-    output columns at a time."""
+    output columns at a time, multiplied in matrix_engine.matmul_dtype(x.dtype): in float32 where the CPU has no
+    native bf16/fp16 matmul (the products of two bf16 or fp16 values are exact in fp32, so this is the same
+    fp32-accumulated product up to the order of its sums)."""
     k = x.shape[-1]
-    rows = x.reshape(-1, k).contiguous()
+    dtype = matrix_engine.matmul_dtype(x.dtype)
+    rows = x.reshape(-1, k).to(dtype).contiguous()  # float32: exact
+    bias = None if bias is None else bias.to(dtype)
     out = torch.empty((rows.shape[0], out_features), dtype=x.dtype)
     step = tile_rows(k)
     for start in range(0, out_features, step):
         count = min(step, out_features - start)
-        weight = _tile_buffer(count, k, x.dtype)
-        kernel.dequantize_4bit(codes, table, absmax, nested, start, weight)
+        weight = _tile_buffer(count, k, dtype)
+        kernel.dequantize_4bit(codes, table, absmax, nested, start, weight, x.dtype)
+        # the assignment rounds a float32 result to x's dtype once, as a matmul in that dtype does
         out[:, start:start + count] = F.linear(rows, weight, None if bias is None else bias[start:start + count])
     return out.view(*x.shape[:-1], out_features)
 

@@ -35,7 +35,7 @@ __attribute__((target("avx2,f16c"), always_inline)) static inline __m256 round_d
 
 /* 16 weights of 8 bytes (hi0, lo0, hi1, lo1, ...) looked up in the two table halves, written to out in dt */
 __attribute__((target("avx2,f16c"), always_inline)) static inline void
-expand8_avx2(const uint8_t *bytes, __m256 low_half, __m256 high_half, void *out, int64_t at, int dt) {
+expand8_avx2(const uint8_t *bytes, __m256 low_half, __m256 high_half, void *out, int64_t at, int out_dt) {
     const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)bytes));
     const __m256i hi = _mm256_srli_epi32(v, 4), lo = _mm256_and_si256(v, _mm256_set1_epi32(15));
     const __m256i a = _mm256_unpacklo_epi32(hi, lo), b = _mm256_unpackhi_epi32(hi, lo); /* per 128-bit lane */
@@ -46,10 +46,10 @@ expand8_avx2(const uint8_t *bytes, __m256 low_half, __m256 high_half, void *out,
         const __m256 from_high = _mm256_permutevar8x32_ps(high_half, idx[h]);
         w[h] = _mm256_blendv_ps(from_low, from_high, _mm256_castsi256_ps(_mm256_slli_epi32(idx[h], 28)));
     }
-    if (dt == DT_F32) {
+    if (out_dt == DT_F32) {
         _mm256_storeu_ps((float *)out + at, w[0]);
         _mm256_storeu_ps((float *)out + at + 8, w[1]);
-    } else if (dt == DT_F16) { /* exact: the values are already float16's */
+    } else if (out_dt == DT_F16) { /* exact: the values are already float16's */
         _mm_storeu_si128((__m128i *)((uint16_t *)out + at), _mm256_cvtps_ph(w[0], _MM_FROUND_TO_NEAREST_INT));
         _mm_storeu_si128((__m128i *)((uint16_t *)out + at + 8), _mm256_cvtps_ph(w[1], _MM_FROUND_TO_NEAREST_INT));
     } else { /* exact: the low 16 bits are zero; packus works per lane, permute4x64 puts the lanes in order */
@@ -62,7 +62,7 @@ expand8_avx2(const uint8_t *bytes, __m256 low_half, __m256 high_half, void *out,
 __attribute__((target("avx2,f16c"))) static void
 dequantize_rows_avx2(const uint8_t *w, const float *code, const float *absmax, const uint8_t *absmax8,
                      const float *code2, const float *absmax2, float offset, void *out, int64_t first_row,
-                     int64_t rows, int64_t K, int dt) {
+                     int64_t rows, int64_t K, int dt, int out_dt) {
     const int64_t blocks = K / QBLOCK;
     const __m256 code_low = _mm256_loadu_ps(code), code_high = _mm256_loadu_ps(code + 8);
 #pragma omp parallel for schedule(static)
@@ -76,18 +76,20 @@ dequantize_rows_avx2(const uint8_t *w, const float *code, const float *absmax, c
             const __m256 high = round_dt(_mm256_mul_ps(code_high, s), dt);
             const uint8_t *bytes = w + b * (QBLOCK / 2);
             for (int g = 0; g < QBLOCK / 2; g += 8)
-                expand8_avx2(bytes + g, low, high, out, r * K + j * QBLOCK + 2 * g, dt);
+                expand8_avx2(bytes + g, low, high, out, r * K + j * QBLOCK + 2 * g, out_dt);
         }
     }
 }
 
 /* w: the whole packed weight (N * K / 2 bytes); code: the 16 values; absmax: one fp32 scale per block, or NULL
- * and (absmax8, code2, absmax2, offset) with double quantization; out: rows x K in dt, rows first_row ..
- * first_row + rows - 1 of the weight. K must be a multiple of 64. Returns 0; -1 for an ISA this CPU lacks. */
-int neox_dequantize_4bit(int isa, int dt, const uint8_t *w, const float *code, const float *absmax,
+ * and (absmax8, code2, absmax2, offset) with double quantization; out: rows x K, rows first_row ..
+ * first_row + rows - 1 of the weight, rounded to dt and stored in out_dt (dt, or fp32: exact). K must be a
+ * multiple of 64. Returns 0; -1 for an ISA this CPU lacks. */
+int neox_dequantize_4bit(int isa, int dt, int out_dt, const uint8_t *w, const float *code, const float *absmax,
                          const uint8_t *absmax8, const float *code2, const float *absmax2, float offset, void *out,
                          int64_t first_row, int64_t rows, int64_t K) {
     if (isa != QISA_AVX2 && isa != QISA_AVX512) return -1;
-    dequantize_rows_avx2(w, code, absmax, absmax8, code2, absmax2, offset, out, first_row, rows, K, dt);
+    if (out_dt != dt && out_dt != DT_F32) return -1;
+    dequantize_rows_avx2(w, code, absmax, absmax8, code2, absmax2, offset, out, first_row, rows, K, dt, out_dt);
     return 0;
 }
