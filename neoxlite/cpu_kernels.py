@@ -48,7 +48,7 @@ _QUANT_ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512F/BW"}
 # (1024 -> 4096, bf16, best of 5 on a shared machine; kernel / tiles, ms: nf4 3/20 at 8 rows, 15/20 at 16,
 # 28/32 at 32; int8 1/21, 2/25, 4/30, 1 thread; at 2 threads the tiles lose by more). On a 2048 -> 8192 layer
 # at 1 thread nf4's tiles won at 32 rows (157/108 ms) and lost at 16 (57/73). Where AMX can run, each format's
-# crossover is measured (neoxlite.matrix_engine) against the tiles on AMX.
+# crossover is measured (neoxlite.matrix_engine) against the tiles.
 MAX_ROWS_QUANT = 32
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 QUANT_DTYPES = tuple(_DTYPE_CODES)
@@ -175,7 +175,6 @@ class QuantKernel:
         _check(status)
         return out.view(*x.shape[:-1], n)
 
-
     def dequantize_4bit(self, codes: torch.Tensor, table: torch.Tensor, absmax: torch.Tensor,
                         nested: tuple[torch.Tensor, torch.Tensor, float] | None, first_row: int,
                         out: torch.Tensor, dtype: torch.dtype) -> None:
@@ -284,10 +283,10 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
     library.neox_linear_int8.argtypes = ([ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_float]
                                          + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int])
     library.neox_quantize_int8.restype = ctypes.c_int
+    library.neox_quantize_int8.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
     library.neox_dequantize_4bit.restype = ctypes.c_int
     library.neox_dequantize_4bit.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_void_p] * 6 + [ctypes.c_float]
                                              + [ctypes.c_void_p] + [ctypes.c_int64] * 3)
-    library.neox_quantize_int8.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
     isa, quant_isa = library.neox_best_isa(), library.neox_quant_isa()
     if isa not in _ISA_NAMES or quant_isa not in _QUANT_ISA_NAMES:
         return None, None, f"this CPU has neither AVX2+FMA+F16C nor AVX512: {_FALLBACK}"
