@@ -24,10 +24,11 @@ from pathlib import Path
 import torch  # loaded before the kernel, so the kernel's libgomp.so.1 is torch's and shares its threads
 import torch.nn.functional as F
 
-from neoxlite import matrix_engine
+from neoxlite import matrix_engine, quant_matmul
 
 _SOURCES = [Path(__file__).with_name("csrc") / name
-            for name in ("linear_bf16.c", "linear_f32.c", "decode_attention_bf16.c", "linear_quant.c")]
+            for name in ("linear_bf16.c", "linear_f32.c", "decode_attention_bf16.c", "linear_quant.c",
+                         "dequantize_4bit.c")]
 _HEADERS = [Path(__file__).with_name("csrc") / name for name in ("bf16.h", "gelu.h")]
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 _LIBS = ["-lm"]
@@ -42,9 +43,12 @@ _MAX_ROWS = {1: 32, 2: 32}
 MAX_ROWS_F32 = 4
 _QUANT_ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512F/BW"}
 # Input rows up to which the quantized kernels serve a call (decode steps, small batches, the offload
-# scheduler's batches); more rows (a prefill) dequantize once and run one matmul. On this project's AVX2 machine
-# the 4-bit kernel beats bitsandbytes' dequantize + matmul at 8, 16 and 32 rows (2048 -> 8192, bf16); where AMX
-# can run, the 4-bit crossover is measured (neoxlite.matrix_engine).
+# scheduler's batches); more rows (a prefill) go to neoxlite.quant_matmul (the weight dequantized tile by tile,
+# torch's matmul). On this project's AVX2 machine the kernels win up to 32 rows on a pythia-410m MLP
+# (1024 -> 4096, bf16, best of 5 on a shared machine; kernel / tiles, ms: nf4 3/20 at 8 rows, 15/20 at 16,
+# 28/32 at 32; int8 1/21, 2/25, 4/30, 1 thread; at 2 threads the tiles lose by more). On a 2048 -> 8192 layer
+# at 1 thread nf4's tiles won at 32 rows (157/108 ms) and lost at 16 (57/73). Where AMX can run, each format's
+# crossover is measured (neoxlite.matrix_engine) against the tiles.
 MAX_ROWS_QUANT = 32
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 QUANT_DTYPES = tuple(_DTYPE_CODES)
@@ -171,6 +175,21 @@ class QuantKernel:
         _check(status)
         return out.view(*x.shape[:-1], n)
 
+    def dequantize_4bit(self, codes: torch.Tensor, table: torch.Tensor, absmax: torch.Tensor,
+                        nested: tuple[torch.Tensor, torch.Tensor, float] | None, first_row: int,
+                        out: torch.Tensor, dtype: torch.dtype) -> None:
+        """Rows first_row .. first_row + len(out) - 1 of the 4-bit weight linear_4bit() reads (same arguments) as
+        bitsandbytes' CPU dequantize_4bit computes them in `dtype` (float32/bfloat16/float16), written into `out`
+        (rows x in_features, contiguous, `dtype` or float32, which holds them exactly)."""
+        rows, k = out.shape
+        assert out.is_contiguous() and k % 64 == 0 and codes.numel() * 2 >= (first_row + rows) * k
+        code2, absmax2, offset = nested if nested is not None else (None, None, 0.0)
+        status = self.library.neox_dequantize_4bit(
+            self.isa, _DTYPE_CODES[dtype], _DTYPE_CODES[out.dtype], codes.data_ptr(), table.data_ptr(),
+            None if nested else absmax.data_ptr(), absmax.data_ptr() if nested else None,
+            None if code2 is None else code2.data_ptr(), None if absmax2 is None else absmax2.data_ptr(), offset,
+            out.data_ptr(), first_row, rows, k)
+        _check(status)
 
     def quantize_int8(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Row-wise absmax int8 of `weight` (2-D, contiguous, float32/bfloat16/float16) as bitsandbytes' Int8Params
@@ -265,6 +284,9 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
                                          + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int])
     library.neox_quantize_int8.restype = ctypes.c_int
     library.neox_quantize_int8.argtypes = [ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    library.neox_dequantize_4bit.restype = ctypes.c_int
+    library.neox_dequantize_4bit.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_void_p] * 6 + [ctypes.c_float]
+                                             + [ctypes.c_void_p] + [ctypes.c_int64] * 3)
     isa, quant_isa = library.neox_best_isa(), library.neox_quant_isa()
     if isa not in _ISA_NAMES or quant_isa not in _QUANT_ISA_NAMES:
         return None, None, f"this CPU has neither AVX2+FMA+F16C nor AVX512: {_FALLBACK}"
@@ -272,17 +294,23 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
     has_amx, why = matrix_engine.amx()
     if has_amx:
         rows, source = matrix_engine.crossover(f"bf16 {kernel.isa_name}", lambda: _time_bf16(kernel), _cache_dir())
-        rows_4bit, _ = matrix_engine.crossover(f"nf4 {quant.isa_name}", lambda: _time_4bit(quant), _cache_dir())
+        rows_4bit, _ = matrix_engine.crossover(f"nf4 {quant.isa_name} tiles", lambda: _time_4bit(quant),
+                                               _cache_dir())
+        rows_int8, _ = matrix_engine.crossover(f"int8 {quant.isa_name} tiles", lambda: _time_int8(quant),
+                                               _cache_dir())
         kernel = dataclasses.replace(kernel, max_rows=rows)
-        quant = dataclasses.replace(quant, max_rows_4bit=rows_4bit)
-        above, crossover = "oneDNN (AMX) above", f"crossover {source}"
+        quant = dataclasses.replace(quant, max_rows=rows_int8, max_rows_4bit=rows_4bit)
+        above, crossover = "oneDNN (AMX) above", f"crossovers {source}"
     else:
         above, crossover = "oneDNN (vector) above", f"no matrix engine: {why}"
+    matmul = {name: str(matrix_engine.matmul_dtype(dtype)).removeprefix("torch.")
+              for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))}
     return kernel, quant, (
         f"bf16: neoxlite {kernel.isa_name} kernel for 1-{kernel.max_rows} rows, {above}; "
         f"fp32: kernel for 1-{MAX_ROWS_F32} rows, MKL above; nf4/fp4: {quant.isa_name} kernel for "
-        f"1-{quant.max_rows_4bit} rows, dequantize + {above}; int8: kernel for 1-{quant.max_rows} rows, "
-        f"bitsandbytes above; continuous-batching steps: kernels at every batch ({crossover})")
+        f"1-{quant.max_rows_4bit} rows, neoxlite's dequantized tiles + torch's matmul above (bf16 in "
+        f"{matmul['bf16']}, fp16 in {matmul['fp16']}); int8: kernel for 1-{quant.max_rows} rows, int8 tiles + "
+        f"torch's float32 matmul above; continuous-batching steps: kernels at every batch ({crossover})")
 
 
 def _time_bf16(kernel: BF16Kernel, shape: tuple[int, int] = matrix_engine.CALIBRATION_SHAPE
@@ -296,17 +324,29 @@ def _time_bf16(kernel: BF16Kernel, shape: tuple[int, int] = matrix_engine.CALIBR
 
 def _time_4bit(quant: QuantKernel, shape: tuple[int, int] = matrix_engine.CALIBRATION_SHAPE
                ) -> dict[int, tuple[float, float]]:
-    """The nf4 kernel and the many-row path (bitsandbytes' dequantize, then PyTorch's bf16 matmul) timed on a
-    linear of `shape` (in_features, out_features)."""
-    import bitsandbytes.functional as bnbf  # only where AMX runs: bitsandbytes loads in about a second
-
+    """The 4-bit kernel and the many-row path (neoxlite.quant_matmul: dequantized tiles, torch's matmul) timed on
+    a bf16 linear of `shape` (in_features, out_features); random codes and scales (the cost does not depend on
+    them, and no bitsandbytes import is needed)."""
     k, n = shape
-    weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
-    packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=False, quant_type="nf4")
-    codes, table, absmax = packed.view(torch.uint8).reshape(-1), state.code.float(), state.absmax.float()
-    return matrix_engine.time_engines(
-        lambda x: quant.linear_4bit(x, codes, n, table, absmax, None, None),
-        lambda x: F.linear(x, bnbf.dequantize_4bit(packed, state).to(torch.bfloat16)), k, torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=generator)
+    absmax = torch.rand(n * k // 64, generator=generator) * 0.05
+    table = torch.linspace(-1, 1, 16)
+    args = (codes, n, table, absmax, None, None)
+    return matrix_engine.time_engines(lambda x: quant.linear_4bit(x, *args),
+                                      lambda x: quant_matmul.linear_4bit(quant, x, *args), k, torch.bfloat16)
+
+
+def _time_int8(quant: QuantKernel, shape: tuple[int, int] = matrix_engine.CALIBRATION_SHAPE
+               ) -> dict[int, tuple[float, float]]:
+    """The int8 kernel and the many-row path (int8 tiles, torch's float32 matmul) timed on a bf16 LLM.int8 linear
+    of `shape` (in_features, out_features), with LLM.int8's usual outlier threshold."""
+    k, n = shape
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
+    args = (weight, torch.rand(n, generator=generator) * 0.1, 6.0, None)
+    return matrix_engine.time_engines(lambda x: quant.linear_int8(x, *args),
+                                      lambda x: quant_matmul.linear_int8(x, *args), k, torch.bfloat16)
 
 
 def _cache_dir() -> Path:

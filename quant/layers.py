@@ -23,6 +23,7 @@ from bitsandbytes.functional import QuantState
 from bitsandbytes.utils import unpack_tensor_to_dict
 from torch import nn
 
+from neoxlite import quant_matmul
 from neoxlite.cpu_kernels import QUANT_DTYPES, QuantKernel, quant_kernel
 
 from .spec import BLOCKSIZE_4BIT, QuantSpec
@@ -65,8 +66,8 @@ class Linear4bit(bnb.nn.Linear4bit):
     original layout.
 
     On the CPU (eval, no autograd) with neoxlite's kernels available, up to 32 input rows go to the kernel that
-    reads the packed weight in place (neoxlite/csrc/linear_quant.c); more rows take bitsandbytes' dequantize-and-
-    matmul path. Both give bitsandbytes' numbers for its generic CPU path, up to the order of fp32 sums, and the
+    reads the packed weight in place (neoxlite/csrc/linear_quant.c); more rows are dequantized a tile at a time
+    and multiplied by torch's matmul (neoxlite.quant_matmul). Both give bitsandbytes' numbers for its generic CPU path, up to the order of fp32 sums, and the
     weight is never repacked. Elsewhere the forward pass is bitsandbytes' own, unchanged.
     """
 
@@ -109,8 +110,11 @@ class Linear4bit(bnb.nn.Linear4bit):
         if args is not None and x.numel() <= kernel.max_rows_4bit * x.shape[-1] and dtype in QUANT_DTYPES:
             out = kernel.linear_4bit(xc.contiguous(), *args, bias, gelu=gelu and x.dtype is dtype)
             return out.to(x.dtype) if not gelu or x.dtype is dtype else F.gelu(out.to(x.dtype))
-        # a prefill: bitsandbytes' dequantize-and-matmul path (its CPU repacking is skipped, so the packed weight
-        # stays what the kernel reads)
+        if args is not None and dtype in QUANT_DTYPES:  # many rows: dequantized tile by tile, torch's matmul
+            out = quant_matmul.linear_4bit(kernel, xc, *args, bias).to(x.dtype)
+            return F.gelu(out) if gelu else out
+        # a layout the kernels do not read: bitsandbytes' dequantize-and-matmul path (its CPU repacking is
+        # skipped, so the packed weight stays as stored)
         out = bnb.matmul_4bit(xc, self.weight, bias=bias, quant_state=qs).to(x.dtype)
         return F.gelu(out) if gelu else out
 
@@ -201,7 +205,8 @@ class Linear8bit(bnb.nn.Linear8bitLt):
     On the CPU (eval, no autograd) with neoxlite's kernels available, up to 32 input rows go to the kernel that
     reads the int8 weight in place and does what bitsandbytes' CPU forward does: the inputs quantized per row
     from float16, outlier columns (a value >= threshold) multiplied in the input dtype, the int8 products summed
-    exactly (bitsandbytes sums them in fp32 here, which is exact below 2^24). Elsewhere, bitsandbytes' forward.
+    exactly (bitsandbytes sums them in fp32 here, which is exact below 2^24); more rows take the same arithmetic a
+    tile of int8 weights at a time through torch's matmul (neoxlite.quant_matmul). Elsewhere, bitsandbytes' forward.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,8 +231,8 @@ class Linear8bit(bnb.nn.Linear8bitLt):
 
     def _kernel(self, x: torch.Tensor) -> QuantKernel | None:
         kernel = _kernel_for(self, x)
-        if (kernel is None or x.dtype not in QUANT_DTYPES or x.numel() > kernel.max_rows * x.shape[-1]
-                or self.state.has_fp16_weights or self.weight.dtype != torch.int8):
+        if (kernel is None or x.dtype not in QUANT_DTYPES or self.state.has_fp16_weights
+                or self.weight.dtype != torch.int8):
             return None
         return kernel
 
@@ -237,6 +242,9 @@ class Linear8bit(bnb.nn.Linear8bitLt):
         weight, scb, bias = _kernel_state(self, key, lambda: (
             self.weight.data.contiguous(), scb.float().contiguous(),
             None if self.bias is None else self.bias.data.to(x.dtype).contiguous()))
+        if x.numel() > kernel.max_rows * x.shape[-1]:  # many rows: int8 tiles through torch's matmul
+            out = quant_matmul.linear_int8(x, weight, scb, float(self.state.threshold), bias)
+            return F.gelu(out) if gelu else out
         return kernel.linear_int8(x.contiguous(), weight, scb, float(self.state.threshold), bias, gelu=gelu)
 
     def _apply(self, fn, recurse=True):

@@ -75,9 +75,14 @@ def test_status_says_which_engine_runs_which_rows():
     status = kernel_status()
     assert f"kernel for 1-{KERNEL.max_rows} rows" in status
     assert ("oneDNN (AMX) above" in status) is HAS_AMX
+    quant = neoxlite.cpu_kernels.quant_kernel()
+    assert (f"nf4/fp4: {quant.isa_name} kernel for 1-{quant.max_rows_4bit} rows, neoxlite's dequantized tiles + "
+            f"torch's matmul above (bf16 in {str(matrix_engine.matmul_dtype(torch.bfloat16))[6:]}") in status
+    assert f"int8: kernel for 1-{quant.max_rows} rows, int8 tiles + torch's float32 matmul above" in status
     if not HAS_AMX:
         assert AMX_WHY in status
         assert KERNEL.max_rows == neoxlite.cpu_kernels._MAX_ROWS[KERNEL.isa]  # nothing changes without AMX
+        assert quant.max_rows == quant.max_rows_4bit == neoxlite.cpu_kernels.MAX_ROWS_QUANT
 
 
 @needs_kernel
@@ -101,8 +106,10 @@ def test_rows_above_the_crossover_take_torchs_matmul_with_its_bits(monkeypatch):
 def test_on_amx_many_rows_go_to_onednn_at_the_measured_crossover():
     """On an AMX machine: the crossover was measured (or read from the cache) and is below the AVX512 limit, and a
     batch above it is oneDNN's matmul bit for bit."""
-    assert "oneDNN (AMX) above" in kernel_status() and "crossover measured" in kernel_status()
+    assert "oneDNN (AMX) above" in kernel_status() and "crossovers measured" in kernel_status()
     assert 1 <= KERNEL.max_rows < 32
+    quant = neoxlite.cpu_kernels.quant_kernel()  # the quantized formats' crossovers, measured against the tiles
+    assert 1 <= quant.max_rows_4bit <= 32 and 1 <= quant.max_rows <= 32
     layer = Linear(2048, 512).to(torch.bfloat16).requires_grad_(False)
     x = torch.randn(KERNEL.max_rows + 1, 2048).bfloat16()
     with torch.no_grad():
@@ -114,7 +121,8 @@ def test_calibration_times_both_engines_on_a_layer():
     """What an AMX machine runs at first use, here on a small shape: every candidate row count timed."""
     quant = neoxlite.cpu_kernels.quant_kernel()
     for timings in (neoxlite.cpu_kernels._time_bf16(KERNEL, (128, 64)),
-                    neoxlite.cpu_kernels._time_4bit(quant, (128, 64))):
+                    neoxlite.cpu_kernels._time_4bit(quant, (128, 64)),
+                    neoxlite.cpu_kernels._time_int8(quant, (128, 64))):
         assert sorted(timings) == list(matrix_engine.CANDIDATE_ROWS)
         assert all(k > 0 and e > 0 for k, e in timings.values())
         assert 1 <= matrix_engine.pick_rows(timings) <= 32
