@@ -19,7 +19,8 @@ Quantized layers run neoxlite's kernels (neoxlite/csrc/linear_quant.c); the refe
 bitsandbytes with the same settings. With --llama-cpp VENV (a virtualenv with llama-cpp-python, built as
 ../shared/anchors/README.md says) and --llama-cpp-src (llama.cpp's source tree, for its GGUF converter), llama.cpp
 decodes the same checkpoint beside each row (f16 beside bf16, q8_0 beside int8, q4_0 beside nf4/fp4) with the
-anchors' own script; the GGUF files are converted once and kept under bench/out.
+anchors' own script; the GGUF files are converted once and kept outside the repository, under
+$TMPDIR/neoxlite-gguf (--gguf-dir).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, random_checkpoint, read_bandwidth  # noqa: E402
+from common import SHAPES, random_checkpoint, read_bandwidth  # noqa: E402
 
 ANCHORS = Path(__file__).resolve().parents[2] / "shared" / "anchors"
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
@@ -68,39 +70,52 @@ def decode_bytes(model: torch.nn.Module) -> int:
     return sum(sizes.values()) - sizes["embed_in"]
 
 
-def llama_cpp_rate(venv: Path, source: Path, folder: Path, mode: str, tokens: int) -> str:
+def _run(command: list[str], what: str, env: dict[str, str] | None = None) -> str:
+    """Runs one llama.cpp step; a failure stops the benchmark with the step's own error output."""
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"llama.cpp {what} failed (exit {done.returncode}): {' '.join(command)}\n"
+                         f"{(done.stderr or done.stdout).strip()[-2000:]}")
+    return done.stdout
+
+
+def llama_cpp_rate(venv: Path, source: Path, scratch: Path, folder: Path, mode: str, tokens: int) -> str:
     """llama.cpp's decode figure for `folder` in the counterpart of `mode`, as the anchors' script prints it."""
     python = venv / "bin" / "python"
     kind = LLAMA_TYPES[mode]
-    gguf = OUT / f"{folder.name}-{kind}.gguf"
+    scratch.mkdir(parents=True, exist_ok=True)
+    gguf = scratch / f"{folder.name}-{kind}.gguf"
     if not gguf.exists():
-        staged = OUT / f"{folder.name}-gguf-input"  # the checkpoint plus the tokenizer files the converter wants
-        staged.mkdir(parents=True, exist_ok=True)
+        staged = scratch / f"{folder.name}-input"  # the checkpoint plus the tokenizer files the converter wants
+        staged.mkdir(exist_ok=True)
         for item in folder.iterdir():
             if not (staged / item.name).exists():
-                (staged / item.name).symlink_to(item)
+                (staged / item.name).symlink_to(item.resolve())
         shutil.copy(TOKENIZER, staged / "tokenizer.json")
         (staged / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPTNeoXTokenizer"}))
         env = {**os.environ, "LLAMA_CPP_SRC": str(source)}
         outtype = "q8_0" if kind == "q8_0" else "f16"
-        f16 = gguf if kind != "q4_0" else OUT / f"{folder.name}-f16.gguf"
-        if not f16.exists():
-            subprocess.run([sys.executable, str(ANCHORS / "gguf_convert.py"), str(staged), "--outtype", outtype,
-                            "--outfile", str(f16)], env=env, check=True, capture_output=True)
+        converted = gguf if kind != "q4_0" else scratch / f"{folder.name}-f16.gguf"
+        if not converted.exists():  # written under a temporary name: an interrupted run leaves no half file
+            partial = converted.with_suffix(".partial")
+            _run([sys.executable, str(ANCHORS / "gguf_convert.py"), str(staged), "--outtype", outtype,
+                  "--outfile", str(partial)], f"conversion to {outtype}", env)
+            partial.replace(converted)
         if kind == "q4_0":
             quantize = ("import llama_cpp, ctypes, sys; p = llama_cpp.llama_model_quantize_default_params(); "
                         "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0; "
                         "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), "
                         "ctypes.byref(p)))")
-            subprocess.run([str(python), "-c", quantize, str(f16), str(gguf)], check=True, capture_output=True)
-    done = subprocess.run([str(python), str(ANCHORS / "llamacpp_bench.py"), str(gguf), str(tokens)],
-                          check=True, capture_output=True, text=True)
-    return done.stdout.strip().splitlines()[-1]
+            partial = gguf.with_suffix(".partial")
+            _run([str(python), "-c", quantize, str(converted), str(partial)], "q4_0 quantization")
+            partial.replace(gguf)
+    out = _run([str(python), str(ANCHORS / "llamacpp_bench.py"), str(gguf), str(tokens)], "decode benchmark")
+    return out.strip().splitlines()[-1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="pythia-410m")
+    parser.add_argument("--shape", default="pythia-410m", choices=sorted(SHAPES))
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     parser.add_argument("--tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
@@ -115,6 +130,8 @@ def main() -> None:
     parser.add_argument("--llama-cpp-src", type=Path, metavar="DIR", default=os.environ.get("LLAMA_CPP_SRC"),
                         help="llama.cpp's source tree (vendor/llama.cpp of the llama-cpp-python sdist; default "
                              "$LLAMA_CPP_SRC), for converting the checkpoint to GGUF")
+    parser.add_argument("--gguf-dir", type=Path, default=Path(tempfile.gettempdir()) / "neoxlite-gguf",
+                        help="where llama.cpp's GGUF files are converted once and kept (outside the repository)")
     args = parser.parse_args()
     if min(args.batch) < 1:
         parser.error(f"--batch {min(args.batch)}: give batch sizes of at least 1")
@@ -192,7 +209,9 @@ def main() -> None:
                 if b == args.batch[0]:
                     line += f"; same tokens: {same}"
             if args.llama_cpp and b == args.batch[0]:
-                line += f"\n    beside it, {llama_cpp_rate(args.llama_cpp, Path(args.llama_cpp_src), folder, mode, args.tokens)}"
+                llama = llama_cpp_rate(args.llama_cpp, Path(args.llama_cpp_src), args.gguf_dir, folder, mode,
+                                       args.tokens)
+                line += f"\n    beside it, {llama}"
             print(line, flush=True)
 
 

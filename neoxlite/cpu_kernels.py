@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,31 +150,29 @@ class QuantKernel:
         values, in_features a multiple of 64. The scales are `absmax` (fp32), or with `nested` = (code2, absmax2,
         offset) `code2[absmax] * absmax2[block // 256] + offset` with absmax uint8. The weight is
         table[index] * scale rounded to the dtype of x."""
-        k = x.shape[-1]
-        rows = x.reshape(-1, k).contiguous()
-        out = torch.empty((rows.shape[0], out_features), dtype=x.dtype)
+        return self.bind_4bit(codes, out_features, table, absmax, nested, bias, x.dtype, gelu)(x)
+
+    def bind_4bit(self, codes: torch.Tensor, out_features: int, table: torch.Tensor, absmax: torch.Tensor,
+                  nested: tuple[torch.Tensor, torch.Tensor, float] | None, bias: torch.Tensor | None,
+                  dtype: torch.dtype, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+        """linear_4bit with everything but x fixed, for inputs of `dtype`: the weight's pointers are taken once
+        (a decode step makes about a hundred calls; per call, Python's handling of the arguments cost as much
+        as the kernel on a small layer). The returned call keeps the tensors alive."""
         code2, absmax2, offset = nested if nested is not None else (None, None, 0.0)
-        status = self.library.neox_linear_4bit(
-            self.isa, _DTYPE_CODES[x.dtype], rows.data_ptr(), codes.data_ptr(), table.data_ptr(),
-            None if nested else absmax.data_ptr(), absmax.data_ptr() if nested else None,
-            None if code2 is None else code2.data_ptr(), None if absmax2 is None else absmax2.data_ptr(), offset,
-            None if bias is None else bias.data_ptr(), out.data_ptr(), rows.shape[0], out_features, k, int(gelu))
-        _check(status)
-        return out.view(*x.shape[:-1], out_features)
+        weights = (codes.data_ptr(), table.data_ptr(), None if nested else absmax.data_ptr(),
+                   absmax.data_ptr() if nested else None, None if code2 is None else code2.data_ptr(),
+                   None if absmax2 is None else absmax2.data_ptr(), offset,
+                   None if bias is None else bias.data_ptr())
+        head, tail = (self.isa, _DTYPE_CODES[dtype]), (out_features, codes.numel() * 2 // out_features, int(gelu))
+        return self._bind(self.library.neox_linear_4bit, head, weights, tail, dtype,
+                          (codes, table, absmax, nested, bias))
 
     def linear_int8(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, threshold: float,
                     bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
         """LLM.int8: `weight` int8 (out_features, in_features) with fp32 `scales` per row (the weight is
         weight * scales / 127). The inputs are quantized per row as bitsandbytes does; the columns with a value
         >= `threshold` (0: none) are multiplied in the dtype of x instead."""
-        n, k = weight.shape
-        rows = x.reshape(-1, k).contiguous()
-        out = torch.empty((rows.shape[0], n), dtype=x.dtype)
-        status = self.library.neox_linear_int8(
-            self.isa, _DTYPE_CODES[x.dtype], rows.data_ptr(), weight.data_ptr(), scales.data_ptr(), threshold,
-            None if bias is None else bias.data_ptr(), out.data_ptr(), rows.shape[0], n, k, int(gelu))
-        _check(status)
-        return out.view(*x.shape[:-1], n)
+        return self.bind_int8(weight, scales, threshold, bias, x.dtype, gelu)(x)
 
     def dequantize_4bit(self, codes: torch.Tensor, table: torch.Tensor, absmax: torch.Tensor,
                         nested: tuple[torch.Tensor, torch.Tensor, float] | None, first_row: int,
@@ -190,6 +189,31 @@ class QuantKernel:
             None if code2 is None else code2.data_ptr(), None if absmax2 is None else absmax2.data_ptr(), offset,
             out.data_ptr(), first_row, rows, k)
         _check(status)
+
+    def bind_int8(self, weight: torch.Tensor, scales: torch.Tensor, threshold: float, bias: torch.Tensor | None,
+                  dtype: torch.dtype, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+        """linear_int8 with everything but x fixed, as bind_4bit."""
+        n, k = weight.shape
+        weights = (weight.data_ptr(), scales.data_ptr(), threshold, None if bias is None else bias.data_ptr())
+        return self._bind(self.library.neox_linear_int8, (self.isa, _DTYPE_CODES[dtype]), weights, (n, k, int(gelu)),
+                          dtype, (weight, scales, bias))
+
+    @staticmethod
+    def _bind(function: Callable[..., int], head: tuple, weights: tuple, tail: tuple, dtype: torch.dtype,
+              keep: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
+        """function(*head, x, *weights, y, rows, *tail): x (rows, K) in, y (rows, N) out, both `dtype`."""
+        n, k = tail[0], tail[1]
+
+        def call(x: torch.Tensor, keep: tuple = keep) -> torch.Tensor:  # `keep`: the weight stays alive
+            assert x.dtype is dtype and x.shape[-1] == k, (x.dtype, x.shape, dtype, k)
+            x = x if x.is_contiguous() else x.contiguous()
+            out = torch.empty((*x.shape[:-1], n), dtype=dtype)
+            status = function(*head, x.data_ptr(), *weights, out.data_ptr(), x.numel() // k, *tail)
+            if status:
+                _check(status)
+            return out
+
+        return call
 
     def quantize_int8(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Row-wise absmax int8 of `weight` (2-D, contiguous, float32/bfloat16/float16) as bitsandbytes' Int8Params

@@ -130,8 +130,7 @@ class Linear4bit(bnb.nn.Linear4bit):
         args = self._prepare_kernel()
         if self.compute_dtype is not dtype or dtype not in QUANT_DTYPES or args is None:
             return None
-        bias = self._bias_as(dtype)
-        return lambda x: kernel.linear_4bit(x, *args, bias, gelu=gelu)
+        return kernel.bind_4bit(*args, self._bias_as(dtype), dtype, gelu=gelu)
 
     def _prepare_kernel(self) -> tuple | None:
         """(codes, out_features, table, absmax, nested) for QuantKernel.linear_4bit; None for a layout it does not
@@ -227,7 +226,7 @@ class Linear8bit(bnb.nn.Linear8bitLt):
         scb = self.weight.SCB if self.weight.SCB is not None else self.state.SCB
         weight, scb, threshold = self.weight.data.contiguous(), scb.float().contiguous(), float(self.state.threshold)
         bias = None if self.bias is None else self.bias.data.to(dtype).contiguous()
-        return lambda x: kernel.linear_int8(x, weight, scb, threshold, bias, gelu=gelu)
+        return kernel.bind_int8(weight, scb, threshold, bias, dtype, gelu=gelu)
 
     def _kernel(self, x: torch.Tensor) -> QuantKernel | None:
         kernel = _kernel_for(self, x)

@@ -4,6 +4,7 @@ GELU, offload rebuilds); whole models' greedy tokens against transformers + bits
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -167,6 +168,24 @@ def test_layers_use_the_kernel_for_decode_rows_only(mode, monkeypatch):
     assert len(calls) == 2
     if mode != "int8":  # never repacked for bitsandbytes' AVX512-BF16 kernel: what is saved stays the input
         assert not layer.cpu_packed
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_decode_call_is_the_layers_forward_and_keeps_its_weight(mode):
+    """decode_call binds the weight's pointers once: the bound call must give forward()'s bits, for any batch and
+    a non-contiguous input, and keep the tensors it points into alive after the layer is gone."""
+    layer = layer_4bit(mode, True, torch.bfloat16, 64, 128, True, 0) if mode != "int8" else \
+        layer_int8(torch.bfloat16, 64, 128, True, 6.0, 0)
+    call = layer.decode_call(torch.bfloat16, gelu=True)
+    x = torch.randn(128, 3).bfloat16().T.unsqueeze(1)  # (3, 1, 128), not contiguous
+    with torch.no_grad():
+        want = layer.forward_gelu(x.contiguous())
+    del layer
+    gc.collect()
+    torch.randn(64, 128).bfloat16()  # memory a freed weight would have given back
+    assert torch.equal(call(x), want)
+    assert torch.equal(call(x[1:2]), want[1:2])
 
 
 @needs_kernel

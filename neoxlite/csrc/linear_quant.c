@@ -38,6 +38,8 @@ enum { QISA_NONE = 0, QISA_AVX2 = 1, QISA_AVX512 = 2 };
 #define QMAX_M 4      /* input rows per pass over the weights */
 #define QBLOCK 64     /* 4-bit values per scale (32 bytes) */
 #define QPREFETCH 512 /* bytes ahead of each weight row's read position, into L1 */
+/* loops over weight rows, input rows and vectors fully unrolled: the accumulators then stay in registers */
+#define UNROLL _Pragma("GCC unroll 8")
 #define AVX512_TARGET "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c"
 
 /* ---------------------------------------------------------------- scalar conversions (F16C for float16) */
@@ -57,6 +59,29 @@ __attribute__((target("f16c"))) static void store_value(void *p, int64_t i, floa
     if (dt == DT_BF16) ((uint16_t *)p)[i] = float_to_bf16(v);
     else if (dt == DT_F16) ((uint16_t *)p)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
     else ((float *)p)[i] = v;
+}
+
+/* 8 values of dtype dt from p (index i) as fp32 */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 load8(const void *p, int64_t i, int dt) {
+    if (dt == DT_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
+    if (dt == DT_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+/* the same, rounded to float16 and back (bitsandbytes quantizes x.to(float16) and w.to(float16)) */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 load8_as_f16(const void *p, int64_t i,
+                                                                                         int dt) {
+    if (dt == DT_F16) return load8(p, i, dt);
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(load8(p, i, dt), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+/* 8 fp32 values rounded to nearest even and saturated to int8, stored at q */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void store8_int8(int8_t *q, __m256 v) {
+    const __m256i i32 = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storel_epi64((__m128i *)q, _mm_packs_epi16(i16, _mm_setzero_si128()));
 }
 
 /* bias, one rounding to the compute dtype, and GELU of that (F.gelu in the compute dtype) */
@@ -106,10 +131,13 @@ static void lookup_order(int isa, int dt, int order[QBLOCK]) {
 }
 
 /* x (M x K, dtype) to fp32, each block of 64 in the lookup order */
-static void reorder_input(const void *x, int dt, int64_t M, int64_t K, const int order[QBLOCK], float *out) {
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t b = 0; b < K; b += QBLOCK)
-            for (int slot = 0; slot < QBLOCK; ++slot) out[m * K + b + slot] = load_value(x, m * K + b + order[slot], dt);
+__attribute__((target("avx2,fma,f16c"))) static void reorder_input(const void *x, int dt, int64_t M, int64_t K,
+                                                                  const int order[QBLOCK], float *out) {
+    float block[QBLOCK];
+    for (int64_t i = 0; i < M * K; i += QBLOCK) {
+        for (int j = 0; j < QBLOCK; j += 8) _mm256_storeu_ps(block + j, load8(x, i + j, dt));
+        for (int slot = 0; slot < QBLOCK; ++slot) out[i + slot] = block[order[slot]];
+    }
 }
 
 /* ---------------------------------------------------------------- AVX2 + FMA */
@@ -138,7 +166,7 @@ block4_avx2(const float *x, const uint8_t *w, const float *code, const scales_t 
     const __m256 code_lo = _mm256_loadu_ps(code), code_hi = _mm256_loadu_ps(code + 8);
     const int64_t blocks = K / QBLOCK;
     for (int64_t b = 0; b < blocks; ++b) {
-        for (int r = 0; r < rows; ++r) {
+        UNROLL for (int r = 0; r < rows; ++r) {
             const uint8_t *p = w + (r * K + b * QBLOCK) / 2;
             if ((b & 1) == 0) { /* once per 64-byte line */
                 _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
@@ -146,7 +174,7 @@ block4_avx2(const float *x, const uint8_t *w, const float *code, const scales_t 
             }
             const __m256 s = _mm256_set1_ps(block_scale(sc, first_block + r * blocks + b));
             const __m256 lo = _mm256_mul_ps(code_lo, s), hi = _mm256_mul_ps(code_hi, s);
-            for (int c = 0; c < 4; ++c) {
+            UNROLL for (int c = 0; c < 4; ++c) {
                 /* vpermps reads bits 0-2 of each lane; bit 3 picks the table half through the sign bit */
                 const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * c)));
                 const __m256i vh = _mm256_srli_epi32(v, 4);
@@ -156,7 +184,7 @@ block4_avx2(const float *x, const uint8_t *w, const float *code, const scales_t 
                                                        _mm256_permutevar8x32_ps(hi, vh),
                                                        _mm256_castsi256_ps(_mm256_slli_epi32(v, 24)));
                 const float *xb = x + b * QBLOCK + 16 * c;
-                for (int m = 0; m < mt; ++m) {
+                UNROLL for (int m = 0; m < mt; ++m) {
                     acc[r][m] = _mm256_fmadd_ps(w_even, _mm256_loadu_ps(xb + m * K), acc[r][m]);
                     acc[r][m] = _mm256_fmadd_ps(w_odd, _mm256_loadu_ps(xb + m * K + 8), acc[r][m]);
                 }
@@ -210,6 +238,17 @@ lookup32_avx2(__m256i idx, __m256i low, __m256i high, int dt, __m256 out[4]) {
     }
 }
 
+/* a block's 64 products summed in two interleaved chains, then added to the row's sum: one chain of eight
+ * fmadds into the accumulator would make each block wait on the previous one (4 cycles per fmadd) */
+__attribute__((target("avx2,fma"), always_inline)) static inline __m256 dot64_avx2(const __m256 w[8], const float *x) {
+    __m256 a = _mm256_mul_ps(w[0], _mm256_loadu_ps(x)), b = _mm256_mul_ps(w[1], _mm256_loadu_ps(x + 8));
+    UNROLL for (int v = 2; v < 8; v += 2) {
+        a = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x + 8 * v), a);
+        b = _mm256_fmadd_ps(w[v + 1], _mm256_loadu_ps(x + 8 * v + 8), b);
+    }
+    return _mm256_add_ps(a, b);
+}
+
 /* bf16/fp16 compute: vpshufb lookups, 32 weights per pair of shuffles (fewer instructions than vpermps) */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
 block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
@@ -228,7 +267,7 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
     const __m256i nibble = _mm256_set1_epi8(0x0f);
     const int64_t blocks = K / QBLOCK;
     for (int64_t b = 0; b < blocks; ++b) {
-        for (int r = 0; r < rows; ++r) {
+        UNROLL for (int r = 0; r < rows; ++r) {
             const uint8_t *p = w + (r * K + b * QBLOCK) / 2;
             if ((b & 1) == 0) {
                 _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
@@ -241,8 +280,7 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
             lookup32_avx2(_mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), low, high, dt, wv); /* even */
             lookup32_avx2(_mm256_and_si256(packed, nibble), low, high, dt, wv + 4);                   /* odd */
             const float *xb = x + b * QBLOCK;
-            for (int m = 0; m < mt; ++m)
-                for (int v = 0; v < 8; ++v) acc[r][m] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(xb + m * K + 8 * v), acc[r][m]);
+            UNROLL for (int m = 0; m < mt; ++m) acc[r][m] = _mm256_add_ps(acc[r][m], dot64_avx2(wv, xb + m * K));
         }
     }
     for (int r = 0; r < rows; ++r)
@@ -298,7 +336,7 @@ block8_avx2(const int8_t *x, const int8_t *w, int64_t K, int rows, int mt, int32
     for (int64_t k = 0; k < kfull; k += 32) {
         __m256i xv[QMAX_M];
         for (int m = 0; m < mt; ++m) xv[m] = _mm256_loadu_si256((const __m256i *)(x + m * K + k));
-        for (int r = 0; r < rows; ++r) {
+        UNROLL for (int r = 0; r < rows; ++r) {
             const int8_t *p = w + r * K + k;
             if ((k & 63) == 0) {
                 _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
@@ -306,7 +344,7 @@ block8_avx2(const int8_t *x, const int8_t *w, int64_t K, int rows, int mt, int32
             }
             const __m256i wv = _mm256_loadu_si256((const __m256i *)p);
             const __m256i aw = _mm256_abs_epi8(wv);
-            for (int m = 0; m < mt; ++m) {
+            UNROLL for (int m = 0; m < mt; ++m) {
                 const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[m], wv));
                 acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(pairs, ones));
             }
@@ -342,19 +380,19 @@ block4_avx512(const float *x, const uint8_t *w, const float *code, const scales_
     const __m512 table = _mm512_loadu_ps(code);
     const int64_t blocks = K / QBLOCK;
     for (int64_t b = 0; b < blocks; ++b) {
-        for (int r = 0; r < rows; ++r) {
+        UNROLL for (int r = 0; r < rows; ++r) {
             const uint8_t *p = w + (r * K + b * QBLOCK) / 2;
             if ((b & 1) == 0) {
                 _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
                 _mm_prefetch((const char *)(p + QROWS * K / 2), _MM_HINT_T1);
             }
             const __m512 t = round_avx512(_mm512_mul_ps(table, _mm512_set1_ps(block_scale(sc, first_block + r * blocks + b))), dt);
-            for (int c = 0; c < 2; ++c) {
+            UNROLL for (int c = 0; c < 2; ++c) {
                 const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16 * c)));
                 const __m512 w_odd = _mm512_permutexvar_ps(v, t); /* reads bits 0-3 of each lane */
                 const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t);
                 const float *xb = x + b * QBLOCK + 32 * c;
-                for (int m = 0; m < mt; ++m) {
+                UNROLL for (int m = 0; m < mt; ++m) {
                     acc[r][m] = _mm512_fmadd_ps(w_even, _mm512_loadu_ps(xb + m * K), acc[r][m]);
                     acc[r][m] = _mm512_fmadd_ps(w_odd, _mm512_loadu_ps(xb + m * K + 16), acc[r][m]);
                 }
@@ -403,14 +441,14 @@ block8_avx512(const int8_t *x, const int8_t *w, int64_t K, int rows, int mt, int
         const __mmask64 mask = k < kfull ? ~(__mmask64)0 : (((__mmask64)1 << (K - kfull)) - 1);
         __m512i xv[QMAX_M];
         for (int m = 0; m < mt; ++m) xv[m] = _mm512_maskz_loadu_epi8(mask, x + m * K + k);
-        for (int r = 0; r < rows; ++r) {
+        UNROLL for (int r = 0; r < rows; ++r) {
             const int8_t *p = w + r * K + k;
             _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
             _mm_prefetch((const char *)(p + QROWS * K), _MM_HINT_T1);
             const __m512i wv = _mm512_maskz_loadu_epi8(mask, p);
             const __m512i aw = _mm512_abs_epi8(wv);
             const __mmask64 negative = _mm512_movepi8_mask(wv);
-            for (int m = 0; m < mt; ++m) {
+            UNROLL for (int m = 0; m < mt; ++m) {
                 const __m512i sx = _mm512_mask_sub_epi8(xv[m], negative, zero, xv[m]); /* x * sign(w) */
                 acc[r][m] = _mm512_add_epi32(acc[r][m], _mm512_madd_epi16(_mm512_maddubs_epi16(aw, sx), ones));
             }
@@ -430,16 +468,32 @@ typedef struct {
 } act8_t;
 
 /* bitsandbytes' int8_vectorwise_quant(x.to(float16), threshold): x16 = x rounded to float16; values with
- * |x16| >= threshold mark their column as an outlier and do not count toward the row's max. */
-__attribute__((target("f16c"))) static void quantize_activations(const void *x, int dt, int64_t M, int64_t K,
-                                                                float threshold, uint8_t *is_outlier, act8_t *a) {
+ * |x16| >= threshold mark their column as an outlier and do not count toward the row's max. x16: M x K scratch. */
+__attribute__((target("avx2,fma,f16c"))) static void quantize_activations(const void *x, int dt, int64_t M, int64_t K,
+                                                                         float threshold, uint8_t *is_outlier,
+                                                                         float *x16, act8_t *a) {
     const int outlying = threshold > 0.0f;
     const float limit = round_to(threshold, DT_F16); /* the comparison is made in float16 */
+    const int64_t kfull = K / 8 * 8;
+    const __m256 sign = _mm256_set1_ps(-0.0f), vlimit = _mm256_set1_ps(limit);
     memset(is_outlier, 0, (size_t)K);
     for (int64_t m = 0; m < M; ++m) {
-        float row_max = 0.0f;
-        for (int64_t k = 0; k < K; ++k) {
-            const float v = fabsf(round_to(load_value(x, m * K + k, dt), DT_F16));
+        float *row = x16 + m * K;
+        __m256 top = _mm256_setzero_ps();
+        for (int64_t k = 0; k < kfull; k += 8) {
+            const __m256 v = load8_as_f16(x, m * K + k, dt), mag = _mm256_andnot_ps(sign, v);
+            _mm256_storeu_ps(row + k, v);
+            const __m256 big = outlying ? _mm256_cmp_ps(mag, vlimit, _CMP_GE_OQ) : _mm256_setzero_ps();
+            if (_mm256_movemask_ps(big))
+                for (int j = 0; j < 8; ++j) is_outlier[k + j] |= fabsf(row[k + j]) >= limit;
+            top = _mm256_max_ps(_mm256_andnot_ps(big, mag), top); /* outliers count as 0; NaN is skipped */
+        }
+        float lanes[8], row_max = 0.0f;
+        _mm256_storeu_ps(lanes, top);
+        for (int j = 0; j < 8; ++j) row_max = lanes[j] > row_max ? lanes[j] : row_max;
+        for (int64_t k = kfull; k < K; ++k) {
+            row[k] = round_to(load_value(x, m * K + k, dt), DT_F16);
+            const float v = fabsf(row[k]);
             if (outlying && v >= limit) is_outlier[k] = 1;
             else if (v > row_max) row_max = v;
         }
@@ -451,11 +505,18 @@ __attribute__((target("f16c"))) static void quantize_activations(const void *x, 
     for (int64_t m = 0; m < M; ++m) {
         /* PyTorch computes `127.0 / row_max` (a scalar over a tensor) as reciprocal(row_max) * 127 */
         const float scale = (1.0f / a->row_max[m]) * 127.0f;
-        for (int64_t k = 0; k < K; ++k) {
-            const float v = round_to(load_value(x, m * K + k, dt), DT_F16) * scale;
-            a->q[m * K + k] = is_outlier[k] || a->row_max[m] == 0.0f ? 0 : (int8_t)nearbyintf(v);
+        const float *row = x16 + m * K;
+        int8_t *q = a->q + m * K;
+        if (a->row_max[m] == 0.0f) memset(q, 0, (size_t)K);
+        else {
+            const __m256 s = _mm256_set1_ps(scale);
+            for (int64_t k = 0; k < kfull; k += 8) store8_int8(q + k, _mm256_mul_ps(_mm256_loadu_ps(row + k), s));
+            for (int64_t k = kfull; k < K; ++k) q[k] = (int8_t)nearbyintf(row[k] * scale);
         }
-        for (int64_t j = 0; j < a->ncols; ++j) a->outliers[m * a->ncols + j] = load_value(x, m * K + a->cols[j], dt);
+        for (int64_t j = 0; j < a->ncols; ++j) {
+            q[a->cols[j]] = 0;
+            a->outliers[m * a->ncols + j] = load_value(x, m * K + a->cols[j], dt);
+        }
     }
 }
 
@@ -506,18 +567,6 @@ LINEAR8(linear8_avx2, "avx2,fma,f16c", block8_avx2)
 LINEAR8(linear8_avx512, AVX512_TARGET, block8_avx512)
 
 /* ---------------------------------------------------------------- int8 weight quantization (loading) */
-/* 8 values of dtype dt from p, rounded to float16 and back (Int8Params quantizes w.to(float16)) */
-__attribute__((target("avx2,fma,f16c"), always_inline)) static inline __m256 load8_as_f16(const void *p, int64_t i,
-                                                                                         int dt) {
-    __m256 v;
-    if (dt == DT_BF16)
-        v = _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i))), 16));
-    else if (dt == DT_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
-    else v = _mm256_loadu_ps((const float *)p + i);
-    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
 /* Row i of w (N x K, dtype dt): scales[i] = max |w16|, q = round(w16 * (127 / max)) with PyTorch's arithmetic
  * (the reciprocal times 127, then nearest even); an all-zero row gives zeros. */
 __attribute__((target("avx2,fma,f16c"))) static int quantize_rows_int8(int dt, const void *w, int8_t *q,
@@ -545,12 +594,7 @@ __attribute__((target("avx2,fma,f16c"))) static int quantize_rows_int8(int dt, c
         const float scale = (1.0f / mx) * 127.0f;
         const __m256 s = _mm256_set1_ps(scale);
         for (int64_t k = 0; k < kfull; k += 8) {
-            const __m256 r = _mm256_round_ps(_mm256_mul_ps(load8_as_f16(w, row + k, dt), s),
-                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            __m128i i32lo = _mm256_castsi256_si128(_mm256_cvtps_epi32(r));
-            __m128i i32hi = _mm256_extracti128_si256(_mm256_cvtps_epi32(r), 1);
-            const __m128i i8 = _mm_packs_epi16(_mm_packs_epi32(i32lo, i32hi), _mm_setzero_si128());
-            _mm_storel_epi64((__m128i *)(q + row + k), mx == 0.0f ? _mm_setzero_si128() : i8);
+            store8_int8(q + row + k, mx == 0.0f ? _mm256_setzero_ps() : _mm256_mul_ps(load8_as_f16(w, row + k, dt), s));
         }
         for (int64_t k = kfull; k < K; ++k)
             q[row + k] = mx == 0.0f ? 0 : (int8_t)nearbyintf(round_to(load_value(w, row + k, dt), DT_F16) * scale);
@@ -598,9 +642,10 @@ int neox_linear_int8(int isa, int dt, const void *x, const int8_t *w, const floa
     a.cols = malloc((size_t)K * sizeof(int64_t));
     a.outliers = malloc((size_t)(M * K) * sizeof(float));
     uint8_t *is_outlier = malloc((size_t)K);
+    float *x16 = malloc((size_t)(M * K) * sizeof(float));
     int status = -2;
-    if (a.q && a.row_max && a.cols && a.outliers && is_outlier) {
-        quantize_activations(x, dt, M, K, threshold, is_outlier, &a);
+    if (a.q && a.row_max && a.cols && a.outliers && is_outlier && x16) {
+        quantize_activations(x, dt, M, K, threshold, is_outlier, x16, &a);
         if (isa == QISA_AVX512) linear8_avx512(&a, w, scb, bias, y, M, N, K, dt, gelu);
         else linear8_avx2(&a, w, scb, bias, y, M, N, K, dt, gelu);
         status = 0;
@@ -610,6 +655,7 @@ int neox_linear_int8(int isa, int dt, const void *x, const int8_t *w, const floa
     free(a.cols);
     free(a.outliers);
     free(is_outlier);
+    free(x16);
     return status;
 }
 
