@@ -1,12 +1,12 @@
 """GPU benchmarks for bench/gpu_check.sh (one lent CUDA machine, a few minutes).
 
     python bench/gpu_bench.py [--shape pythia-1.4b] [--gpu-memory 1GiB] [--batches 1 4 16] [--tokens 32]
-                              [--skip offloaded] [--skip-compile] [--out FILE.jsonl]
+                              [--skip resident compiled offloaded] [--out FILE.jsonl]
 
 1. Resident decode, fp16 and nf4, at each batch size: neoxlite (captured decode step, and eager) against
-   transformers' eager generate, transformers with a static cache + torch.compile (fp16, batch 1) and
-   transformers + bitsandbytes (nf4, same settings), greedy: tokens/s, share of the weight-read bound (the GPU's
-   measured read bandwidth / weight bytes per step, times the batch), same tokens or not.
+   transformers' eager generate (fp16) and transformers + bitsandbytes (nf4, same settings), greedy: tokens/s,
+   share of the weight-read bound (the GPU's measured read bandwidth / weight bytes per step, times the batch),
+   same tokens or not. Then ("compiled") fp16 batch 1 against transformers with a static cache + torch.compile.
 2. Offloaded decode with a GPU budget smaller than the model: neoxlite (gpu_memory=budget, rest in pinned RAM)
    against accelerate's CPU offload (device_map="auto", max_memory={0: budget, "cpu": ...}) at each batch size:
    tokens/s, peak GPU memory against the budget, and the PCIe bound (bytes the plan moves per step / measured
@@ -104,10 +104,8 @@ def record(args: argparse.Namespace, **figures: object) -> None:
 
 def resident(args: argparse.Namespace, folder: Path, device: torch.device) -> None:
     """Greedy decode with every weight on the GPU, fp16 then nf4, at each batch size: neoxlite with its captured
-    decode step and without, against transformers' eager generate, transformers with a static cache (which its
-    generate compiles with torch.compile on a GPU; fp16, batch 1: compiling costs a minute per shape), and
-    transformers + bitsandbytes for nf4. The bound: the GPU's measured read bandwidth / bytes of weights a step
-    reads, times the batch."""
+    decode step and without, against transformers' eager generate (fp16) and transformers + bitsandbytes (nf4).
+    The bound: the GPU's measured read bandwidth / bytes of weights a step reads, times the batch."""
     import transformers
     from neoxlite.quant import QuantSpec
 
@@ -141,20 +139,9 @@ def resident(args: argparse.Namespace, folder: Path, device: torch.device) -> No
         same = {}
         for batch in args.batches:
             ids = prompts(batch, args.prompt_tokens, device)
-            variants = {reference: {}}
-            if not qkw and batch == 1 and not args.skip_compile:
-                variants["transformers static+compile"] = {"cache_implementation": "static"}
-            for name, extra in variants.items():
-                def ref_run(n: int, m=ref, x=ids, e=extra) -> torch.Tensor:
-                    return m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                                      do_sample=False, pad_token_id=0, **e)
-                try:
-                    rates[name, batch] = decode_rate(ref_run, args.tokens, batch, device)
-                except Exception as error:  # the compiled reference may not run here: say so, measure the rest
-                    print(f"  {name} batch {batch} did not run: {type(error).__name__}: {error}"[:300], flush=True)
-                    continue
-                if name == reference:
-                    same[batch] = torch.equal(ref_run(16).cpu(), tokens[batch])
+            rates[reference, batch] = decode_rate(lambda n, m=ref, x=ids: reference_generate(m, x, n), args.tokens,
+                                                  batch, device)
+            same[batch] = torch.equal(reference_generate(ref, ids, 16).cpu(), tokens[batch])
         del ref
         free()
         print(f"resident {mode} ({args.shape}), weights {nbytes / 1e9:.2f} GB/step at {bandwidth / 1e12:.2f} TB/s; "
@@ -170,6 +157,41 @@ def resident(args: argparse.Namespace, folder: Path, device: torch.device) -> No
             record(args, section="resident", mode=mode, shape=args.shape, batch=batch, bound_tok_s=bound,
                    rates={name: rate for (name, b), rate in rates.items() if b == batch},
                    same_tokens=same.get(batch), graphs=status)
+
+
+def reference_generate(model: torch.nn.Module, ids: torch.Tensor, n: int, **extra: object) -> torch.Tensor:
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0, **extra)
+
+
+def compiled(args: argparse.Namespace, folder: Path, device: torch.device) -> None:
+    """transformers with a static cache, which its generate compiles with torch.compile on a GPU (fp16, batch 1;
+    compiling costs a minute or more, so it runs after the figures above are out), beside neoxlite again."""
+    import transformers
+
+    from neoxlite import GPTNeoXForCausalLM
+
+    ids = prompts(1, args.prompt_tokens, device)
+    ours = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float16, device=device, progress=False)
+    nbytes = sum(ours.block_sizes().values()) - ours.block_sizes()["embed_in"]
+    ours_rate = decode_rate(lambda n, m=ours: m.generate(ids, max_new_tokens=n, eos_token_id=[]), args.tokens, 1,
+                            device)
+    del ours
+    free()
+    ref = transformers.GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float16, device_map={"": device}).eval()
+    start = time.perf_counter()
+    reference_generate(ref, ids, 4, cache_implementation="static")  # the compilation
+    compile_s = time.perf_counter() - start
+    rate = decode_rate(lambda n, m=ref: reference_generate(m, ids, n, cache_implementation="static"), args.tokens, 1,
+                       device)
+    del ref
+    free()
+    bound = device_read_bandwidth(device) / nbytes
+    print(f"resident fp16 ({args.shape}, batch 1): transformers static cache + torch.compile {rate:.1f} tok/s "
+          f"({rate / bound:.0%} of the bound, compiled in {compile_s:.0f} s); neoxlite {ours_rate:.1f} tok/s "
+          f"({ours_rate / bound:.0%}); ratio {ours_rate / rate:.2f}x", flush=True)
+    record(args, section="compiled", shape=args.shape, batch=1, bound_tok_s=bound, compile_s=compile_s,
+           rates={"transformers static+compile": rate, "neoxlite": ours_rate})
 
 
 def offloaded(args: argparse.Namespace, folder: Path, device: torch.device) -> None:
@@ -225,8 +247,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["resident", "offloaded"])
-    parser.add_argument("--skip-compile", action="store_true", help="no transformers static cache + torch.compile")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["resident", "compiled", "offloaded"])
     parser.add_argument("--out", type=Path, help="append the figures here as JSON lines")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script runs")
     args = parser.parse_args()
@@ -240,7 +261,7 @@ def main() -> None:
     folder = random_checkpoint(args.shape, torch.float16, OUT / f"{args.shape}-float16")
     failed = []
     # Each section runs even when one before it fails: a lent GPU's minutes are too few to rerun everything.
-    for name, section in (("resident", resident), ("offloaded", offloaded)):
+    for name, section in (("resident", resident), ("compiled", compiled), ("offloaded", offloaded)):
         if name in args.skip:
             continue
         try:
