@@ -89,7 +89,7 @@ class CapturedStep:
 
     def _capture(self, step_fn: Callable[[], torch.Tensor]) -> None:
         start = time.perf_counter()
-        side = torch.cuda.Stream()
+        side = _warmup_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph asks
             for _ in range(2):  # lazy initialisation (cuBLAS handles, bitsandbytes' buffers) happens here
@@ -104,6 +104,18 @@ class CapturedStep:
         B, _, _, L = self.step.visible.shape
         log.info("neoxlite: captured the decode step (batch %d, cache %d) as a CUDA graph in %.2f s", B, L,
                  self.capture_seconds)
+
+
+def _warmup_stream() -> torch.cuda.Stream:
+    """One side stream for every warm-up: cuBLAS keeps a workspace per stream it has run on, so a new stream per
+    capture would keep one more workspace each time."""
+    global _WARMUP
+    if _WARMUP is None or _WARMUP.device != torch.device("cuda", torch.cuda.current_device()):
+        _WARMUP = torch.cuda.Stream()
+    return _WARMUP
+
+
+_WARMUP: torch.cuda.Stream | None = None
 
 
 def captured_step(model: nn.Module, key: tuple[int, int, torch.dtype], make_step: Callable[[], Any]) -> CapturedStep:

@@ -359,8 +359,9 @@ class GPTNeoXModel(GPTNeoXPreTrainedModel):
             position_ids = torch.arange(past, end, device=device)[None].expand(B, T)
         else:
             position_ids = position_ids.to(device)
-            # positions a caller chose: the table covers them only when they are in [0, its limit)
-            end = int(position_ids.max()) + 1 if int(position_ids.min()) >= 0 else self.rotary.limit + 1
+            # positions a caller chose: the table covers them only when they are in [0, its limit) (one read-back)
+            lowest, highest = torch.stack(torch.aminmax(position_ids)).tolist()
+            end = highest + 1 if lowest >= 0 else self.rotary.limit + 1
         rope = self.rotary.rope(position_ids, x.dtype, end)
         mask = build_attention_mask(attention_mask, past, T, device)
         if cache is not None:
