@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -39,8 +38,13 @@ SHAPES = {
 
 
 def peak_rss() -> int:
-    """The process's highest resident set so far, bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process image's highest resident set so far, bytes: VmHWM of /proc/self/status (Linux). Not
+    getrusage's ru_maxrss, which keeps the peak of the process that forked this one across exec (a test's
+    pytest, for one)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: the peak RSS is read the Linux way")
 
 
 def layer_tensors(config, spec, i: int, device: torch.device, generator: torch.Generator) -> dict[str, torch.Tensor]:
