@@ -1,10 +1,12 @@
 """GPU benchmarks for bench/gpu_check.sh (one lent CUDA machine, a few minutes).
 
     python bench/gpu_bench.py [--shape pythia-1.4b] [--gpu-memory 1GiB] [--batches 1 4 16] [--tokens 32]
+                              [--skip resident compiled offloaded] [--out FILE.jsonl]
 
-1. Resident decode, fp16 and 4-bit: neoxlite against transformers (fp16) and transformers + bitsandbytes (nf4,
-   same settings), greedy, batch 1: tokens/s, the weight-read bound from the GPU's measured read bandwidth,
-   same tokens or not.
+1. Resident decode, fp16 and nf4, at each batch size: neoxlite (captured decode step, and eager) against
+   transformers' eager generate (fp16) and transformers + bitsandbytes (nf4, same settings), greedy: tokens/s,
+   share of the weight-read bound (the GPU's measured read bandwidth / weight bytes per step, times the batch),
+   same tokens or not. Then ("compiled") fp16 batch 1 against transformers with a static cache + torch.compile.
 2. Offloaded decode with a GPU budget smaller than the model: neoxlite (gpu_memory=budget, rest in pinned RAM)
    against accelerate's CPU offload (device_map="auto", max_memory={0: budget, "cpu": ...}) at each batch size:
    tokens/s, peak GPU memory against the budget, and the PCIe bound (bytes the plan moves per step / measured
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sys
 import time
 import traceback
@@ -91,22 +94,38 @@ def prompts(batch: int, n: int, device: torch.device) -> torch.Tensor:
     return torch.randint(100, 50000, (batch, n), generator=torch.Generator().manual_seed(batch)).to(device)
 
 
+def record(args: argparse.Namespace, **figures: object) -> None:
+    """One JSON line of figures in --out (gpu_check.sh points it into $OUT), beside the printed line."""
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as f:
+            f.write(json.dumps(figures) + "\n")
+
+
 def resident(args: argparse.Namespace, folder: Path, device: torch.device) -> None:
-    """Batch-1 greedy decode with every weight on the GPU: fp16, then nf4, each against transformers."""
+    """Greedy decode with every weight on the GPU, fp16 then nf4, at each batch size: neoxlite with its captured
+    decode step and without, against transformers' eager generate (fp16) and transformers + bitsandbytes (nf4).
+    The bound: the GPU's measured read bandwidth / bytes of weights a step reads, times the batch."""
     import transformers
     from neoxlite.quant import QuantSpec
 
-    from neoxlite import GPTNeoXForCausalLM
+    from neoxlite import GPTNeoXForCausalLM, cuda_graphs
 
-    ids = prompts(1, args.prompt_tokens, device)
     bandwidth = device_read_bandwidth(device)
     for mode in ("fp16", "nf4"):
         qkw = {} if mode == "fp16" else dict(quant="nf4", compute_dtype=torch.float16)
         ours = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float16, device=device, progress=False, **qkw)
         nbytes = sum(ours.block_sizes().values()) - ours.block_sizes()["embed_in"]
-        ours_rate = decode_rate(lambda n, m=ours: m.generate(ids, max_new_tokens=n, eos_token_id=[]), args.tokens,
-                                1, device)
-        ours_tokens = ours.generate(ids, max_new_tokens=16, eos_token_id=[]).cpu()
+        rates: dict[tuple[str, int], float] = {}
+        tokens: dict[int, torch.Tensor] = {}
+        for batch in args.batches:
+            ids = prompts(batch, args.prompt_tokens, device)
+            for graphs in (True, False):
+                rates["neoxlite" if graphs else "neoxlite eager", batch] = decode_rate(
+                    lambda n, m=ours, x=ids, g=graphs: m.generate(x, max_new_tokens=n, eos_token_id=[], cuda_graphs=g),
+                    args.tokens, batch, device)
+            tokens[batch] = ours.generate(ids, max_new_tokens=16, eos_token_id=[]).cpu()
+        status = cuda_graphs.describe(ours)
         del ours
         free()
         ref_kw = {}
@@ -116,21 +135,63 @@ def resident(args: argparse.Namespace, folder: Path, device: torch.device) -> No
                 **{k: v for k, v in config.items() if not k.startswith("_") and k != "quant_method"})
         ref = transformers.GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float16, device_map={"": device},
                                                               **ref_kw).eval()
-
-        def ref_run(n: int, m=ref) -> torch.Tensor:
-            return m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0)
-
-        ref_rate = decode_rate(ref_run, args.tokens, 1, device)
-        same = torch.equal(ref_run(16).cpu(), ours_tokens)
-        del ref, ref_run
-        free()
-        bound = bandwidth / nbytes
         reference = "transformers" + ("+bnb" if qkw else "")
-        print(f"resident {mode} ({args.shape}, batch 1): neoxlite {ours_rate:.1f} tok/s, {reference} "
-              f"{ref_rate:.1f} tok/s, ratio {ours_rate / ref_rate:.2f}x; weight-read bound {bound:.0f} tok/s "
-              f"({nbytes / 1e9:.2f} GB/token at {bandwidth / 1e12:.2f} TB/s) -> neoxlite {ours_rate / bound:.0%}, "
-              f"{reference} {ref_rate / bound:.0%}; same 16 greedy tokens: {same}", flush=True)
+        same = {}
+        for batch in args.batches:
+            ids = prompts(batch, args.prompt_tokens, device)
+            rates[reference, batch] = decode_rate(lambda n, m=ref, x=ids: reference_generate(m, x, n), args.tokens,
+                                                  batch, device)
+            same[batch] = torch.equal(reference_generate(ref, ids, 16).cpu(), tokens[batch])
+        del ref
+        free()
+        print(f"resident {mode} ({args.shape}), weights {nbytes / 1e9:.2f} GB/step at {bandwidth / 1e12:.2f} TB/s; "
+              f"{status.replace(chr(10), '; ')}", flush=True)
+        for batch in args.batches:
+            bound = batch * bandwidth / nbytes
+            ours_rate = rates["neoxlite", batch]
+            parts = [f"{name} {rate:.1f} tok/s ({rate / bound:.0%})" for (name, b), rate in rates.items() if b == batch]
+            ratio = ours_rate / rates[reference, batch] if (reference, batch) in rates else float("nan")
+            print(f"  batch {batch:>2}: bound {bound:.0f} tok/s; " + ", ".join(parts)
+                  + f"; neoxlite/{reference} {ratio:.1f}x; same 16 greedy tokens as {reference}: "
+                  f"{same.get(batch)}", flush=True)
+            record(args, section="resident", mode=mode, shape=args.shape, batch=batch, bound_tok_s=bound,
+                   rates={name: rate for (name, b), rate in rates.items() if b == batch},
+                   same_tokens=same.get(batch), graphs=status)
+
+
+def reference_generate(model: torch.nn.Module, ids: torch.Tensor, n: int, **extra: object) -> torch.Tensor:
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0, **extra)
+
+
+def compiled(args: argparse.Namespace, folder: Path, device: torch.device) -> None:
+    """transformers with a static cache, which its generate compiles with torch.compile on a GPU (fp16, batch 1;
+    compiling costs a minute or more, so it runs after the figures above are out), beside neoxlite again."""
+    import transformers
+
+    from neoxlite import GPTNeoXForCausalLM
+
+    ids = prompts(1, args.prompt_tokens, device)
+    ours = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float16, device=device, progress=False)
+    nbytes = sum(ours.block_sizes().values()) - ours.block_sizes()["embed_in"]
+    ours_rate = decode_rate(lambda n, m=ours: m.generate(ids, max_new_tokens=n, eos_token_id=[]), args.tokens, 1,
+                            device)
+    del ours
+    free()
+    ref = transformers.GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.float16, device_map={"": device}).eval()
+    start = time.perf_counter()
+    reference_generate(ref, ids, 4, cache_implementation="static")  # the compilation
+    compile_s = time.perf_counter() - start
+    rate = decode_rate(lambda n, m=ref: reference_generate(m, ids, n, cache_implementation="static"), args.tokens, 1,
+                       device)
+    del ref
+    free()
+    bound = device_read_bandwidth(device) / nbytes
+    print(f"resident fp16 ({args.shape}, batch 1): transformers static cache + torch.compile {rate:.1f} tok/s "
+          f"({rate / bound:.0%} of the bound, compiled in {compile_s:.0f} s); neoxlite {ours_rate:.1f} tok/s "
+          f"({ours_rate / bound:.0%}); ratio {ours_rate / rate:.2f}x", flush=True)
+    record(args, section="compiled", shape=args.shape, batch=1, bound_tok_s=bound, compile_s=compile_s,
+           rates={"transformers static+compile": rate, "neoxlite": ours_rate})
 
 
 def offloaded(args: argparse.Namespace, folder: Path, device: torch.device) -> None:
@@ -186,7 +247,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=16)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["resident", "offloaded"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["resident", "compiled", "offloaded"])
+    parser.add_argument("--out", type=Path, help="append the figures here as JSON lines")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script runs")
     args = parser.parse_args()
     if args.smoke:
@@ -199,7 +261,7 @@ def main() -> None:
     folder = random_checkpoint(args.shape, torch.float16, OUT / f"{args.shape}-float16")
     failed = []
     # Each section runs even when one before it fails: a lent GPU's minutes are too few to rerun everything.
-    for name, section in (("resident", resident), ("offloaded", offloaded)):
+    for name, section in (("resident", resident), ("compiled", compiled), ("offloaded", offloaded)):
         if name in args.skip:
             continue
         try:

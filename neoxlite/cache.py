@@ -8,15 +8,25 @@ from neoxlite.config import GPTNeoXConfig
 
 
 class StaticCache:
-    """Keys and values of every layer, (B, heads, max_length, head_size) each, on the compute device."""
+    """Keys and values of every layer, (B, heads, max_length, head_size) each, on the compute device.
+
+    Each forward writes its keys and values at positions held in a tensor (`begin`), with index_copy_, so a step
+    reads no Python position and can be captured as a CUDA graph. What attention reads is either the filled part
+    (`read_end` a Python int: the CPU step, whose kernels and slices take one, and prefill) or, with `fixed_shape`,
+    the whole buffer under a mask the caller builds from the position tensor (the step a CUDA graph captures:
+    one shape for every step).
+    """
 
     def __init__(self, config: GPTNeoXConfig, batch_size: int, max_length: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, fixed_shape: bool = False) -> None:
         shape = (batch_size, config.num_attention_heads, max_length, config.head_size)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_length = max_length
-        self.length = 0  # tokens already stored; the model advances it after each forward
+        self.length = 0  # tokens already stored by forward() (the CPU step and prefill; the fixed step keeps none)
+        self.fixed_shape = fixed_shape
+        self.write_positions = torch.zeros(1, dtype=torch.long, device=device)  # where this forward writes
+        self.read_end: int | None = None  # how much attention reads; None: all of it (fixed_shape)
 
     @staticmethod
     def nbytes(config: GPTNeoXConfig, batch_size: int, max_length: int, dtype: torch.dtype) -> int:
@@ -24,12 +34,25 @@ class StaticCache:
         per_layer = 2 * batch_size * config.num_attention_heads * max_length * config.head_size * dtype.itemsize
         return per_layer * config.num_hidden_layers
 
+    def begin(self, write_positions: torch.Tensor, read_end: int | None) -> None:
+        """The next forward writes at `write_positions` ((T,) int64 on the cache's device) and attends to the
+        first `read_end` positions (None: the whole buffer)."""
+        self.write_positions, self.read_end = write_positions, read_end
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores this step's k, v after the cached ones and returns views of everything so far."""
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        """Stores this step's k, v (B, heads, T, hs) at the write positions and returns what attention reads."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(2, self.write_positions, k)
+        values.index_copy_(2, self.write_positions, v)
+        if self.read_end is None:
+            return keys, values
+        return keys[:, :, :self.read_end], values[:, :, :self.read_end]
+
+    def reset(self) -> None:
+        """Empties the cache for another generation of the same shape (a captured step keeps its buffers)."""
+        for buffer in (*self.keys, *self.values):
+            buffer.zero_()
+        self.length = 0
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keeps only the given batch rows (drops finished sequences)."""
@@ -43,6 +66,9 @@ class StaticCache:
         cache.keys, cache.values = keys, values
         cache.max_length = keys[0].shape[2]
         cache.length = length
+        cache.fixed_shape = False
+        cache.write_positions = torch.zeros(1, dtype=torch.long, device=keys[0].device)
+        cache.read_end = None
         return cache
 
 

@@ -6,9 +6,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -61,12 +62,13 @@ class SamplingSettings:
     def next_tokens(self, logits: torch.Tensor, seen: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """(B, V) logits of the last position and (B, L) ids so far -> (B,) chosen ids. Same order as the reference:
         repetition penalty, then temperature, top-k, top-p."""
+        if not bool(torch.isfinite(logits).all()):
+            raise non_finite_error(logits.dtype)
+        return self.choose(logits, seen, generator)
+
+    def choose(self, logits: torch.Tensor, seen: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """next_tokens without the finiteness check (which reads back): the caller checks, now or a few steps on."""
         scores = logits.float()
-        if not bool(torch.isfinite(scores).all()):
-            # NaN would make argmax pick token 0 (often end of text: an empty reply) and multinomial fail deep in torch.
-            raise ValueError(f"the model produced non-finite logits (NaN or inf) for the next token: its weights "
-                             f"hold NaN/inf or overflow in {logits.dtype}; check the checkpoint, or load it in "
-                             "float32 (--dtype float32)")
         if self.repetition_penalty != 1.0:
             picked = scores.gather(1, seen)
             picked = torch.where(picked < 0, picked * self.repetition_penalty, picked / self.repetition_penalty)
@@ -91,6 +93,12 @@ class SamplingSettings:
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def non_finite_error(dtype: torch.dtype) -> ValueError:
+    # NaN would make argmax pick token 0 (often end of text: an empty reply) and multinomial fail deep in torch.
+    return ValueError(f"the model produced non-finite logits (NaN or inf) for the next token: its weights hold "
+                      f"NaN/inf or overflow in {dtype}; check the checkpoint, or load it in float32 (--dtype float32)")
+
+
 def _as_list(ids: int | Sequence[int] | torch.Tensor | None) -> list[int]:
     if ids is None:
         return []
@@ -106,6 +114,118 @@ def context_limit(config: Any) -> int:
     if config.rope_type != "default":
         return int(config.max_position_embeddings * config.rope_factor)
     return config.max_position_embeddings
+
+
+class DecodeStep:
+    """The tensors one decode step reads, allocated once per generation and updated in place between steps (a
+    captured CUDA graph reads them at fixed addresses)."""
+
+    def __init__(self, cache: StaticCache) -> None:
+        B, L, device = cache.keys[0].shape[0], cache.max_length, cache.keys[0].device
+        self.cache = cache
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)  # the newest token of each row
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=device)  # the cache position it is written at
+        self.position_ids = torch.zeros(B, 1, dtype=torch.long, device=device)  # its rotary position per row
+        self.visible = torch.ones(B, 1, 1, L, dtype=torch.bool, device=device)  # False at each row's padding
+        self.key_positions = torch.arange(L, device=device)
+        self.padded = False
+
+    def start(self, attention_mask: torch.Tensor, position_ids: torch.Tensor, padded: bool) -> None:
+        """After prefill of a (B, P) prompt: the first step writes at P, one position past each row's last."""
+        P = attention_mask.shape[1]
+        self.visible.fill_(True)
+        self.visible[:, 0, 0, :P] = attention_mask.bool()
+        self.padded = padded
+        self.input_pos.fill_(P)
+        self.position_ids.copy_(position_ids[:, -1:] + 1)
+
+    def advance(self) -> None:
+        self.input_pos += 1
+        self.position_ids += 1
+
+    def mask(self) -> torch.Tensor | None:
+        """What the step's queries may attend: with a fixed-shape cache every key up to input_pos that is not
+        padding (B, 1, 1, max_length); else the filled part's padding mask, or None without padding (plain
+        causal attention, which is what an all-ones mask gives too, and what lets the CPU kernels run)."""
+        if self.cache.fixed_shape:
+            return (self.key_positions <= self.input_pos) & self.visible
+        return self.visible[..., :self.cache.length + 1] if self.padded else None
+
+
+def readback_interval(device: torch.device, stops: list[str], generator: torch.Generator | None) -> int:
+    """Steps between read-backs of the stop and finiteness flags. Reading a flag waits for the device: on a GPU
+    they are read every few steps (the tokens of the steps between are held, so the output is the same); on the
+    CPU, or when the choice is made on the host anyway (stop strings, a CPU generator), every step."""
+    if device.type == "cpu" or stops or (generator is not None and generator.device != device):
+        return 1
+    return 8
+
+
+def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+            cache: StaticCache) -> torch.Tensor:
+    """The prompt (B, P) through the model into the empty cache -> (B, V) logits of its last position."""
+    return model(input_ids, attention_mask, position_ids, cache=cache, logits_to_keep=1).logits[:, -1]
+
+
+def decode_one_token(model: Any, step: DecodeStep) -> torch.Tensor:
+    """step.tokens at step.input_pos -> (B, V) logits: tensors in, tensors out, no read-back (what a CUDA graph
+    captures)."""
+    return model.decode_one_token(step.tokens, step.input_pos, step.position_ids, step.mask(), step.cache)
+
+
+@dataclass
+class DecodeLoop:
+    """What the decoding loop needs besides the logits: settled by stream_generate."""
+
+    settings: SamplingSettings
+    step: DecodeStep
+    run: Callable[[], torch.Tensor]  # one decode step: step.tokens -> (B, V) logits
+    device: torch.device
+    every: int  # steps between read-backs of the stop and finiteness flags
+    max_new_tokens: int
+    pad_token_id: int
+    eos: torch.Tensor | None
+    stops: list[str]
+    tokenizer: Any
+    generator: torch.Generator | None
+
+
+def _decode_loop(loop: DecodeLoop, logits: torch.Tensor, seen: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Chooses, yields and feeds back one token per row per step. Flags are read back every `loop.every` steps;
+    the tokens in between are held, so a stop or a non-finite step ends the output exactly where it did when
+    every step read back."""
+    B = seen.shape[0]
+    unfinished = torch.ones(B, dtype=torch.bool, device=loop.device)
+    held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (tokens, finite, any row unfinished)
+    for index in range(loop.max_new_tokens):
+        logits = logits.to(loop.device)
+        finite = torch.isfinite(logits).all()
+        if loop.settings.do_sample:
+            # a non-finite step is reported after the choice (at the read-back): it must not crash the sampler
+            logits = torch.where(finite, logits, torch.zeros_like(logits))
+        chosen = loop.settings.choose(logits, seen, loop.generator).to(loop.device)
+        chosen = torch.where(unfinished, chosen, torch.full_like(chosen, loop.pad_token_id))
+        if loop.eos is not None:
+            unfinished &= ~torch.isin(chosen, loop.eos)
+        if loop.stops:
+            unfinished &= ~_hit_stop(loop.tokenizer, torch.cat([seen, chosen[:, None]], dim=1), loop.stops)
+        held.append((chosen, finite, unfinished.any()))
+        last = index == loop.max_new_tokens - 1
+        if len(held) == loop.every or last:
+            flags = torch.stack([torch.stack((f, a)) for _, f, a in held]).tolist()  # the one read-back
+            for (tokens, _, _), (is_finite, any_unfinished) in zip(held, flags, strict=True):
+                if not is_finite:
+                    raise non_finite_error(logits.dtype)
+                yield tokens
+                if not any_unfinished:
+                    return
+            held.clear()
+        if last:
+            return
+        seen = torch.cat([seen, chosen[:, None]], dim=1)
+        loop.step.tokens.copy_(chosen[:, None])
+        logits = loop.run()
+        loop.step.advance()
 
 
 class GenerationMixin:
@@ -135,6 +255,7 @@ class GenerationMixin:
         seed: int | None = None,
         generator: torch.Generator | None = None,
         generation_config: GenerationConfig | None = None,
+        cuda_graphs: bool | None = None,
         **unused: Any,
     ) -> Iterator[torch.Tensor]:
         """Yields the next token of every row, shape (B,), one decoding step at a time.
@@ -145,7 +266,8 @@ class GenerationMixin:
         else transformers' default: greedy; sampling keeps the 50 most likely tokens unless top_k says
         otherwise (0 or None: off); with neither max_length nor max_new_tokens, 20 new tokens. None for
         max_length, max_new_tokens, eos_token_id or pad_token_id means not given. Without a
-        generation_config.json, eos and pad come from the model config.
+        generation_config.json, eos and pad come from the model config. cuda_graphs: replay the decode step as a
+        captured CUDA graph where it applies (resident CUDA models; default on, NEOXLITE_CUDA_GRAPHS=0 turns it off).
         """
         unknown = {k for k, v in unused.items() if v is not None} - {"use_cache", "num_beams", "streamer"}
         if unknown:
@@ -226,36 +348,35 @@ class GenerationMixin:
         attention_mask = attention_mask.to(device=device, dtype=torch.long)
         # Positions count real tokens only, so a left-padded row is positioned as if it had no padding.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-        # The mask of every step, preallocated and sliced, and only where a row has padding (checked once here,
-        # not once a step: on a GPU each check waits for the device); without padding the steps attend plainly
-        # causally, which is what an all-ones mask gives too.
-        masks = None
-        if not bool(attention_mask.all()):
-            masks = attention_mask.new_ones(B, prompt_len + max_new_tokens)
-            masks[:, :prompt_len] = attention_mask
-        cache = StaticCache(config, B, prompt_len + max_new_tokens, self._cache_dtype(), device)
-        eos = torch.tensor(eos_ids, device=device) if eos_ids else None
-        unfinished = torch.ones(B, dtype=torch.bool, device=device)
-        seen = input_ids
-        new_tokens: list[torch.Tensor] = []
+        padded = not bool(attention_mask.all())  # checked once here, not once a step
+        step, run = self._decode_step(B, prompt_len + max_new_tokens, cuda_graphs)
+        logits = prefill(self, input_ids, attention_mask if padded else None, position_ids, step.cache)
+        step.start(attention_mask, position_ids, padded)
+        every = readback_interval(device, stops, generator)
+        yield from _decode_loop(DecodeLoop(settings, step, run, device, every, max_new_tokens, pad_token_id,
+                                           torch.tensor(eos_ids, device=device) if eos_ids else None,
+                                           stops, tokenizer, generator), logits, input_ids)
 
-        logits = self(input_ids, attention_mask if masks is not None else None, position_ids, cache=cache,
-                      logits_to_keep=1).logits[:, -1]
-        for step in range(max_new_tokens):
-            chosen = settings.next_tokens(logits.to(device), seen, generator).to(device)
-            chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad_token_id))
-            new_tokens.append(chosen)
-            yield chosen
-            if eos is not None:
-                unfinished &= ~torch.isin(chosen, eos)
-            if stops:
-                unfinished &= ~_hit_stop(tokenizer, torch.cat([seen, chosen[:, None]], dim=1), stops)
-            if not bool(unfinished.any()) or step == max_new_tokens - 1:
-                return
-            seen = torch.cat([seen, chosen[:, None]], dim=1)
-            step_mask = masks[:, :prompt_len + step + 1] if masks is not None else None
-            position_ids = position_ids[:, -1:] + 1
-            logits = self(chosen[:, None], step_mask, position_ids, cache=cache).logits[:, -1]
+    def _decode_step(self, batch_size: int, length: int, cuda_graphs: bool | None
+                     ) -> tuple[DecodeStep, Callable[[], torch.Tensor]]:
+        """The step's tensors and the call that runs it: a replayed CUDA graph for resident CUDA models (unless
+        cuda_graphs=False or NEOXLITE_CUDA_GRAPHS=0), else the step itself."""
+        from neoxlite import cuda_graphs as graphs
+
+        device = self.device
+        dtype = self._cache_dtype()
+        if not graphs.fixed_shape(self):  # the CPU step (and offloaded models): reads the filled part of the cache
+            step = DecodeStep(StaticCache(self.config, batch_size, length, dtype, device))
+            return step, functools.partial(decode_one_token, self, step)
+        # one shape for all steps, rounded up so generations of nearby lengths share a captured graph
+        length = min(-(-length // graphs.LENGTH_QUANTUM) * graphs.LENGTH_QUANTUM, max(length, context_limit(self.config)))
+        if not graphs.wanted(cuda_graphs):
+            step = DecodeStep(StaticCache(self.config, batch_size, length, dtype, device, fixed_shape=True))
+            return step, functools.partial(decode_one_token, self, step)
+        captured = graphs.captured_step(self, (batch_size, length, dtype), lambda: DecodeStep(
+            StaticCache(self.config, batch_size, length, dtype, device, fixed_shape=True)))
+        captured.step.cache.reset()
+        return captured.step, functools.partial(captured.run, functools.partial(decode_one_token, self, captured.step))
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         """Prompt plus new tokens, (B, prompt + new), as transformers' generate returns them."""

@@ -17,7 +17,7 @@ from torch import nn
 from neoxlite import cpu_step
 from neoxlite.cache import RowStep, StaticCache
 from neoxlite.config import GPTNeoXConfig
-from neoxlite.generation import GenerationMixin
+from neoxlite.generation import GenerationMixin, context_limit
 from neoxlite.linear import Linear
 from neoxlite.outputs import ModelOutput
 
@@ -55,6 +55,39 @@ def rotary_cos_sin(
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, rot/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+class RotaryTable:
+    """cos and sin of every position, computed once per (device, dtype) by rotary_cos_sin itself (so a lookup
+    gives the numbers the per-call computation gives) and then gathered: a decode step computes no rotary math
+    and reads no Python number, so it can be captured as a CUDA graph.
+
+    Dynamic NTK scaling changes the base once a sequence runs past the trained context, so the table only covers
+    the positions before it; a step that reaches further computes per call (rotary_cos_sin), as before.
+    """
+
+    def __init__(self, config: GPTNeoXConfig) -> None:
+        self.config = config
+        self.limit = config.max_position_embeddings if config.rope_type == "dynamic" else context_limit(config)
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) positions, all in [0, end) -> cos, sin (B, 1, T, rotary_ndims)."""
+        if end > self.limit:
+            return rotary_cos_sin(self.config, position_ids, dtype)
+        key = (position_ids.device, dtype)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < end:
+            # grown by doubling up to what is asked (a config's context may be huge): each entry's numbers do not
+            # depend on the table's length
+            size = min(self.limit, max(256, 1 << (end - 1).bit_length()))
+            cos, sin = rotary_cos_sin(self.config, torch.arange(size, device=position_ids.device)[None], dtype)
+            table = self._tables[key] = (cos[0, 0], sin[0, 0])  # (size, rotary_ndims)
+        return table[0][position_ids][:, None], table[1][position_ids][:, None]
+
+    def clear(self) -> None:
+        """Drops the tables (the model moved or changed dtype)."""
+        self._tables.clear()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -277,6 +310,7 @@ class GPTNeoXModel(GPTNeoXPreTrainedModel):
         self.layers = nn.ModuleList(GPTNeoXLayer(config) for _ in range(config.num_hidden_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.scheduler = ResidentScheduler(self.layers)
+        self.rotary = RotaryTable(config)
         self._compute_device: torch.device | None = None
 
     @property
@@ -299,6 +333,7 @@ class GPTNeoXModel(GPTNeoXPreTrainedModel):
             )
         # .to()/.cuda()/.half() move everything to one device: the explicit compute device no longer holds.
         self._compute_device = None
+        self.rotary.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def forward(
@@ -320,9 +355,27 @@ class GPTNeoXModel(GPTNeoXPreTrainedModel):
         x = self.embed_in(input_ids.to(self.embed_in.weight.device)).to(device)
         x = self.emb_dropout(x)
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=device)[None].expand(B, T)
-        rope = rotary_cos_sin(self.config, position_ids.to(device), x.dtype)
+            end = past + T
+            position_ids = torch.arange(past, end, device=device)[None].expand(B, T)
+        else:
+            position_ids = position_ids.to(device)
+            # positions a caller chose: the table covers them only when they are in [0, its limit) (one read-back)
+            lowest, highest = torch.stack(torch.aminmax(position_ids)).tolist()
+            end = highest + 1 if lowest >= 0 else self.rotary.limit + 1
+        rope = self.rotary.rope(position_ids, x.dtype, end)
         mask = build_attention_mask(attention_mask, past, T, device)
+        if cache is not None:
+            cache.begin(torch.arange(past, past + T, device=device), past + T)
+        x, hidden_states = self.run_blocks(x, rope, mask, cache, output_hidden_states)
+        if cache is not None:
+            cache.length = past + T
+        return ModelOutput(last_hidden_state=x, hidden_states=hidden_states)
+
+    def run_blocks(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                   cache: StaticCache | None, output_hidden_states: bool = False
+                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The block loop, fetched through the scheduler, and the final norm: (B, T, C) -> (B, T, C), and every
+        block's output when asked. The cache's `begin` says where this forward writes and what it reads."""
         hidden_states = [x] if output_hidden_states else None
         for i in range(len(self.layers)):
             layer = self.scheduler.fetch(i)
@@ -330,13 +383,30 @@ class GPTNeoXModel(GPTNeoXPreTrainedModel):
             self.scheduler.done(i)
             if hidden_states is not None:
                 hidden_states.append(x)
-        if cache is not None:
-            cache.length = past + T
         x = self.final_layer_norm(x.to(self.final_layer_norm.weight.device))
         if hidden_states is not None:
             hidden_states[-1] = x  # the reference reports the normed output as the last hidden state
-        return ModelOutput(last_hidden_state=x, hidden_states=tuple(hidden_states) if hidden_states else None)
+        return x, tuple(hidden_states) if hidden_states else None
 
+    def decode_one_token(self, tokens: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
+                         mask: torch.Tensor | None, cache: StaticCache) -> torch.Tensor:
+        """One new token per row, tensors in and out: (B, 1) ids written at cache position input_pos ((1,) int64),
+        rotated by position_ids (B, 1), attending under `mask` -> (B, 1, C) normed hidden states.
+
+        With a fixed-shape cache every step reads the whole buffer under a (B, 1, 1, max_length) mask and reads
+        no Python number (what a CUDA graph captures); otherwise it reads the first length + 1 positions, the CPU
+        step (its kernels take the length as a number, which costs no synchronisation on the CPU).
+        """
+        device = self.compute_device
+        x = self.embed_in(tokens.to(self.embed_in.weight.device)).to(device)
+        rope = self.rotary.rope(position_ids, x.dtype, cache.max_length)
+        if cache.fixed_shape:
+            cache.begin(input_pos, None)
+            return self.run_blocks(x, rope, mask, cache)[0]
+        cache.begin(input_pos, cache.length + 1)
+        x = self.run_blocks(x, rope, mask, cache)[0]
+        cache.length += 1
+        return x
 
     def decode_rows(self, tokens: torch.Tensor, step: RowStep) -> torch.Tensor:
         """One new token for each of B independent sequences (continuous batching): (B,) ids, each at its own
@@ -346,10 +416,10 @@ class GPTNeoXModel(GPTNeoXPreTrainedModel):
         x = self.embed_in(tokens[:, None].to(self.embed_in.weight.device)).to(device)  # (B, 1, C)
         positions = step.positions_tensor[:, None]  # (B, 1)
         if self.config.rope_type == "dynamic":  # the base follows each row's own length
-            pairs = [rotary_cos_sin(self.config, positions[b:b + 1], x.dtype) for b in range(len(step.rows))]
+            pairs = [self.rotary.rope(positions[b:b + 1], x.dtype, p + 1) for b, p in enumerate(step.positions)]
             rope = (torch.cat([c for c, _ in pairs]), torch.cat([s for _, s in pairs]))
         else:
-            rope = rotary_cos_sin(self.config, positions, x.dtype)
+            rope = self.rotary.rope(positions, x.dtype, max(step.positions) + 1)
         for i in range(len(self.layers)):
             layer = self.scheduler.fetch(i)
             x = layer(x, rope, None, (step, i))
@@ -386,6 +456,18 @@ class GPTNeoXForCausalLM(GenerationMixin, GPTNeoXPreTrainedModel):
             shift = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             loss = F.cross_entropy(shift, labels[:, 1:].reshape(-1).to(shift.device), ignore_index=-100)
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+    def decode_one_token(self, tokens: torch.Tensor, input_pos: torch.Tensor, position_ids: torch.Tensor,
+                         mask: torch.Tensor | None, cache: StaticCache) -> torch.Tensor:
+        """GPTNeoXModel.decode_one_token, then the head: (B, V) next-token logits. Tensors only (see there)."""
+        h = self.gpt_neox.decode_one_token(tokens, input_pos, position_ids, mask, cache)
+        return self.embed_out(h.to(self.embed_out.weight.device))[:, -1]
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001 - nn.Module's own signature
+        from neoxlite import cuda_graphs
+
+        cuda_graphs.release(self)  # captured steps hold the old tensors' addresses
+        return super()._apply(fn, *args, **kwargs)
 
     def decode_rows(self, tokens: torch.Tensor, step: RowStep) -> torch.Tensor:
         """(B,) ids of independent sequences, each at its own position and slot -> (B, V) next-token logits."""

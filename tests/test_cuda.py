@@ -153,3 +153,80 @@ def test_moving_a_model_to_the_gpu_and_back(checkpoint):
     back = model.to("cpu")
     with torch.no_grad():
         torch.testing.assert_close(back(PROMPT).logits, ref(PROMPT).logits, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ captured decode (issue 17)
+SAMPLING = {
+    "greedy": dict(do_sample=False),
+    "seeded": dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=5),
+}
+
+
+@pytest.mark.parametrize("mode", [None, "nf4", "int8"], ids=["fp16", "nf4", "int8"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_the_captured_step_gives_the_eager_steps_tokens(checkpoint, mode, batch):
+    from neoxlite import cuda_graphs
+
+    folder, _ = checkpoint(**SHAPE, max_position_embeddings=1024)
+    # int8 without an outlier threshold: with one, bitsandbytes reads back and the step stays eager (below)
+    quant_kwargs = dict(quant=mode, compute_dtype=torch.float16, int8_threshold=0.0) if mode else {}
+    model = load(folder, dtype=torch.float16, **quant_kwargs)
+    ids, mask = PROMPT.repeat(2, 1)[:batch].cuda(), MASK.repeat(2, 1)[:batch].cuda()
+    # a second length (250 new tokens): another cache length, another capture
+    for name, new in (("greedy", 20), ("seeded", 20), ("greedy", 250)):
+        run = dict(attention_mask=mask, max_new_tokens=new, eos_token_id=[], **SAMPLING[name])
+        eager = model.generate(ids, cuda_graphs=False, **run)
+        assert torch.equal(model.generate(ids, **run), eager), (name, new)
+        assert torch.equal(model.generate(ids, **run), eager), (name, new)  # reused, its cache emptied
+    status = cuda_graphs.describe(model)
+    assert status.count("captured in") == 2, status  # lengths 32 and 262: caches of 256 and 512
+
+
+def test_int8_with_an_outlier_threshold_runs_eagerly_and_says_why(checkpoint):
+    from neoxlite import cuda_graphs
+
+    folder, _ = checkpoint(**SHAPE)
+    model = load(folder, dtype=torch.float16, quant="int8", compute_dtype=torch.float16)
+    eager = model.generate(PROMPT.cuda(), max_new_tokens=12, eos_token_id=[], cuda_graphs=False)
+    assert torch.equal(model.generate(PROMPT.cuda(), max_new_tokens=12, eos_token_id=[]), eager)
+    assert "argwhere" in cuda_graphs.describe(model)
+
+
+def test_the_keyword_and_the_environment_turn_capture_off(checkpoint, monkeypatch):
+    from neoxlite import cuda_graphs
+
+    folder, _ = checkpoint(**SHAPE)
+    model = load(folder, dtype=torch.float16)
+    model.generate(PROMPT.cuda(), max_new_tokens=4, cuda_graphs=False)
+    monkeypatch.setenv("NEOXLITE_CUDA_GRAPHS", "0")
+    model.generate(PROMPT.cuda(), max_new_tokens=4)
+    assert cuda_graphs.describe(model) == "no decode step captured"
+    monkeypatch.delenv("NEOXLITE_CUDA_GRAPHS")
+    model.generate(PROMPT.cuda(), max_new_tokens=4)
+    assert "captured in" in cuda_graphs.describe(model)
+
+
+def test_captured_steps_free_their_memory_with_the_model(checkpoint):
+    import gc
+
+    from neoxlite import cuda_graphs
+
+    folder, _ = checkpoint(**SHAPE)
+
+    def load_capture_and_drop() -> None:
+        model = load(folder, dtype=torch.float16)
+        model.generate(PROMPT.cuda(), max_new_tokens=8)
+        assert "captured in" in cuda_graphs.describe(model)
+        half = model.to(torch.float32)  # moving a model drops its captured steps (they hold the old addresses)
+        assert cuda_graphs.describe(half) == "no decode step captured"
+        half.generate(PROMPT.cuda(), max_new_tokens=8)
+        del model, half
+
+    load_capture_and_drop()  # the first round leaves what stays for good (cuBLAS workspaces of the streams used)
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    load_capture_and_drop()
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
