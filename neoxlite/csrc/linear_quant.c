@@ -300,30 +300,33 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
 #define CALL4_PLANES(x, w, code, sc, fb, K, dt, sums, rows, mt)                                                   \
     block4_planes_avx2(x, w, code, sc, fb, K, rows, mt, dt, sums)
 
-__attribute__((target("avx2,fma,f16c"))) static void
-linear4_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, const void *bias, void *y,
-             int64_t M, int64_t N, int64_t K, int dt, int gelu) {
-    const int64_t tasks = (N + QROWS - 1) / QROWS;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t n0 = t * QROWS;
-        const int rows = N - n0 < QROWS ? (int)(N - n0) : QROWS;
-        const uint8_t *wn = w + n0 * K / 2;
-        float sums[QROWS * QMAX_M];
-        for (int64_t m0 = 0; m0 < M; m0 += QMAX_M) {
-            const int mt = M - m0 < QMAX_M ? (int)(M - m0) : QMAX_M;
-            const float *xm = x + m0 * K;
-            const int64_t fb = n0 * (K / QBLOCK);
-            /* constant dtype, rows and mt: every accumulator can live in a register */
-            if (dt == DT_BF16) DISPATCH_M(CALL4_PLANES, rows, mt, xm, wn, code, sc, fb, K, DT_BF16, sums);
-            else if (dt == DT_F16) DISPATCH_M(CALL4_PLANES, rows, mt, xm, wn, code, sc, fb, K, DT_F16, sums);
-            else DISPATCH_M(CALL4_AVX2, rows, mt, xm, wn, code, sc, fb, K, DT_F32, sums);
-            for (int r = 0; r < rows; ++r)
-                for (int m = 0; m < mt; ++m)
-                    store_sum(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], bias, n0 + r, dt, gelu);
-        }
+/* The 4-bit linear over tasks of QROWS output rows, QMAX_M input rows per pass; one BLOCK call macro per compute
+ * dtype, each called with constant dtype, rows and mt so every accumulator can live in a register. */
+#define LINEAR4(NAME, TARGET, CALL_BF16, CALL_F16, CALL_F32)                                                    \
+    __attribute__((target(TARGET))) static void NAME(const float *x, const uint8_t *w, const float *code,        \
+                                                     const scales_t *sc, const void *bias, void *y, int64_t M,  \
+                                                     int64_t N, int64_t K, int dt, int gelu) {                  \
+        const int64_t tasks = (N + QROWS - 1) / QROWS;                                                          \
+        _Pragma("omp parallel for schedule(static)") for (int64_t t = 0; t < tasks; ++t) {                       \
+            const int64_t n0 = t * QROWS;                                                                       \
+            const int rows = N - n0 < QROWS ? (int)(N - n0) : QROWS;                                            \
+            const uint8_t *wn = w + n0 * K / 2;                                                                 \
+            float sums[QROWS * QMAX_M];                                                                         \
+            for (int64_t m0 = 0; m0 < M; m0 += QMAX_M) {                                                        \
+                const int mt = M - m0 < QMAX_M ? (int)(M - m0) : QMAX_M;                                        \
+                const float *xm = x + m0 * K;                                                                   \
+                const int64_t fb = n0 * (K / QBLOCK);                                                           \
+                if (dt == DT_BF16) DISPATCH_M(CALL_BF16, rows, mt, xm, wn, code, sc, fb, K, DT_BF16, sums);     \
+                else if (dt == DT_F16) DISPATCH_M(CALL_F16, rows, mt, xm, wn, code, sc, fb, K, DT_F16, sums);   \
+                else DISPATCH_M(CALL_F32, rows, mt, xm, wn, code, sc, fb, K, DT_F32, sums);                     \
+                for (int r = 0; r < rows; ++r)                                                                  \
+                    for (int m = 0; m < mt; ++m)                                                                \
+                        store_sum(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], bias, n0 + r, dt, gelu);      \
+            }                                                                                                   \
+        }                                                                                                       \
     }
-}
+
+LINEAR4(linear4_avx2, "avx2,fma,f16c", CALL4_PLANES, CALL4_PLANES, CALL4_AVX2)
 
 /* x: int8 rows; |x| <= 127, so |w| * (+-x) pairs never saturate vpmaddubsw (w = -128 included) */
 __attribute__((target("avx2"), always_inline)) static inline void
@@ -405,29 +408,7 @@ block4_avx512(const float *x, const uint8_t *w, const float *code, const scales_
 
 #define CALL4_AVX512(x, w, code, sc, fb, K, dt, sums, rows, mt) block4_avx512(x, w, code, sc, fb, K, rows, mt, dt, sums)
 
-__attribute__((target(AVX512_TARGET))) static void
-linear4_avx512(const float *x, const uint8_t *w, const float *code, const scales_t *sc, const void *bias, void *y,
-               int64_t M, int64_t N, int64_t K, int dt, int gelu) {
-    const int64_t tasks = (N + QROWS - 1) / QROWS;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) {
-        const int64_t n0 = t * QROWS;
-        const int rows = N - n0 < QROWS ? (int)(N - n0) : QROWS;
-        const uint8_t *wn = w + n0 * K / 2;
-        float sums[QROWS * QMAX_M];
-        for (int64_t m0 = 0; m0 < M; m0 += QMAX_M) {
-            const int mt = M - m0 < QMAX_M ? (int)(M - m0) : QMAX_M;
-            const float *xm = x + m0 * K;
-            const int64_t fb = n0 * (K / QBLOCK);
-            if (dt == DT_BF16) DISPATCH_M(CALL4_AVX512, rows, mt, xm, wn, code, sc, fb, K, DT_BF16, sums);
-            else if (dt == DT_F16) DISPATCH_M(CALL4_AVX512, rows, mt, xm, wn, code, sc, fb, K, DT_F16, sums);
-            else DISPATCH_M(CALL4_AVX512, rows, mt, xm, wn, code, sc, fb, K, DT_F32, sums);
-            for (int r = 0; r < rows; ++r)
-                for (int m = 0; m < mt; ++m)
-                    store_sum(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], bias, n0 + r, dt, gelu);
-        }
-    }
-}
+LINEAR4(linear4_avx512, AVX512_TARGET, CALL4_AVX512, CALL4_AVX512, CALL4_AVX512)
 
 /* the same products as block8_avx2, 64 at a time; a masked load zero-fills the row's tail */
 __attribute__((target(AVX512_TARGET), always_inline)) static inline void
