@@ -158,10 +158,7 @@ class QuantKernel:
         """linear_4bit with everything but x fixed, for inputs of `dtype`: the weight's pointers are taken once
         (a decode step makes about a hundred calls; per call, Python's handling of the arguments cost as much
         as the kernel on a small layer). The returned call keeps the tensors alive."""
-        code2, absmax2, offset = nested if nested is not None else (None, None, 0.0)
-        weights = (codes.data_ptr(), table.data_ptr(), None if nested else absmax.data_ptr(),
-                   absmax.data_ptr() if nested else None, None if code2 is None else code2.data_ptr(),
-                   None if absmax2 is None else absmax2.data_ptr(), offset,
+        weights = (codes.data_ptr(), table.data_ptr(), *_scale_pointers(absmax, nested),
                    None if bias is None else bias.data_ptr())
         head, tail = (self.isa, _DTYPE_CODES[dtype]), (out_features, codes.numel() * 2 // out_features, int(gelu))
         return self._bind(self.library.neox_linear_4bit, head, weights, tail, dtype,
@@ -182,12 +179,9 @@ class QuantKernel:
         (rows x in_features, contiguous, `dtype` or float32, which holds them exactly)."""
         rows, k = out.shape
         assert out.is_contiguous() and k % 64 == 0 and codes.numel() * 2 >= (first_row + rows) * k
-        code2, absmax2, offset = nested if nested is not None else (None, None, 0.0)
         status = self.library.neox_dequantize_4bit(
             self.isa, _DTYPE_CODES[dtype], _DTYPE_CODES[out.dtype], codes.data_ptr(), table.data_ptr(),
-            None if nested else absmax.data_ptr(), absmax.data_ptr() if nested else None,
-            None if code2 is None else code2.data_ptr(), None if absmax2 is None else absmax2.data_ptr(), offset,
-            out.data_ptr(), first_row, rows, k)
+            *_scale_pointers(absmax, nested), out.data_ptr(), first_row, rows, k)
         _check(status)
 
     def bind_int8(self, weight: torch.Tensor, scales: torch.Tensor, threshold: float, bias: torch.Tensor | None,
@@ -227,6 +221,15 @@ class QuantKernel:
             return None
         _check(status)
         return q, scales
+
+
+def _scale_pointers(absmax: torch.Tensor, nested: tuple[torch.Tensor, torch.Tensor, float] | None) -> tuple:
+    """The C kernels' block-scale arguments (absmax, absmax8, code2, absmax2, offset): fp32 `absmax`, or with
+    `nested` = (code2, absmax2, offset) the uint8 codes in `absmax` and the pointers that decode them."""
+    if nested is None:
+        return absmax.data_ptr(), None, None, None, 0.0
+    code2, absmax2, offset = nested
+    return None, absmax.data_ptr(), code2.data_ptr(), absmax2.data_ptr(), offset
 
 
 def _check(status: int) -> None:
