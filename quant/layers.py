@@ -223,10 +223,8 @@ class Linear8bit(bnb.nn.Linear8bitLt):
         if (kernel is None or self.training or self.weight.device.type != "cpu" or dtype not in QUANT_DTYPES
                 or self.state.has_fp16_weights or self.weight.dtype != torch.int8):
             return None
-        scb = self.weight.SCB if self.weight.SCB is not None else self.state.SCB
-        weight, scb, threshold = self.weight.data.contiguous(), scb.float().contiguous(), float(self.state.threshold)
-        bias = None if self.bias is None else self.bias.data.to(dtype).contiguous()
-        return kernel.bind_int8(weight, scb, threshold, bias, dtype, gelu=gelu)
+        weight, scb, bias = self._kernel_args(dtype)
+        return kernel.bind_int8(weight, scb, float(self.state.threshold), bias, dtype, gelu=gelu)
 
     def _kernel(self, x: torch.Tensor) -> QuantKernel | None:
         kernel = _kernel_for(self, x)
@@ -235,12 +233,17 @@ class Linear8bit(bnb.nn.Linear8bitLt):
             return None
         return kernel
 
-    def _forward_cpu(self, kernel: QuantKernel, x: torch.Tensor, gelu: bool) -> torch.Tensor:
+    def _kernel_args(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(int8 weight, fp32 SCB, bias in `dtype`), contiguous, as the kernels read them; prepared once per layer
+        and dtype."""
         scb = self.weight.SCB if self.weight.SCB is not None else self.state.SCB
-        key = (self.weight.data_ptr(), scb, None if self.bias is None else self.bias.data_ptr(), x.dtype)
-        weight, scb, bias = _kernel_state(self, key, lambda: (
+        key = (self.weight.data_ptr(), scb, None if self.bias is None else self.bias.data_ptr(), dtype)
+        return _kernel_state(self, key, lambda: (
             self.weight.data.contiguous(), scb.float().contiguous(),
-            None if self.bias is None else self.bias.data.to(x.dtype).contiguous()))
+            None if self.bias is None else self.bias.data.to(dtype).contiguous()))
+
+    def _forward_cpu(self, kernel: QuantKernel, x: torch.Tensor, gelu: bool) -> torch.Tensor:
+        weight, scb, bias = self._kernel_args(x.dtype)
         if x.numel() > kernel.max_rows * x.shape[-1]:  # many rows: int8 tiles through torch's matmul
             out = quant_matmul.linear_int8(x, weight, scb, float(self.state.threshold), bias)
             return F.gelu(out) if gelu else out
