@@ -372,10 +372,11 @@ class GPTNeoXModel(GPTNeoXPreTrainedModel):
         return ModelOutput(last_hidden_state=x, hidden_states=hidden_states)
 
     def run_blocks(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                   cache: StaticCache | None, output_hidden_states: bool = False
+                   cache: StaticCache | RowStep | None, output_hidden_states: bool = False
                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """The block loop, fetched through the scheduler, and the final norm: (B, T, C) -> (B, T, C), and every
-        block's output when asked. The cache's `begin` says where this forward writes and what it reads."""
+        block's output when asked. A StaticCache's `begin` says where this forward writes and what it reads; a
+        RowStep says it per row."""
         hidden_states = [x] if output_hidden_states else None
         for i in range(len(self.layers)):
             layer = self.scheduler.fetch(i)
@@ -420,11 +421,7 @@ class GPTNeoXModel(GPTNeoXPreTrainedModel):
             rope = (torch.cat([c for c, _ in pairs]), torch.cat([s for _, s in pairs]))
         else:
             rope = self.rotary.rope(positions, x.dtype, max(step.positions) + 1)
-        for i in range(len(self.layers)):
-            layer = self.scheduler.fetch(i)
-            x = layer(x, rope, None, (step, i))
-            self.scheduler.done(i)
-        return self.final_layer_norm(x.to(self.final_layer_norm.weight.device))
+        return self.run_blocks(x, rope, None, step)[0]
 
 
 class GPTNeoXForCausalLM(GenerationMixin, GPTNeoXPreTrainedModel):
