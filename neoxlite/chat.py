@@ -10,12 +10,11 @@ piped transcript holds only the replies.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from neoxlite.fileio import atomic_write_text
 from neoxlite.options import sampling_kwargs
 
 try:  # gives input() line editing and history; absent on some builds (Windows)
@@ -155,14 +154,7 @@ class Chat:
 
     def save(self, path: Path) -> None:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # written whole, then renamed
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(messages, f, ensure_ascii=False, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic_write_text(path, json.dumps(messages, ensure_ascii=False, indent=1))  # written whole, then renamed
         self.note(f"saved {len(messages)} messages to {path}")
 
     def load(self, path: Path) -> None:

@@ -24,14 +24,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+
+from neoxlite.fileio import atomic_write_text
 
 AMX_DEFAULT_ROWS = 4
 # Row counts both engines are timed at; the pick is one of them.
@@ -78,25 +78,25 @@ def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype is torch.float32 or usable else torch.float32
 
 
-def cpu_flags() -> set[str]:
-    """The first CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first CPU's `field` in /proc/cpuinfo ("" when absent), or None where the file cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+        return None
+    return next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith(field)), "")
+
+
+def cpu_flags() -> set[str]:
+    """The first CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    model = _cpuinfo("model name")
+    if model is None:
         return platform.processor() or "unknown"
-    return next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("model name")),
-                "unknown")
+    return model or "unknown"
 
 
 def _tile_permission() -> tuple[bool, str]:
@@ -159,11 +159,7 @@ def crossover(name: str, measure: Callable[[], Mapping[int, tuple[float, float]]
     rows = pick_rows(timings)
     saved[key] = {"rows": rows, "ms": {str(r): [round(k * 1e3, 3), round(e * 1e3, 3)] for r, (k, e) in timings.items()}}
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(dir=folder, prefix=".crossover-", suffix=".json")
-        with os.fdopen(fd, "w") as file:
-            json.dump(saved, file, indent=1)
-        os.replace(partial, path)
+        atomic_write_text(path, json.dumps(saved, indent=1))
     except OSError:  # an unwritable cache: measured again next time
         pass
     return rows, "measured now"
