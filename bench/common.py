@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: model shapes, random hub-layout checkpoints, memory read bandwidth."""
+"""Shared pieces of the benchmarks: model shapes, random hub-layout checkpoints, memory read bandwidth, RSS."""
 
 from __future__ import annotations
 
@@ -65,3 +65,13 @@ def rss() -> int:
     import psutil
 
     return psutil.Process(os.getpid()).memory_info().rss
+
+
+def peak_rss() -> int:
+    """This process image's highest resident set so far, bytes: VmHWM of /proc/self/status (Linux). Not
+    getrusage's ru_maxrss, which keeps the peak of the process that forked this one across exec (a test's
+    pytest, for one)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: the peak RSS is read the Linux way")

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, rss  # noqa: E402
+from common import OUT, peak_rss, rss  # noqa: E402
 
 # GPT-NeoX-20B (EleutherAI/gpt-neox-20b config.json); `tiny` keeps its structure at a size the CPU test writes
 SHAPES = {
@@ -35,16 +35,6 @@ SHAPES = {
     "tiny": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=2048,
                  vocab_size=1024),
 }
-
-
-def peak_rss() -> int:
-    """This process image's highest resident set so far, bytes: VmHWM of /proc/self/status (Linux). Not
-    getrusage's ru_maxrss, which keeps the peak of the process that forked this one across exec (a test's
-    pytest, for one)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status: the peak RSS is read the Linux way")
 
 
 def layer_tensors(config, spec, i: int, device: torch.device, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -139,11 +129,12 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, object]:
         print(f"  batch {batch:>2}: {rate:.2f} tok/s, PCIe bound {bound:.2f} tok/s ({format_size(moved)}/step) -> "
               f"{rate / bound:.0%}", flush=True)
     peak_gpu = torch.cuda.max_memory_allocated() - base_gpu
-    figures.update(peak_gpu=peak_gpu, gpu_budget=gpu_budget, peak_rss=peak_rss(), cpu_budget=cpu_budget)
+    peak_ram = peak_rss()
+    figures.update(peak_gpu=peak_gpu, gpu_budget=gpu_budget, peak_rss=peak_ram, cpu_budget=cpu_budget)
     print(f"  peak GPU memory {format_size(peak_gpu)} of {format_size(gpu_budget)} "
-          f"({'within' if peak_gpu <= gpu_budget else 'OVER'}); peak RSS {format_size(peak_rss())} of "
-          f"{format_size(cpu_budget)} ({'within' if peak_rss() <= cpu_budget else 'OVER'})", flush=True)
-    figures["within_budgets"] = peak_gpu <= gpu_budget and peak_rss() <= cpu_budget
+          f"({'within' if peak_gpu <= gpu_budget else 'OVER'}); peak RSS {format_size(peak_ram)} of "
+          f"{format_size(cpu_budget)} ({'within' if peak_ram <= cpu_budget else 'OVER'})", flush=True)
+    figures["within_budgets"] = peak_gpu <= gpu_budget and peak_ram <= cpu_budget
     return figures
 
 

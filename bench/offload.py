@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, random_checkpoint  # noqa: E402
+from common import OUT, peak_rss, random_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,11 +55,6 @@ def _baseline() -> int:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return psutil.Process().memory_info().rss
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def _prompts(batch: int, tokens: int) -> torch.Tensor:
@@ -109,7 +104,7 @@ def child_neoxlite(args: argparse.Namespace) -> dict:
     if args.cold:  # every disk layer dropped after use (by default only those the page cache cannot keep)
         scheduler.uncached = {i for i, src in scheduler.sources.items() if hasattr(src, "entry")}
     tok_s = _timed_generate(model, args)
-    growth = _peak_rss() - before
+    growth = peak_rss() - before
     plan = model.offload_plan
     moved = plan.bytes_moved_per_step(args.batch).get("disk->cpu", 0)
     # The disk's speed for the scheduler's own reads of these blocks, caches dropped first: one after the other
@@ -161,7 +156,7 @@ def child_accelerate(args: argparse.Namespace) -> dict:
                            logits_processor=LogitsProcessorList([Stamp()]), pad_token_id=0)
         tok_s = max(tok_s, args.batch * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
     on_disk = sum(1 for d in model.hf_device_map.values() if d == "disk")
-    return dict(tok_s=tok_s, growth=_peak_rss() - before, load_s=load_s, on_disk=on_disk,
+    return dict(tok_s=tok_s, growth=peak_rss() - before, load_s=load_s, on_disk=on_disk,
                 blocks=len(model.hf_device_map))
 
 
