@@ -88,8 +88,8 @@ class BF16Kernel:
                                              out[start:].data_ptr(), group.shape[0], n, k)
             out = F.gelu(out) if gelu else out
         else:
-            self.library.neox_linear_bf16(self.isa, rows.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(),
-                                          rows.shape[0], n, k, int(gelu))
+            _check(self.library.neox_linear_bf16(self.isa, rows.data_ptr(), weight.data_ptr(), bias_ptr,
+                                                 out.data_ptr(), rows.shape[0], n, k, int(gelu)))
         return out.view(*x.shape[:-1], n)
 
     def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
@@ -234,8 +234,8 @@ def _scale_pointers(absmax: torch.Tensor, nested: tuple[torch.Tensor, torch.Tens
 
 def _check(status: int) -> None:
     if status == -2:
-        raise MemoryError("neoxlite's quantized CPU kernel could not allocate its input buffers")
-    assert status == 0, f"quantized CPU kernel returned {status}"
+        raise MemoryError("neoxlite's CPU kernel could not allocate its input buffers")
+    assert status == 0, f"CPU kernel returned {status}"
 
 
 # Set to False to compute with PyTorch's operations only: bf16 results then equal transformers' bit for bit
