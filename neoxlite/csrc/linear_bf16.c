@@ -139,16 +139,15 @@ linear_avx512bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
  * on it).
  *
  * With more input rows the work becomes multiply-adds rather than memory. A task is TILE_R weight rows against
- * every input row, in tiles of TILE_R x TILE_M: twelve accumulators, enough independent chains to keep both FMA
- * pipes busy (2 per cycle, 4 cycles each, two multiply-adds per accumulator per step), the inputs read from L1 as
- * the multiply-adds' memory operands. The weights are walked in chunks of CHUNK values: the first tile of a
- * chunk brings its TILE_R rows from memory (and fetches the next task's into L2), the later tiles find them in
- * L1. Measured on a Zen 3 core (93 GFLOP/s FMA peak): the 4 x 3 loop alone on cached data at about 65% of the
- * peak (4 x 2, eight accumulators, 50-60%: it waits on the chains); pythia-410m's linears at 16 rows on 2 threads
- * 1.4x the previous 4 x 4 loop (which converted the inputs per weight row and spilled accumulators). */
-#define TILE_R 4       /* weight rows per task (read side by side, as above) */
+ * every input row, in tiles of TILE_R x TILE_M (nine accumulators: two multiply-adds per accumulator per step
+ * keep the FMA pipes' latency covered). The weights are walked in chunks of CHUNK values: the first tile of a
+ * chunk brings its rows from memory (and fetches the next task's into L2), the later tiles find them in L1.
+ * Measured on a Zen 3 core (93 GFLOP/s FMA peak, pythia-410m's linears at 16 rows): ~60 GFLOP/s per core, 1.4x
+ * the previous loop (4 x 4, the inputs widened again for each weight row, accumulators spilled); arranging the
+ * tasks in panels that share an L1-sized chunk of the inputs measured slower, so the inputs come from L2. */
+#define TILE_R 3       /* weight rows per task (read side by side, as above) */
 #define TILE_M 3       /* input rows per tile */
-#define CHUNK 1024     /* weight values per row and pass: 4 rows x 2 KiB stay in L1 */
+#define CHUNK 1024     /* weight values per row and pass: 3 rows x 2 KiB stay in L1 */
 #define SPLIT_ROWS 32  /* input rows widened per thread-local buffer growth step (a decode batch) */
 
 /* Eight accumulators' totals in one vector: lane j = ((v_j0 + v_j1) + (v_j2 + v_j3)) + ((v_j4 + v_j5) + (v_j6 + v_j7)),
@@ -266,79 +265,75 @@ tile_avx2(const float *xs, int64_t ldx, const uint16_t *w, int64_t K, int64_t k0
         for (int m = 0; m < mt; ++m) acc_out[r * TILE_M + m] = acc[r][m];
 }
 
-/* The full 4 x 3 tile, the same arithmetic as tile_avx2 in the same order, written out in assembly: twelve
- * accumulators (ymm0-11), the widened weights (ymm14, ymm15) and the inputs read as the multiply-adds' memory
- * operands fill the sixteen registers exactly, and the C version of it is compiled with inputs held in registers
- * and accumulators spilled to the stack (half the speed). */
-#define TILE_ROW(W, A, B, C)                                                                                    \
-    "vmovdqu " W ", %%ymm13\n\t"                                                                               \
-    "vpslld $16, %%ymm13, %%ymm14\n\t"                                                                         \
-    "vpand %%ymm12, %%ymm13, %%ymm15\n\t"                                                                      \
-    "vfmadd231ps (%[x]), %%ymm14, %%ymm" #A "\n\t"                                                             \
-    "vfmadd231ps (%[x],%[sx]), %%ymm14, %%ymm" #B "\n\t"                                                       \
-    "vfmadd231ps (%[x],%[sx],2), %%ymm14, %%ymm" #C "\n\t"                                                     \
-    "vfmadd231ps 32(%[x]), %%ymm15, %%ymm" #A "\n\t"                                                           \
-    "vfmadd231ps 32(%[x],%[sx]), %%ymm15, %%ymm" #B "\n\t"                                                     \
-    "vfmadd231ps 32(%[x],%[sx],2), %%ymm15, %%ymm" #C "\n\t"
-#define ACC_MOVES(OP, A0, A1, A2, A3, A4, A5, A6, A7, A8, A9, A10, A11)                                         \
-    OP " " A0 "\n\t" OP " " A1 "\n\t" OP " " A2 "\n\t" OP " " A3 "\n\t" OP " " A4 "\n\t" OP " " A5 "\n\t"       \
-    OP " " A6 "\n\t" OP " " A7 "\n\t" OP " " A8 "\n\t" OP " " A9 "\n\t" OP " " A10 "\n\t" OP " " A11 "\n\t"
+/* The full 3 x 3 tile, the same arithmetic as tile_avx2 in the same order, written out in assembly: nine
+ * accumulators (ymm0-8), the three rows' widened weights (ymm9-14) and one input vector at a time (ymm15) fill
+ * the sixteen registers, so each input vector is loaded once for three multiply-adds and each weight vector once
+ * for six. The loop is then bound by the multiply-adds, not by loads: a 4 x 3 tile, its inputs read as memory
+ * operands (28 loads per 24 multiply-adds), ran 15% slower on a Zen 3 core, and the compiler's own version of
+ * either spills accumulators to the stack. */
+#define WIDEN_ROW(ADDR, EVEN, ODD)                                                                              \
+    "vmovdqu " ADDR ", %%ymm" #EVEN "\n\t"                                                                      \
+    "vpand %[mask], %%ymm" #EVEN ", %%ymm" #ODD "\n\t"                                                          \
+    "vpslld $16, %%ymm" #EVEN ", %%ymm" #EVEN "\n\t"
+#define FMA3(X, W0, W1, W2, A0, A1, A2)                                                                         \
+    "vmovaps " X ", %%ymm15\n\t"                                                                               \
+    "vfmadd231ps %%ymm15, %%ymm" #W0 ", %%ymm" #A0 "\n\t"                                                       \
+    "vfmadd231ps %%ymm15, %%ymm" #W1 ", %%ymm" #A1 "\n\t"                                                       \
+    "vfmadd231ps %%ymm15, %%ymm" #W2 ", %%ymm" #A2 "\n\t"
+/* an input row (X: its address) against the three weight rows, into acc[0..2][m] = ymm A0, A1, A2 (3r + m) */
+#define INPUT_ROW(X, A0, A1, A2) FMA3(X, 9, 11, 13, A0, A1, A2) FMA3("32" X, 10, 12, 14, A0, A1, A2)
+#define ACC9(OP, F)                                                                                             \
+    OP(F, 0, 0) OP(F, 32, 1) OP(F, 64, 2) OP(F, 96, 3) OP(F, 128, 4) OP(F, 160, 5) OP(F, 192, 6) OP(F, 224, 7)  \
+    OP(F, 256, 8)
+#define ACC_LOAD(F, OFFSET, R) "vmovaps " #OFFSET "(%[acc]), %%ymm" #R "\n\t"
+#define ACC_STORE(F, OFFSET, R) "vmovaps %%ymm" #R ", " #OFFSET "(%[acc])\n\t"
 
-/* PREFETCHES: the asm text that fetches each weight row's line PREFETCH bytes ahead, or nothing */
-#define TILE4X3(NAME, PREFETCHES)                                                                               \
+/* PREFETCHES: the asm text that fetches weight lines ahead, or nothing */
+#define TILE3X3(NAME, PREFETCHES)                                                                               \
     __attribute__((target("avx2,fma"))) static void NAME(const float *xs, int64_t ldx, const uint16_t *w,       \
                                                          int64_t K, int64_t k0, int64_t k1, __m256 *acc) {      \
-        const uint16_t *w01 = w + k0, *w23 = w + 2 * K + k0;                                                    \
+        const uint16_t *wk = w + k0;                                                                            \
         const float *x = xs + k0;                                                                               \
         const int64_t sw = K * 2, sx = ldx * 4;                                                                 \
-        const float mask = bf16_to_float(0xffff) /* all ones in the top 16 bits */;                             \
         int64_t n = (k1 - k0) / 16;                                                                             \
         if (n <= 0) return;                                                                                     \
         __asm__ volatile(                                                                                       \
-            "vbroadcastss %[mask], %%ymm12\n\t"                                                                 \
-            ACC_MOVES("vmovaps", "(%[acc]), %%ymm0", "32(%[acc]), %%ymm1", "64(%[acc]), %%ymm2",                 \
-                      "96(%[acc]), %%ymm3", "128(%[acc]), %%ymm4", "160(%[acc]), %%ymm5", "192(%[acc]), %%ymm6",  \
-                      "224(%[acc]), %%ymm7", "256(%[acc]), %%ymm8", "288(%[acc]), %%ymm9",                       \
-                      "320(%[acc]), %%ymm10", "352(%[acc]), %%ymm11")                                           \
+            ACC9(ACC_LOAD, 0)                                                                                   \
             "1:\n\t"                                                                                           \
             PREFETCHES                                                                                          \
-            TILE_ROW("(%[w01])", 0, 1, 2)                                                                       \
-            TILE_ROW("(%[w01],%[sw])", 3, 4, 5)                                                                 \
-            TILE_ROW("(%[w23])", 6, 7, 8)                                                                       \
-            TILE_ROW("(%[w23],%[sw])", 9, 10, 11)                                                               \
-            "add $32, %[w01]\n\t"                                                                              \
-            "add $32, %[w23]\n\t"                                                                              \
+            WIDEN_ROW("(%[w])", 9, 10) WIDEN_ROW("(%[w],%[sw])", 11, 12) WIDEN_ROW("(%[w],%[sw],2)", 13, 14)    \
+            INPUT_ROW("(%[x])", 0, 3, 6) INPUT_ROW("(%[x],%[sx])", 1, 4, 7)                                    \
+            INPUT_ROW("(%[x],%[sx],2)", 2, 5, 8)                                                                \
+            "add $32, %[w]\n\t"                                                                                \
             "add $64, %[x]\n\t"                                                                                \
             "dec %[n]\n\t"                                                                                     \
             "jnz 1b\n\t"                                                                                       \
-            ACC_MOVES("vmovaps", "%%ymm0, (%[acc])", "%%ymm1, 32(%[acc])", "%%ymm2, 64(%[acc])",                 \
-                      "%%ymm3, 96(%[acc])", "%%ymm4, 128(%[acc])", "%%ymm5, 160(%[acc])", "%%ymm6, 192(%[acc])",  \
-                      "%%ymm7, 224(%[acc])", "%%ymm8, 256(%[acc])", "%%ymm9, 288(%[acc])",                       \
-                      "%%ymm10, 320(%[acc])", "%%ymm11, 352(%[acc])")                                           \
-            : [w01] "+r"(w01), [w23] "+r"(w23), [x] "+r"(x), [n] "+r"(n)                                        \
-            : [sw] "r"(sw), [s5] "r"(5 * sw), [sx] "r"(sx), [acc] "r"(acc), [mask] "m"(mask)                    \
+            ACC9(ACC_STORE, 0)                                                                                  \
+            : [w] "+r"(wk), [x] "+r"(x), [n] "+r"(n)                                                            \
+            : [sw] "r"(sw), [sw3] "r"(3 * sw), [sw5] "r"(5 * sw), [sx] "r"(sx), [acc] "r"(acc),                 \
+              [mask] "m"(*(const __m256i *)HIGH_HALVES)                                                         \
             : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",   \
               "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");                                            \
     }
 
+static const uint32_t HIGH_HALVES[8] __attribute__((aligned(32))) = {
+    0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u, 0xffff0000u};
 #define STR(x) #x
 #define XSTR(x) STR(x)
 /* The first pass over a chunk reads the weights from memory: each row is fetched ahead into L1, and the next
- * task's four rows (rows 4-7 from here: the same thread's next task under a static schedule) into L2, a whole
- * task ahead of their use. */
-TILE4X3(tile4x3_fetch_avx2,
-        "prefetcht0 " XSTR(PREFETCH) "(%[w01])\n\t" "prefetcht0 " XSTR(PREFETCH) "(%[w01],%[sw])\n\t"
-        "prefetcht0 " XSTR(PREFETCH) "(%[w23])\n\t" "prefetcht0 " XSTR(PREFETCH) "(%[w23],%[sw])\n\t"
-        "prefetcht1 (%[w01],%[sw],4)\n\t" "prefetcht1 (%[w01],%[s5])\n\t"
-        "prefetcht1 (%[w23],%[sw],4)\n\t" "prefetcht1 (%[w23],%[s5])\n\t")
+ * task's three rows (rows 3-5 from here: the same thread's next task) into L2, a task ahead of their use. */
+TILE3X3(tile3x3_fetch_avx2,
+        "prefetcht0 " XSTR(PREFETCH) "(%[w])\n\t" "prefetcht0 " XSTR(PREFETCH) "(%[w],%[sw])\n\t"
+        "prefetcht0 " XSTR(PREFETCH) "(%[w],%[sw],2)\n\t"
+        "prefetcht1 (%[w],%[sw3])\n\t" "prefetcht1 (%[w],%[sw],4)\n\t" "prefetcht1 (%[w],%[sw5])\n\t")
 /* the later passes find them in L1 */
-TILE4X3(tile4x3_avx2, "")
+TILE3X3(tile3x3_avx2, "")
 
 /* constant rows, mt and prefetch let the compiler keep every accumulator in a register */
 #define TILE_DISPATCH(rows, mt, prefetch, first, ...)                                                                  \
     do {                                                                                                        \
-        if ((rows) == TILE_R && (mt) == 3 && (first)) tile4x3_fetch_avx2(__VA_ARGS__, acc);                     \
-        else if ((rows) == TILE_R && (mt) == 3) tile4x3_avx2(__VA_ARGS__, acc);                                 \
+        if ((rows) == TILE_R && (mt) == 3 && (first)) tile3x3_fetch_avx2(__VA_ARGS__, acc);                     \
+        else if ((rows) == TILE_R && (mt) == 3) tile3x3_avx2(__VA_ARGS__, acc);                                 \
         else if ((rows) == TILE_R && (mt) == 2 && (prefetch)) tile_avx2(__VA_ARGS__, TILE_R, 2, 1, acc);        \
         else if ((rows) == TILE_R && (mt) == 2) tile_avx2(__VA_ARGS__, TILE_R, 2, 0, acc);                      \
         else if ((rows) == TILE_R && (prefetch)) tile_avx2(__VA_ARGS__, TILE_R, 1, 1, acc);                     \
@@ -346,41 +341,44 @@ TILE4X3(tile4x3_avx2, "")
         else tile_avx2(__VA_ARGS__, rows, mt, 0, acc); /* the last few weight rows */                         \
     } while (0)
 
-/* One task: TILE_R weight rows (fewer at the end) against all M input rows, written to y (bf16, bias added).
+/* One task's products over weight values [k0, k1): TILE_R weight rows (fewer at the end) against every input row.
  * sums: the task's accumulators, TILE_R x TILE_M per group of TILE_M input rows. */
-__attribute__((target("avx2,fma"))) static void
-task_avx2(const float *xs, const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
-          int64_t N, int64_t K, int rows, __m256 *sums) {
-    const int64_t k16 = K / 16 * 16, ldx = split_stride(K);
-    for (int64_t i = 0; i < ((M + TILE_M - 1) / TILE_M) * TILE_R * TILE_M; ++i) sums[i] = _mm256_setzero_ps();
-    for (int64_t k0 = 0; k0 < k16; k0 += CHUNK) {
-        const int64_t k1 = k16 - k0 < CHUNK ? k16 : k0 + CHUNK;
-        for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
-            const int mt = M - m0 < TILE_M ? (int)(M - m0) : TILE_M;
-            __m256 *acc = sums + (m0 / TILE_M) * TILE_R * TILE_M;
-            TILE_DISPATCH(rows, mt, M <= 2, m0 == 0, xs + m0 * ldx, ldx, w, K, k0, k1);
-        }
+__attribute__((target("avx2,fma"))) static void accumulate_avx2(const float *xs, const uint16_t *w, int64_t M,
+                                                               int64_t K, int rows, int64_t k0, int64_t k1,
+                                                               __m256 *sums) {
+    const int64_t ldx = split_stride(K);
+    for (int64_t m0 = 0; m0 < M; m0 += TILE_M) {
+        const int mt = M - m0 < TILE_M ? (int)(M - m0) : TILE_M;
+        __m256 *acc = sums + (m0 / TILE_M) * TILE_R * TILE_M;
+        TILE_DISPATCH(rows, mt, M <= 2, m0 == 0, xs + m0 * ldx, ldx, w, K, k0, k1);
     }
+}
+
+/* A task's outputs from its accumulators: the sums, the last K % 16 products, the bias, one rounding to bf16 */
+__attribute__((target("avx2,fma"))) static void store_avx2(const __m256 *sums, const uint16_t *x, const uint16_t *w,
+                                                          const uint16_t *bias, uint16_t *y, int64_t M, int64_t N,
+                                                          int64_t K, int rows) {
+    const int64_t k16 = K / 16 * 16;
+    const int used = 8 / TILE_R * TILE_R; /* lane j: weight row j % TILE_R of input row m + j / TILE_R */
     __m256 b = _mm256_setzero_ps();
     if (bias) {
         float lanes[8] = {0};
-        for (int j = 0; j < 8; ++j) lanes[j] = j % TILE_R < rows ? bf16_to_float(bias[j % TILE_R]) : 0.0f;
+        for (int j = 0; j < used; ++j) lanes[j] = j % TILE_R < rows ? bf16_to_float(bias[j % TILE_R]) : 0.0f;
         b = _mm256_loadu_ps(lanes);
     }
-    /* eight outputs at a time: lane j is weight row j % TILE_R of input row m + j / TILE_R */
     for (int64_t m = 0; m < M; m += 8 / TILE_R) {
         __m256 v[8];
         for (int j = 0; j < 8; ++j) {
             const int64_t row = m + j / TILE_R;
             const int r = j % TILE_R;
-            v[j] = r < rows && row < M ? sums[(row / TILE_M) * TILE_R * TILE_M + r * TILE_M + row % TILE_M]
-                                       : _mm256_setzero_ps();
+            v[j] = j < used && r < rows && row < M
+                       ? sums[(row / TILE_M) * TILE_R * TILE_M + r * TILE_M + row % TILE_M] : _mm256_setzero_ps();
         }
         __m256 s = hsum8x8_avx2(v);
         if (k16 < K) { /* the last K % 16 products, one at a time */
             float lanes[8];
             _mm256_storeu_ps(lanes, s);
-            for (int j = 0; j < 8; ++j) {
+            for (int j = 0; j < used; ++j) {
                 const int64_t row = m + j / TILE_R;
                 const int r = j % TILE_R;
                 if (r < rows && row < M)
@@ -418,11 +416,11 @@ linear_avx2(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t
     float *xs = split_buffer(M * split_stride(K));
     if (!xs) return -2;
     split_input_avx2(x, M, K, xs);
-    const int64_t tasks = (N + TILE_R - 1) / TILE_R, outputs = M * N, tiles = (M + TILE_M - 1) / TILE_M;
+    const int64_t tasks = (N + TILE_R - 1) / TILE_R, outputs = M * N, k16 = K / 16 * 16;
     int status = 0;
 #pragma omp parallel
     {
-    __m256 *sums = aligned_alloc(32, (size_t)(tiles * TILE_R * TILE_M) * sizeof(__m256));
+    __m256 *sums = aligned_alloc(32, (size_t)((M + TILE_M - 1) / TILE_M * TILE_R * TILE_M) * sizeof(__m256));
     if (!sums) {
 #pragma omp atomic write
         status = -2;
@@ -433,7 +431,10 @@ linear_avx2(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t
         for (int64_t t = 0; t < tasks; ++t) {
             const int64_t n0 = t * TILE_R;
             const int rows = N - n0 < TILE_R ? (int)(N - n0) : TILE_R;
-            task_avx2(xs, x, w + n0 * K, bias ? bias + n0 : NULL, y + n0, M, N, K, rows, sums);
+            memset(sums, 0, (size_t)((M + TILE_M - 1) / TILE_M * TILE_R * TILE_M) * sizeof(__m256));
+            for (int64_t k0 = 0; k0 < k16; k0 += CHUNK)
+                accumulate_avx2(xs, w + n0 * K, M, K, rows, k0, k16 - k0 < CHUNK ? k16 : k0 + CHUNK, sums);
+            store_avx2(sums, x, w + n0 * K, bias ? bias + n0 : NULL, y + n0, M, N, K, rows);
         } /* the implicit barrier here: every output is written before any is activated */
         if (gelu) {
 #pragma omp for schedule(static)
