@@ -148,7 +148,6 @@ linear_avx512bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
 #define TILE_R 3       /* weight rows per task (read side by side, as above) */
 #define TILE_M 3       /* input rows per tile */
 #define CHUNK 1024     /* weight values per row and pass: 3 rows x 2 KiB stay in L1 */
-#define SPLIT_ROWS 32  /* input rows widened per thread-local buffer growth step (a decode batch) */
 
 /* Eight accumulators' totals in one vector: lane j = ((v_j0 + v_j1) + (v_j2 + v_j3)) + ((v_j4 + v_j5) + (v_j6 + v_j7)),
  * the one order in which an output's eight partial sums are added, whatever the batch */
@@ -395,19 +394,25 @@ __attribute__((target("avx2,fma"))) static void store_avx2(const __m256 *sums, c
     }
 }
 
-/* The widened input rows: a buffer per calling thread, kept between calls (a decode step calls this per layer) */
+/* The widened input rows of a decode step: a buffer per calling thread, kept between calls (a step calls this per
+ * layer); a prefill's, larger than SPLIT_KEEP floats, is allocated for the call alone. */
+#define SPLIT_KEEP (32 * 8192)
 static float *split_buffer(int64_t values) {
     static __thread float *buffer;
     static __thread int64_t capacity;
+    if (values > SPLIT_KEEP) return aligned_alloc(64, (size_t)((values * 4 + 63) / 64 * 64));
     if (values > capacity) {
-        const int64_t grown = values + SPLIT_ROWS * 1024;
-        float *fresh = aligned_alloc(64, (size_t)((grown * 4 + 63) / 64 * 64));
+        float *fresh = aligned_alloc(64, (size_t)SPLIT_KEEP * 4);
         if (!fresh) return NULL;
         free(buffer);
         buffer = fresh;
-        capacity = grown;
+        capacity = SPLIT_KEEP;
     }
     return buffer;
+}
+
+static void release_split_buffer(float *xs, int64_t values) {
+    if (values > SPLIT_KEEP) free(xs);
 }
 
 __attribute__((target("avx2,fma"))) static int
@@ -444,6 +449,7 @@ linear_avx2(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t
     }
     free(sums);
     }
+    release_split_buffer(xs, M * split_stride(K));
     return status;
 }
 
