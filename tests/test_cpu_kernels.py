@@ -104,6 +104,13 @@ def test_on_avx2_a_prefill_takes_the_kernel_too(monkeypatch):
     assert calls == [(1, 300, 64)]
     for i in (0, 150, 299):  # each prompt position gets the bits it gets as a single row
         assert torch.equal(y[0, i], layer(x[:, i:i + 1])[0, 0])
+    wide = Linear(520, 40).to(torch.bfloat16).requires_grad_(False)  # inputs past the kept per-thread buffer
+    x = torch.randn(600, 520).bfloat16()
+    with torch.no_grad():
+        y = wide(x)
+        assert all(torch.equal(y[i], wide(x[i:i + 1])[0]) for i in (0, 333, 599))
+    torch.testing.assert_close(y.float(), F.linear(x.float(), wide.weight.float(), wide.bias.float()),
+                               rtol=2**-7, atol=1e-2)
 
 
 @needs_kernel
