@@ -60,39 +60,22 @@ block_avx512bf16(const uint16_t *x, const uint16_t *w, int64_t K, int rows, int 
         for (int m = 0; m < mt; ++m) sums[r * MAX_M + m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-/* e^x for x <= 0: x = n ln2 + r, |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (relative error < 2e-7) */
+/* e^x for x <= 0 (gelu.h's EXP_TAYLOR, then p * 2^n) */
 __attribute__((target("avx512f"), always_inline)) static inline __m512 exp_nonpositive_avx512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f)); /* e^-104 is 0 in fp32 already */
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    EXP_TAYLOR(__m512, _mm512_fmadd_ps, _mm512_fnmadd_ps, _mm512_set1_ps, x, n, p);
     return _mm512_scalef_ps(p, n);
 }
 
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void gelu_bf16_avx512(uint16_t *y, int64_t n) {
-    const __m512 one = _mm512_set1_ps(1.0f), sign_bit = _mm512_set1_ps(-0.0f);
     for (int64_t i = 0; i < n; i += 16) {
         const __mmask16 mask = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
         const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, y + i));
         const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-        const __m512 a = _mm512_mul_ps(v, _mm512_set1_ps(SQRT1_2));
-        const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(GELU_P), _mm512_abs_ps(a), one));
-        __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(GELU_A5), t, _mm512_set1_ps(GELU_A4));
-        r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(GELU_A3));
-        r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(GELU_A2));
-        r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(GELU_A1));
-        const __m512 e = _mm512_xor_ps(sign_bit, exp_nonpositive_avx512(_mm512_xor_ps(sign_bit, _mm512_mul_ps(a, a))));
-        const __m512 erf_abs = _mm512_fmadd_ps(_mm512_mul_ps(e, t), r, one); /* 1 - e t r */
-        const __m512 erf = _mm512_xor_ps(_mm512_and_ps(sign_bit, a), erf_abs);
-        const __m512 g = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(0.5f)), _mm512_add_ps(one, erf));
+        GELU_VECTOR(__m512, _mm512_mul_ps, _mm512_div_ps, _mm512_fmadd_ps, _mm512_add_ps, _mm512_xor_ps,
+                    _mm512_and_ps, _mm512_abs_ps, _mm512_set1_ps, exp_nonpositive_avx512, v, g);
         _mm256_mask_storeu_epi16(y + i, mask, (__m256i)_mm512_cvtneps_pbh(g));
     }
 }
@@ -165,15 +148,7 @@ __attribute__((target("avx2,fma"), always_inline)) static inline __m256 exp_nonp
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    EXP_TAYLOR(__m256, _mm256_fmadd_ps, _mm256_fnmadd_ps, _mm256_set1_ps, x, n, p);
     const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
 }
@@ -188,21 +163,16 @@ __attribute__((target("avx2,fma"), always_inline)) static inline __m256i round_b
     return _mm256_blendv_epi8(rounded, quiet, nan);
 }
 
+__attribute__((target("avx2,fma"), always_inline)) static inline __m256 abs_avx2(__m256 v) {
+    return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+}
+
 /* GELU of 8 bf16 values in place, the formula of gelu_bf16_avx512 on 8 lanes */
 __attribute__((target("avx2,fma"), always_inline)) static inline void gelu8_bf16_avx2(uint16_t *y) {
-    const __m256 one = _mm256_set1_ps(1.0f), sign_bit = _mm256_set1_ps(-0.0f);
     const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)y));
     const __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
-    const __m256 a = _mm256_mul_ps(v, _mm256_set1_ps(SQRT1_2));
-    const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(GELU_P), _mm256_andnot_ps(sign_bit, a), one));
-    __m256 r = _mm256_fmadd_ps(_mm256_set1_ps(GELU_A5), t, _mm256_set1_ps(GELU_A4));
-    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(GELU_A3));
-    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(GELU_A2));
-    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(GELU_A1));
-    const __m256 e = _mm256_xor_ps(sign_bit, exp_nonpositive_avx2(_mm256_xor_ps(sign_bit, _mm256_mul_ps(a, a))));
-    const __m256 erf_abs = _mm256_fmadd_ps(_mm256_mul_ps(e, t), r, one); /* 1 - e t r */
-    const __m256 erf = _mm256_xor_ps(_mm256_and_ps(sign_bit, a), erf_abs);
-    const __m256 g = _mm256_mul_ps(_mm256_mul_ps(v, _mm256_set1_ps(0.5f)), _mm256_add_ps(one, erf));
+    GELU_VECTOR(__m256, _mm256_mul_ps, _mm256_div_ps, _mm256_fmadd_ps, _mm256_add_ps, _mm256_xor_ps, _mm256_and_ps,
+                abs_avx2, _mm256_set1_ps, exp_nonpositive_avx2, v, g);
     const __m256i b = round_bf16_avx2(g);
     _mm_storeu_si128((__m128i *)y, _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
 }
