@@ -217,9 +217,14 @@ tile_avx2(const float *xs, int64_t ldx, const uint16_t *w, int64_t K, int64_t k0
     for (int64_t k = k0; k < k1; k += 16) {
         for (int r = 0; r < rows; ++r) {
             const uint16_t *p = w + r * K + k;
-            if (prefetch && (k & 31) == 0) { /* once per 64-byte line */
+            if (prefetch && (k & 31) == 0) /* once per 64-byte line */
                 _mm_prefetch((const char *)p + PREFETCH, _MM_HINT_T0);
-                _mm_prefetch((const char *)(p + TILE_R * K), _MM_HINT_T1); /* a hint: never faults past the end */
+            if (prefetch && r == 0 && (k & 31) == 0) {
+                /* The next task's rows into L2 as one sequential stream, as far through them as this task is
+                 * through its own (hints: never fault past the end). Measured against each row's line at the
+                 * same offset: a one-row step's linears 1.08x (0.98-1.14x over five pairs). */
+                const char *next = (const char *)(w + TILE_R * K) + k * 2 * TILE_R;
+                for (int line = 0; line < TILE_R * 64; line += 64) _mm_prefetch(next + line, _MM_HINT_T1);
             }
             const __m256i v = _mm256_loadu_si256((const __m256i *)p);
             const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
