@@ -35,11 +35,13 @@ _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 _LIBS = ["-lm"]
 _ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512-BF16"}
 # Input rows up to which the kernel serves bf16 linears on a CPU without AMX. Without a matrix engine oneDNN's
-# bf16 matmul is vector code too, and slower: on this project's AVX2 machine (Zen 3, no native bf16, 2 threads,
-# best of 5, shared machine) a 2048 -> 8192 linear took kernel / oneDNN 28/48 ms at 4 rows, 68/183 at 16,
-# 120/288 at 32 (cpu_kernels._time_bf16). The earlier AVX2 limit of 4 rows was measured on Sapphire Rapids, where
-# oneDNN ran on AMX: that case is now neoxlite.matrix_engine's measured crossover (about 4 rows there).
-_MAX_ROWS = {1: 32, 2: 32}
+# bf16 matmul is vector code too. On AVX2 it is far slower at every size: on this project's Zen 3 (no native
+# bf16, 2 threads, quiet) a 1024 -> 4096 linear ran 18 GFLOP/s in oneDNN at 32-512 rows against the kernel's
+# 98-113 (5.5-6.3x), so there the kernel takes every row count, prefills included. AVX512-BF16 has native bf16
+# dot products in oneDNN as well: that CPU keeps the 32 rows measured on it. The earlier AVX2 limit of 4 rows was
+# measured on Sapphire Rapids, where oneDNN ran on AMX: that case is neoxlite.matrix_engine's measured crossover.
+EVERY_ROW = 1 << 62
+_MAX_ROWS = {1: EVERY_ROW, 2: 32}
 # fp32 rows served by one pass over the weights; beyond that MKL's GEMM reads them once for all rows.
 MAX_ROWS_F32 = 4
 _QUANT_ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512F/BW"}
@@ -88,8 +90,8 @@ class BF16Kernel:
                                              out[start:].data_ptr(), group.shape[0], n, k)
             out = F.gelu(out) if gelu else out
         else:
-            self.library.neox_linear_bf16(self.isa, rows.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(),
-                                          rows.shape[0], n, k, int(gelu))
+            _check(self.library.neox_linear_bf16(self.isa, rows.data_ptr(), weight.data_ptr(), bias_ptr,
+                                                 out.data_ptr(), rows.shape[0], n, k, int(gelu)))
         return out.view(*x.shape[:-1], n)
 
     def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
@@ -234,8 +236,8 @@ def _scale_pointers(absmax: torch.Tensor, nested: tuple[torch.Tensor, torch.Tens
 
 def _check(status: int) -> None:
     if status == -2:
-        raise MemoryError("neoxlite's quantized CPU kernel could not allocate its input buffers")
-    assert status == 0, f"quantized CPU kernel returned {status}"
+        raise MemoryError("neoxlite's CPU kernel could not allocate its input buffers")
+    assert status == 0, f"CPU kernel returned {status}"
 
 
 # Set to False to compute with PyTorch's operations only: bf16 results then equal transformers' bit for bit
@@ -332,8 +334,9 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
         above, crossover = "oneDNN (vector) above", f"no matrix engine: {why}"
     matmul = {name: str(matrix_engine.matmul_dtype(dtype)).removeprefix("torch.")
               for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))}
+    bf16_rows = "every row count" if kernel.max_rows == EVERY_ROW else f"1-{kernel.max_rows} rows, {above}"
     return kernel, quant, (
-        f"bf16: neoxlite {kernel.isa_name} kernel for 1-{kernel.max_rows} rows, {above}; "
+        f"bf16: neoxlite {kernel.isa_name} kernel for {bf16_rows}; "
         f"fp32: kernel for 1-{MAX_ROWS_F32} rows, MKL above; nf4/fp4: {quant.isa_name} kernel for "
         f"1-{quant.max_rows_4bit} rows, neoxlite's dequantized tiles + torch's matmul above (bf16 in "
         f"{matmul['bf16']}, fp16 in {matmul['fp16']}); int8: kernel for 1-{quant.max_rows} rows, int8 tiles + "

@@ -3,6 +3,7 @@ the model's Linear, their build cache and every way of falling back to PyTorch's
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import neoxlite.cpu_kernels
 import neoxlite.linear
+from neoxlite import matrix_engine
 from neoxlite.cpu_kernels import MAX_ROWS_F32, BF16Kernel, bf16_kernel, kernel_status
 from neoxlite.linear import Linear
 
@@ -52,6 +55,11 @@ def test_kernel_is_the_fp32_sum_rounded_once(isa, rows, n, k, bias, threads):
     assert ((y.double() - exact).abs() <= exact.abs() * 2.0**-8 + slack + 1e-30).all()
     # and it is nn.Linear's result except where the two fp32 sums straddle a bf16 rounding boundary
     assert (y != F.linear(x, w, b)).float().mean() <= 0.02
+    # each row is summed the same way whatever the batch: a row decoded among others equals the row alone
+    activated = kernel.linear(x, w, b, gelu=True)
+    for i in range(rows):
+        assert torch.equal(kernel.linear(x[i:i + 1], w, b), y[i:i + 1])
+        assert torch.equal(kernel.linear(x[i:i + 1], w, b, gelu=True), activated[i:i + 1])
 
 
 @needs_kernel
@@ -64,22 +72,45 @@ def test_kernel_keeps_nan_and_infinity():
 
 
 @needs_kernel
-def test_linear_uses_the_kernel_for_decode_rows_only(monkeypatch):
+def test_linear_uses_the_kernel_up_to_its_row_limit(monkeypatch):
+    monkeypatch.setattr(neoxlite.cpu_kernels, "_loaded", dataclasses.replace(KERNEL, max_rows=8))
     calls = []
     real = BF16Kernel.linear
     monkeypatch.setattr(BF16Kernel, "linear", lambda self, *a: calls.append(a[0].shape) or real(self, *a))
     layer = Linear(64, 96).to(torch.bfloat16).requires_grad_(False)
     with torch.no_grad():
         layer(torch.randn(1, 1, 64).bfloat16())  # a decode step at batch 1
-        layer(torch.randn(KERNEL.max_rows, 1, 64).bfloat16())  # the largest batch the kernel serves here
+        layer(torch.randn(8, 1, 64).bfloat16())  # the largest batch the kernel serves
         assert len(calls) == 2
-        layer(torch.randn(1, KERNEL.max_rows + 1, 64).bfloat16())  # a prefill: PyTorch's matmul
+        layer(torch.randn(1, 9, 64).bfloat16())  # more rows: PyTorch's matmul
         assert len(calls) == 2
         layer.float()(torch.randn(2, 1, 64))  # fp32 decode rows: the fp32 kernel
         assert len(calls) == 3
         layer(torch.randn(1, MAX_ROWS_F32 + 1, 64))  # more fp32 rows than one pass serves: MKL
         layer.half()(torch.randn(1, 1, 64).half())  # other dtypes: PyTorch's
     assert len(calls) == 3
+
+
+@pytest.mark.skipif(KERNEL is None or KERNEL.isa != 1 or matrix_engine.amx()[0],
+                    reason="the kernel takes every row count only on AVX2 without AMX")
+def test_on_avx2_a_prefill_takes_the_kernel_too(monkeypatch):
+    calls = []
+    real = BF16Kernel.linear
+    monkeypatch.setattr(BF16Kernel, "linear", lambda self, *a: calls.append(a[0].shape) or real(self, *a))
+    layer = Linear(64, 96).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(1, 300, 64).bfloat16()
+    with torch.no_grad():
+        y = layer(x)
+    assert calls == [(1, 300, 64)]
+    for i in (0, 150, 299):  # each prompt position gets the bits it gets as a single row
+        assert torch.equal(y[0, i], layer(x[:, i:i + 1])[0, 0])
+    wide = Linear(520, 40).to(torch.bfloat16).requires_grad_(False)  # inputs past the kept per-thread buffer
+    x = torch.randn(600, 520).bfloat16()
+    with torch.no_grad():
+        y = wide(x)
+        assert all(torch.equal(y[i], wide(x[i:i + 1])[0]) for i in (0, 333, 599))
+    torch.testing.assert_close(y.float(), F.linear(x.float(), wide.weight.float(), wide.bias.float()),
+                               rtol=2**-7, atol=1e-2)
 
 
 @needs_kernel

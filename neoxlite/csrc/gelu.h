@@ -14,6 +14,33 @@
 #define GELU_A5 1.061405429f
 #define SQRT1_2 0.70710678118654752440f
 
+/* The vector kernels' e^x, x <= 0: x = n ln2 + r (ln2 in two parts), |r| <= ln2/2, e^r by its degree-6 Taylor
+ * polynomial (relative error < 2e-7), declared as P; the caller scales by 2^n. One text for every vector width:
+ * TYPE and the FMADD / FNMADD / SET1 intrinsics name it. */
+#define EXP_TAYLOR(TYPE, FMADD, FNMADD, SET1, X, N, P)                                                         \
+    TYPE P##_r = FNMADD(N, SET1(0.693359375f), X);                                                              \
+    P##_r = FNMADD(N, SET1(-2.12194440e-4f), P##_r);                                                            \
+    TYPE P = SET1(1.0f / 720.0f);                                                                               \
+    P = FMADD(P, P##_r, SET1(1.0f / 120.0f));                                                                   \
+    P = FMADD(P, P##_r, SET1(1.0f / 24.0f));                                                                    \
+    P = FMADD(P, P##_r, SET1(1.0f / 6.0f));                                                                     \
+    P = FMADD(P, P##_r, SET1(0.5f));                                                                            \
+    P = FMADD(P, P##_r, SET1(1.0f));                                                                            \
+    P = FMADD(P, P##_r, SET1(1.0f))
+
+/* gelu_scalar's formula on the lanes of V, declared as G (exp_nonpositive: the width's e^x for x <= 0). */
+#define GELU_VECTOR(TYPE, MUL, DIV, FMADD, ADD, XOR, AND, ABS, SET1, EXP_NONPOSITIVE, V, G)                       \
+    const TYPE G##_one = SET1(1.0f), G##_sign = SET1(-0.0f);                                                     \
+    const TYPE G##_a = MUL(V, SET1(SQRT1_2));                                                                   \
+    const TYPE G##_t = DIV(G##_one, FMADD(SET1(GELU_P), ABS(G##_a), G##_one));                                  \
+    TYPE G##_r = FMADD(SET1(GELU_A5), G##_t, SET1(GELU_A4));                                                    \
+    G##_r = FMADD(G##_r, G##_t, SET1(GELU_A3));                                                                 \
+    G##_r = FMADD(G##_r, G##_t, SET1(GELU_A2));                                                                 \
+    G##_r = FMADD(G##_r, G##_t, SET1(GELU_A1));                                                                 \
+    const TYPE G##_e = XOR(G##_sign, EXP_NONPOSITIVE(XOR(G##_sign, MUL(G##_a, G##_a))));                        \
+    const TYPE G##_erf = XOR(AND(G##_sign, G##_a), FMADD(MUL(G##_e, G##_t), G##_r, G##_one)); /* 1 - e t r */   \
+    const TYPE G = MUL(MUL(V, SET1(0.5f)), ADD(G##_one, G##_erf))
+
 static inline float gelu_scalar(float v) {
     const float a = v * SQRT1_2, t = 1.0f / (GELU_P * fabsf(a) + 1.0f);
     const float r = (((GELU_A5 * t + GELU_A4) * t + GELU_A3) * t + GELU_A2) * t + GELU_A1;
