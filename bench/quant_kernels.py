@@ -18,11 +18,11 @@ import argparse
 import time
 from collections.abc import Callable
 
-import torch
-
 import neoxlite.quant as quant
-from neoxlite.cpu_kernels import QuantKernel, kernel_status, quant_kernel
+import torch
 from neoxlite.quant import QuantSpec
+
+from neoxlite.cpu_kernels import QuantKernel, kernel_status, quant_kernel
 
 SHAPES = [(1024, 4096), (4096, 1024), (2048, 8192)]  # (in_features, out_features)
 FORMATS = ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8")

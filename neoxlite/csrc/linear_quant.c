@@ -121,8 +121,8 @@ static void lookup_order(int isa, int dt, int order[QBLOCK]) {
     }
     /* AVX2 bf16/fp16 (byte-plane lookups, block4_planes_avx2): the high nibbles' weights, then the low ones'; each
      * as four vectors of eight bytes' values, taken from the two 128-bit lanes as the unpacks leave them */
-    static const int bf16_bytes[4][8] = {{0, 1, 2, 3, 16, 17, 18, 19}, {4, 5, 6, 7, 20, 21, 22, 23},
-                                         {8, 9, 10, 11, 24, 25, 26, 27}, {12, 13, 14, 15, 28, 29, 30, 31}};
+    static const int bf16_bytes[4][8] = {{0, 2, 4, 6, 16, 18, 20, 22}, {1, 3, 5, 7, 17, 19, 21, 23},
+                                         {8, 10, 12, 14, 24, 26, 28, 30}, {9, 11, 13, 15, 25, 27, 29, 31}};
     static const int f16_bytes[4][8] = {{0, 1, 2, 3, 4, 5, 6, 7}, {16, 17, 18, 19, 20, 21, 22, 23},
                                         {8, 9, 10, 11, 12, 13, 14, 15}, {24, 25, 26, 27, 28, 29, 30, 31}};
     const int(*bytes)[8] = dt == DT_BF16 ? bf16_bytes : f16_bytes;
@@ -197,27 +197,41 @@ block4_avx2(const float *x, const uint8_t *w, const float *code, const scales_t 
 }
 
 /* bf16/fp16: the block's 16 weights (table * scale, rounded) as two 16-byte planes (low and high bytes of each
- * 16-bit value), in both lanes; then vpshufb looks up 32 weights' bytes at once */
+ * 16-bit value), in both lanes; then vpshufb looks up 32 weights' bytes at once. Shuffles and shifts share two
+ * ports on Zen 3 and bind this loop, so the rounding uses compares and adds instead of shifts, two vpshufb take
+ * the rounded bf16 bytes straight out of the fp32 lanes, and the planes cross the 128-bit lanes through `spill`
+ * (a store and two broadcast loads, which take no shuffle port) rather than two vpermq. */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
-block_planes_avx2(__m256 code_a, __m256 code_b, float scale, int dt, __m256i *low, __m256i *high) {
-    const __m256 s = _mm256_set1_ps(scale);
-    __m256i halves; /* lane 0: entries 0-7, lane 1: entries 8-15, as 16-bit values */
-    if (dt == DT_BF16) { /* code_a = entries 0-3 and 8-11, code_b = 4-7 and 12-15: packus puts them in order */
+block_planes_avx2(__m256 code_a, __m256 code_b, __m256 s, int dt, uint8_t spill[32], __m256i *low, __m256i *high) {
+    __m256i bytes; /* per lane: 8 low bytes, 8 high bytes (lane 0 of entries 0-7, lane 1 of entries 8-15) */
+    if (dt == DT_BF16) { /* code_a = entries 0-3 and 8-11, code_b = 4-7 and 12-15 */
         const __m256i ua = _mm256_castps_si256(_mm256_mul_ps(code_a, s));
         const __m256i ub = _mm256_castps_si256(_mm256_mul_ps(code_b, s));
-        const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
-        const __m256i ra = _mm256_srli_epi32(_mm256_add_epi32(ua, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ua, 16), one))), 16);
-        const __m256i rb = _mm256_srli_epi32(_mm256_add_epi32(ub, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ub, 16), one))), 16);
-        halves = _mm256_packus_epi32(ra, rb);
+        /* nearest even on the top 16 bits: + 0x7fff, + 1 more where bit 16 is set (the compare gives -1) */
+        const __m256i bit16 = _mm256_set1_epi32(0x10000), bias = _mm256_set1_epi32(0x7fff);
+        const __m256i ra = _mm256_sub_epi32(_mm256_add_epi32(ua, bias),
+                                            _mm256_cmpeq_epi32(_mm256_and_si256(ua, bit16), bit16));
+        const __m256i rb = _mm256_sub_epi32(_mm256_add_epi32(ub, bias),
+                                            _mm256_cmpeq_epi32(_mm256_and_si256(ub, bit16), bit16));
+        const __m256i take_a = _mm256_setr_epi8(2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15, -1, -1, -1, -1,
+                                                2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15, -1, -1, -1, -1);
+        const __m256i take_b = _mm256_setr_epi8(-1, -1, -1, -1, 2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15,
+                                                -1, -1, -1, -1, 2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15);
+        bytes = _mm256_or_si256(_mm256_shuffle_epi8(ra, take_a), _mm256_shuffle_epi8(rb, take_b));
     } else { /* code_a = entries 0-7, code_b = 8-15 */
         const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        halves = _mm256_set_m128i(_mm256_cvtps_ph(_mm256_mul_ps(code_b, s), rnd), _mm256_cvtps_ph(_mm256_mul_ps(code_a, s), rnd));
+        const __m256i halves = _mm256_set_m128i(_mm256_cvtps_ph(_mm256_mul_ps(code_b, s), rnd),
+                                                _mm256_cvtps_ph(_mm256_mul_ps(code_a, s), rnd));
+        const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                               0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        bytes = _mm256_shuffle_epi8(halves, split);
     }
-    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-    const __m256i bytes = _mm256_shuffle_epi8(halves, split); /* per lane: 8 low bytes, 8 high bytes */
-    *low = _mm256_permute4x64_epi64(bytes, 0x88);              /* qwords 0, 2, 0, 2 */
-    *high = _mm256_permute4x64_epi64(bytes, 0xdd);             /* qwords 1, 3, 1, 3 */
+    _mm256_store_si256((__m256i *)spill, bytes);
+    __m256i first, second; /* as asm: GCC would forward the store to these loads as two vpermq again */
+    __asm__("vbroadcasti128 %1, %0" : "=x"(first) : "m"(*(const __m128i *)spill));
+    __asm__("vbroadcasti128 %1, %0" : "=x"(second) : "m"(*(const __m128i *)(spill + 16)));
+    *low = _mm256_unpacklo_epi64(first, second);
+    *high = _mm256_unpackhi_epi64(first, second);
 }
 
 /* 32 weights from 32 nibble indices: four vectors of 8 fp32 (in lookup_order's order) */
@@ -225,12 +239,13 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
 lookup32_avx2(__m256i idx, __m256i low, __m256i high, int dt, __m256 out[4]) {
     const __m256i lo = _mm256_shuffle_epi8(low, idx), hi = _mm256_shuffle_epi8(high, idx);
     const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi); /* 16-bit values */
-    if (dt == DT_BF16) {
-        const __m256i zero = _mm256_setzero_si256();
-        out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, a));
-        out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, a));
-        out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, b));
-        out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, b));
+    if (dt == DT_BF16) { /* a bf16 value is the high half of its fp32: the even 16-bit lanes shifted up, the odd
+                          * ones masked (no shuffles: those compete with the lookups for two ports) */
+        const __m256i high_half = _mm256_set1_epi32((int)0xffff0000u);
+        out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16));
+        out[1] = _mm256_castsi256_ps(_mm256_and_si256(a, high_half));
+        out[2] = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
+        out[3] = _mm256_castsi256_ps(_mm256_and_si256(b, high_half));
     } else {
         out[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(a));
         out[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(a, 1));
@@ -250,13 +265,26 @@ __attribute__((target("avx2,fma"), always_inline)) static inline __m256 dot64_av
     return _mm256_add_ps(a, b);
 }
 
-/* bf16/fp16 compute: vpshufb lookups, 32 weights per pair of shuffles (fewer instructions than vpermps) */
+/* a block's scale, broadcast: from memory (a load, no shuffle), or with double quantization decoded in vectors
+ * (code2[q] * absmax2[block / 256], then + offset: two roundings, as bitsandbytes) */
+__attribute__((target("avx2,fma"), always_inline)) static inline __m256 block_scale_avx2(const scales_t *s, int64_t b,
+                                                                                        int nested) {
+    if (!nested) return _mm256_broadcast_ss(s->absmax + b);
+    const __m256 v = _mm256_mul_ps(_mm256_broadcast_ss(s->code2 + s->absmax8[b]), _mm256_broadcast_ss(s->absmax2 + (b >> 8)));
+    return _mm256_add_ps(v, _mm256_set1_ps(s->offset));
+}
+
+/* bf16/fp16 compute: vpshufb lookups, 32 weights per pair of shuffles (fewer instructions than vpermps). One input
+ * row sums straight into two accumulators per weight row (no per-block reduction: its adds and its chain of
+ * dependent fmadds cost more than the reuse they buy); more rows reuse each block's weights through dot64. */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
-block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
-                   int64_t K, int rows, int mt, int dt, float *sums) {
-    __m256 acc[QROWS][QMAX_M];
-    for (int r = 0; r < QROWS; ++r)
+planes_loop_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
+                 int64_t K, int rows, int mt, int dt, int nested, float *sums) {
+    __m256 acc[QROWS][QMAX_M], acc1[QROWS]; /* acc1: the second accumulator of one input row */
+    for (int r = 0; r < QROWS; ++r) {
+        acc1[r] = _mm256_setzero_ps();
         for (int m = 0; m < QMAX_M; ++m) acc[r][m] = _mm256_setzero_ps();
+    }
     __m256 code_a, code_b;
     if (dt == DT_BF16) {
         code_a = _mm256_setr_ps(code[0], code[1], code[2], code[3], code[8], code[9], code[10], code[11]);
@@ -266,6 +294,7 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
         code_b = _mm256_loadu_ps(code + 8);
     }
     const __m256i nibble = _mm256_set1_epi8(0x0f);
+    _Alignas(32) uint8_t spill[32];
     const int64_t blocks = K / QBLOCK;
     for (int64_t b = 0; b < blocks; ++b) {
         UNROLL for (int r = 0; r < rows; ++r) {
@@ -275,17 +304,34 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
                 _mm_prefetch((const char *)(p + QROWS * K / 2), _MM_HINT_T1);
             }
             __m256i low, high;
-            block_planes_avx2(code_a, code_b, block_scale(sc, first_block + r * blocks + b), dt, &low, &high);
+            block_planes_avx2(code_a, code_b, block_scale_avx2(sc, first_block + r * blocks + b, nested), dt, spill,
+                              &low, &high);
             const __m256i packed = _mm256_loadu_si256((const __m256i *)p);
             __m256 wv[8];
             lookup32_avx2(_mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), low, high, dt, wv); /* even */
             lookup32_avx2(_mm256_and_si256(packed, nibble), low, high, dt, wv + 4);                   /* odd */
             const float *xb = x + b * QBLOCK;
-            UNROLL for (int m = 0; m < mt; ++m) acc[r][m] = _mm256_add_ps(acc[r][m], dot64_avx2(wv, xb + m * K));
+            if (mt == 1) {
+                UNROLL for (int v = 0; v < 8; v += 2) {
+                    acc[r][0] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(xb + 8 * v), acc[r][0]);
+                    acc1[r] = _mm256_fmadd_ps(wv[v + 1], _mm256_loadu_ps(xb + 8 * v + 8), acc1[r]);
+                }
+            } else {
+                UNROLL for (int m = 0; m < mt; ++m) acc[r][m] = _mm256_add_ps(acc[r][m], dot64_avx2(wv, xb + m * K));
+            }
         }
     }
-    for (int r = 0; r < rows; ++r)
+    for (int r = 0; r < rows; ++r) {
+        acc[r][0] = _mm256_add_ps(acc[r][0], acc1[r]);
         for (int m = 0; m < mt; ++m) sums[r * QMAX_M + m] = hsum_avx2(acc[r][m]);
+    }
+}
+
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
+                   int64_t K, int rows, int mt, int dt, float *sums) {
+    if (sc->absmax) planes_loop_avx2(x, w, code, sc, first_block, K, rows, mt, dt, 0, sums);
+    else planes_loop_avx2(x, w, code, sc, first_block, K, rows, mt, dt, 1, sums);
 }
 
 #define DISPATCH_M(BLOCK, rows, mt, ...)                                                                          \
