@@ -197,12 +197,11 @@ block4_avx2(const float *x, const uint8_t *w, const float *code, const scales_t 
 }
 
 /* bf16/fp16: the block's 16 weights (table * scale, rounded) as two 16-byte planes (low and high bytes of each
- * 16-bit value), in both lanes; then vpshufb looks up 32 weights' bytes at once. Shuffles and shifts share two
- * ports on Zen 3 and bind this loop, so the rounding uses compares and adds instead of shifts, two vpshufb take
- * the rounded bf16 bytes straight out of the fp32 lanes, and the planes cross the 128-bit lanes through `spill`
- * (a store and two broadcast loads, which take no shuffle port) rather than two vpermq. */
+ * 16-bit value), in both lanes; then vpshufb looks up 32 weights' bytes at once. This loop is bound by the count
+ * of vector instructions (about three a cycle on Zen 3), so the rounding uses compares and adds (no shifts) and
+ * two vpshufb take the rounded bf16 bytes straight out of the fp32 lanes (no pack). */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
-block_planes_avx2(__m256 code_a, __m256 code_b, __m256 s, int dt, uint8_t spill[32], __m256i *low, __m256i *high) {
+block_planes_avx2(__m256 code_a, __m256 code_b, __m256 s, int dt, __m256i *low, __m256i *high) {
     __m256i bytes; /* per lane: 8 low bytes, 8 high bytes (lane 0 of entries 0-7, lane 1 of entries 8-15) */
     if (dt == DT_BF16) { /* code_a = entries 0-3 and 8-11, code_b = 4-7 and 12-15 */
         const __m256i ua = _mm256_castps_si256(_mm256_mul_ps(code_a, s));
@@ -226,12 +225,8 @@ block_planes_avx2(__m256 code_a, __m256 code_b, __m256 s, int dt, uint8_t spill[
                                                0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
         bytes = _mm256_shuffle_epi8(halves, split);
     }
-    _mm256_store_si256((__m256i *)spill, bytes);
-    __m256i first, second; /* as asm: GCC would forward the store to these loads as two vpermq again */
-    __asm__("vbroadcasti128 %1, %0" : "=x"(first) : "m"(*(const __m128i *)spill));
-    __asm__("vbroadcasti128 %1, %0" : "=x"(second) : "m"(*(const __m128i *)(spill + 16)));
-    *low = _mm256_unpacklo_epi64(first, second);
-    *high = _mm256_unpackhi_epi64(first, second);
+    *low = _mm256_permute4x64_epi64(bytes, 0x88);  /* qwords 0, 2, 0, 2 */
+    *high = _mm256_permute4x64_epi64(bytes, 0xdd); /* qwords 1, 3, 1, 3 */
 }
 
 /* 32 weights from 32 nibble indices: four vectors of 8 fp32 (in lookup_order's order) */
@@ -294,7 +289,6 @@ planes_loop_avx2(const float *x, const uint8_t *w, const float *code, const scal
         code_b = _mm256_loadu_ps(code + 8);
     }
     const __m256i nibble = _mm256_set1_epi8(0x0f);
-    _Alignas(32) uint8_t spill[32];
     const int64_t blocks = K / QBLOCK;
     for (int64_t b = 0; b < blocks; ++b) {
         UNROLL for (int r = 0; r < rows; ++r) {
@@ -304,8 +298,8 @@ planes_loop_avx2(const float *x, const uint8_t *w, const float *code, const scal
                 _mm_prefetch((const char *)(p + QROWS * K / 2), _MM_HINT_T1);
             }
             __m256i low, high;
-            block_planes_avx2(code_a, code_b, block_scale_avx2(sc, first_block + r * blocks + b, nested), dt, spill,
-                              &low, &high);
+            block_planes_avx2(code_a, code_b, block_scale_avx2(sc, first_block + r * blocks + b, nested), dt, &low,
+                              &high);
             const __m256i packed = _mm256_loadu_si256((const __m256i *)p);
             __m256 wv[8];
             lookup32_avx2(_mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), low, high, dt, wv); /* even */
