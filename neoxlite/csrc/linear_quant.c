@@ -93,6 +93,48 @@ static void store_sum(void *y, int64_t i, float sum, const void *bias, int64_t n
     store_value(y, i, v, dt);
 }
 
+/* 4 values of dtype dt from p (index i) as fp32 */
+__attribute__((target("avx2,f16c"), always_inline)) static inline __m128 load4(const void *p, int64_t i, int dt) {
+    if (dt == DT_F32) return _mm_loadu_ps((const float *)p + i);
+    const __m128i h = _mm_loadl_epi64((const __m128i *)((const uint16_t *)p + i));
+    return dt == DT_BF16 ? _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h)) : _mm_cvtph_ps(h);
+}
+
+/* 4 fp32 values rounded to dt as store_value rounds each (bf16: nearest even, NaN kept quiet), with GELU of the
+ * rounded value where asked, stored at y[i .. i + 3]: one task's outputs for one input row, without four calls */
+__attribute__((target("avx2,f16c"))) static void store4(void *y, int64_t i, __m128 v, int dt, int gelu) {
+    if (gelu) {
+        float lanes[4];
+        _mm_storeu_ps(lanes, v);
+        for (int j = 0; j < 4; ++j) store_value(y, i + j, gelu_scalar(round_to(lanes[j], dt)), dt);
+        return;
+    }
+    if (dt == DT_F32) {
+        _mm_storeu_ps((float *)y + i, v);
+        return;
+    }
+    __m128i h;
+    if (dt == DT_F16) h = _mm_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    else {
+        const __m128i u = _mm_castps_si128(v);
+        const __m128i odd = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
+        const __m128i rounded = _mm_srli_epi32(_mm_add_epi32(u, _mm_add_epi32(odd, _mm_set1_epi32(0x7fff))), 16);
+        const __m128i nan = _mm_cmpgt_epi32(_mm_and_si128(u, _mm_set1_epi32(0x7fffffff)), _mm_set1_epi32(0x7f800000));
+        const __m128i quiet = _mm_or_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(0x40));
+        h = _mm_blendv_epi8(rounded, quiet, nan);
+        h = _mm_packus_epi32(h, h);
+    }
+    _mm_storel_epi64((__m128i *)((uint16_t *)y + i), h);
+}
+
+/* a task's sums for input row m (sums[r * QMAX_M + m], r < QROWS), bias added, stored as store_sum would */
+__attribute__((target("avx2,f16c"))) static void store_sums4(void *y, int64_t i, const float *sums, int m,
+                                                             const void *bias, int64_t n, int dt, int gelu) {
+    __m128 v = _mm_setr_ps(sums[m], sums[QMAX_M + m], sums[2 * QMAX_M + m], sums[3 * QMAX_M + m]);
+    if (bias) v = _mm_add_ps(v, load4(bias, n, dt));
+    store4(y, i, v, dt, gelu);
+}
+
 /* ---------------------------------------------------------------- 4-bit: scales and input reordering */
 typedef struct {
     const float *absmax;    /* one fp32 scale per block, or NULL with double quantization: */
@@ -360,9 +402,12 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
                 if (dt == DT_BF16) DISPATCH_M(CALL_BF16, rows, mt, xm, wn, code, sc, fb, K, DT_BF16, sums);     \
                 else if (dt == DT_F16) DISPATCH_M(CALL_F16, rows, mt, xm, wn, code, sc, fb, K, DT_F16, sums);   \
                 else DISPATCH_M(CALL_F32, rows, mt, xm, wn, code, sc, fb, K, DT_F32, sums);                     \
-                for (int r = 0; r < rows; ++r)                                                                  \
-                    for (int m = 0; m < mt; ++m)                                                                \
-                        store_sum(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], bias, n0 + r, dt, gelu);      \
+                if (rows == QROWS)                                                                              \
+                    for (int m = 0; m < mt; ++m) store_sums4(y, (m0 + m) * N + n0, sums, m, bias, n0, dt, gelu);   \
+                else                                                                                            \
+                    for (int r = 0; r < rows; ++r)                                                              \
+                        for (int m = 0; m < mt; ++m)                                                            \
+                            store_sum(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], bias, n0 + r, dt, gelu);  \
             }                                                                                                   \
         }                                                                                                       \
     }
@@ -562,6 +607,17 @@ static void store_int8(void *y, int64_t i, int32_t sum, const act8_t *a, int64_t
     store_value(y, i, v, dt);
 }
 
+/* store_int8 for a task's four outputs of input row m (sums[r * QMAX_M + mi]) when no column is an outlier */
+__attribute__((target("avx2,f16c"))) static void store_int8x4(void *y, int64_t i, const int32_t *sums,
+                                                              const act8_t *a, int64_t m, int mi, const float *scb,
+                                                              const void *bias, int64_t n, int dt, int gelu) {
+    const __m128i s = _mm_setr_epi32(sums[mi], sums[QMAX_M + mi], sums[2 * QMAX_M + mi], sums[3 * QMAX_M + mi]);
+    __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(s), _mm_mul_ps(_mm_set1_ps(a->row_max[m]), _mm_loadu_ps(scb)));
+    v = _mm_mul_ps(v, _mm_set1_ps(6.200124e-05f));
+    if (bias) v = _mm_add_ps(v, load4(bias, n, dt));
+    store4(y, i, v, dt, gelu);
+}
+
 #define CALL8(BLOCK, x, w, K, sums, rows, mt) BLOCK(x, w, K, rows, mt, sums)
 
 #define LINEAR8(NAME, TARGET, BLOCK)                                                                            \
@@ -576,10 +632,14 @@ static void store_int8(void *y, int64_t i, int32_t sum, const act8_t *a, int64_t
             for (int64_t m0 = 0; m0 < M; m0 += QMAX_M) {                                                        \
                 const int mt = M - m0 < QMAX_M ? (int)(M - m0) : QMAX_M;                                        \
                 DISPATCH_M(CALL8, rows, mt, BLOCK, a->q + m0 * K, w + n0 * K, K, sums);                         \
-                for (int r = 0; r < rows; ++r)                                                                  \
-                    for (int m = 0; m < mt; ++m)                                                                \
-                        store_int8(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], a, m0 + m,                   \
-                                   w + (n0 + r) * K, scb[n0 + r], bias, n0 + r, dt, gelu);                      \
+                if (rows == QROWS && a->ncols == 0)                                                             \
+                    for (int m = 0; m < mt; ++m) store_int8x4(y, (m0 + m) * N + n0, sums, a, m0 + m, m, scb + n0,   \
+                                                              bias, n0, dt, gelu);                                  \
+                else                                                                                            \
+                    for (int r = 0; r < rows; ++r)                                                              \
+                        for (int m = 0; m < mt; ++m)                                                            \
+                            store_int8(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], a, m0 + m,               \
+                                       w + (n0 + r) * K, scb[n0 + r], bias, n0 + r, dt, gelu);                  \
             }                                                                                                   \
         }                                                                                                       \
     }
