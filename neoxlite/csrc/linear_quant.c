@@ -2,8 +2,9 @@
  * copy: y[m, n] = bias[n] + sum_k x[m, k] * W[n, k] for a few input rows (decode steps, small batches).
  *
  * Decoding reads every weight once per step, so these loops read each weight byte once for up to four input
- * rows, expand it in registers and multiply in fp32; four weight rows are read side by side with prefetches,
- * and OpenMP (torch's libgomp) splits the output columns between threads.
+ * rows, expand it in registers and multiply in fp32, over tasks of four weight rows (4-bit: read side by side;
+ * int8: one after another, a single prefetched stream), and OpenMP (torch's libgomp) splits the output columns
+ * between threads. bench/quant_kernels.py times each kernel per layer (cycles per 64 weights).
  *
  * 4-bit (nf4, fp4): two codes per byte, the first value of a pair in the high nibble, row-major, one scale per
  * 64 values (a row holds whole blocks). The scale is an fp32 absmax, or with double quantization an 8-bit code
