@@ -39,6 +39,7 @@ enum { QISA_NONE = 0, QISA_AVX2 = 1, QISA_AVX512 = 2 };
 #define QMAX_M 4      /* input rows per pass over the weights */
 #define QBLOCK 64     /* 4-bit values per scale (32 bytes) */
 #define QPREFETCH 512 /* bytes ahead of each weight row's read position, into L1 */
+#define Q4PREFETCH 1024 /* 4-bit, one input row: bytes ahead of the read position (one stream) */
 #define Q8PREFETCH 2048 /* int8: bytes ahead of the read position (the rows of a task are read one after another) */
 /* loops over weight rows, input rows and vectors fully unrolled: the accumulators then stay in registers */
 #define UNROLL _Pragma("GCC unroll 8")
@@ -312,17 +313,24 @@ __attribute__((target("avx2,fma"), always_inline)) static inline __m256 block_sc
     return _mm256_add_ps(v, _mm256_set1_ps(s->offset));
 }
 
+/* bf16/fp16: the 64 weights of the block at p (scale s) as eight vectors, in lookup_order's order */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+block_weights_avx2(const uint8_t *p, __m256 code_a, __m256 code_b, __m256 s, int dt, __m256 wv[8]) {
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    __m256i low, high;
+    block_planes_avx2(code_a, code_b, s, dt, &low, &high);
+    const __m256i packed = _mm256_loadu_si256((const __m256i *)p);
+    lookup32_avx2(_mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), low, high, dt, wv); /* even */
+    lookup32_avx2(_mm256_and_si256(packed, nibble), low, high, dt, wv + 4);                   /* odd */
+}
+
 /* bf16/fp16 compute: vpshufb lookups, 32 weights per pair of shuffles (fewer instructions than vpermps). One input
- * row sums straight into two accumulators per weight row (no per-block reduction: its adds and its chain of
- * dependent fmadds cost more than the reuse they buy); more rows reuse each block's weights through dot64. */
+ * row: the task's weight rows one after another (one sequential stream; the loop's constants and four
+ * accumulators fit in the 16 registers, so nothing spills); more rows: the weight rows side by side, each block's
+ * weights reused for every input row through dot64. */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
 planes_loop_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
                  int64_t K, int rows, int mt, int dt, int nested, float *sums) {
-    __m256 acc[QROWS][QMAX_M], acc1[QROWS]; /* acc1: the second accumulator of one input row */
-    for (int r = 0; r < QROWS; ++r) {
-        acc1[r] = _mm256_setzero_ps();
-        for (int m = 0; m < QMAX_M; ++m) acc[r][m] = _mm256_setzero_ps();
-    }
     __m256 code_a, code_b;
     if (dt == DT_BF16) {
         code_a = _mm256_setr_ps(code[0], code[1], code[2], code[3], code[8], code[9], code[10], code[11]);
@@ -331,8 +339,26 @@ planes_loop_avx2(const float *x, const uint8_t *w, const float *code, const scal
         code_a = _mm256_loadu_ps(code);
         code_b = _mm256_loadu_ps(code + 8);
     }
-    const __m256i nibble = _mm256_set1_epi8(0x0f);
     const int64_t blocks = K / QBLOCK;
+    if (mt == 1) {
+        for (int r = 0; r < rows; ++r) {
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t b = 0; b < blocks; ++b) {
+                const uint8_t *p = w + (r * K + b * QBLOCK) / 2;
+                if ((b & 1) == 0) _mm_prefetch((const char *)p + Q4PREFETCH, _MM_HINT_T0);
+                __m256 wv[8];
+                block_weights_avx2(p, code_a, code_b, block_scale_avx2(sc, first_block + r * blocks + b, nested), dt,
+                                   wv);
+                UNROLL for (int v = 0; v < 8; ++v)
+                    acc[v & 3] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(x + b * QBLOCK + 8 * v), acc[v & 3]);
+            }
+            sums[r * QMAX_M] = hsum_avx2(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+        }
+        return;
+    }
+    __m256 acc[QROWS][QMAX_M];
+    for (int r = 0; r < QROWS; ++r)
+        for (int m = 0; m < QMAX_M; ++m) acc[r][m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
         UNROLL for (int r = 0; r < rows; ++r) {
             const uint8_t *p = w + (r * K + b * QBLOCK) / 2;
@@ -340,28 +366,13 @@ planes_loop_avx2(const float *x, const uint8_t *w, const float *code, const scal
                 _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
                 _mm_prefetch((const char *)(p + QROWS * K / 2), _MM_HINT_T1);
             }
-            __m256i low, high;
-            block_planes_avx2(code_a, code_b, block_scale_avx2(sc, first_block + r * blocks + b, nested), dt, &low,
-                              &high);
-            const __m256i packed = _mm256_loadu_si256((const __m256i *)p);
             __m256 wv[8];
-            lookup32_avx2(_mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), low, high, dt, wv); /* even */
-            lookup32_avx2(_mm256_and_si256(packed, nibble), low, high, dt, wv + 4);                   /* odd */
-            const float *xb = x + b * QBLOCK;
-            if (mt == 1) {
-                UNROLL for (int v = 0; v < 8; v += 2) {
-                    acc[r][0] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(xb + 8 * v), acc[r][0]);
-                    acc1[r] = _mm256_fmadd_ps(wv[v + 1], _mm256_loadu_ps(xb + 8 * v + 8), acc1[r]);
-                }
-            } else {
-                UNROLL for (int m = 0; m < mt; ++m) acc[r][m] = _mm256_add_ps(acc[r][m], dot64_avx2(wv, xb + m * K));
-            }
+            block_weights_avx2(p, code_a, code_b, block_scale_avx2(sc, first_block + r * blocks + b, nested), dt, wv);
+            UNROLL for (int m = 0; m < mt; ++m) acc[r][m] = _mm256_add_ps(acc[r][m], dot64_avx2(wv, x + b * QBLOCK + m * K));
         }
     }
-    for (int r = 0; r < rows; ++r) {
-        acc[r][0] = _mm256_add_ps(acc[r][0], acc1[r]);
+    for (int r = 0; r < rows; ++r)
         for (int m = 0; m < mt; ++m) sums[r * QMAX_M + m] = hsum_avx2(acc[r][m]);
-    }
 }
 
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
