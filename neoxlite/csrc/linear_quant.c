@@ -313,6 +313,21 @@ __attribute__((target("avx2,fma"), always_inline)) static inline __m256 block_sc
     return _mm256_add_ps(v, _mm256_set1_ps(s->offset));
 }
 
+/* Double quantization, one input row: the 256 scales the 8-bit codes stand for in one group of 256 blocks
+ * (code2[q] * absmax2[group], then + offset, as block_scale_avx2), kept by each thread across its tasks: the rows
+ * are read one after another, so a group's table is built about once and a block's scale is then one load. */
+typedef struct {
+    int64_t group; /* -1: none yet */
+    _Alignas(32) float table[256];
+} scale_table_t;
+
+__attribute__((target("avx2,fma"))) static void scale_table_fill(const scales_t *s, int64_t group, scale_table_t *t) {
+    const __m256 a2 = _mm256_set1_ps(s->absmax2[group]), offset = _mm256_set1_ps(s->offset);
+    for (int q = 0; q < 256; q += 8)
+        _mm256_store_ps(t->table + q, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s->code2 + q), a2), offset));
+    t->group = group;
+}
+
 /* bf16/fp16: the 64 weights of the block at p (scale s) as eight vectors, in lookup_order's order */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
 block_weights_avx2(const uint8_t *p, __m256 code_a, __m256 code_b, __m256 s, int dt, __m256 wv[8]) {
@@ -329,8 +344,8 @@ block_weights_avx2(const uint8_t *p, __m256 code_a, __m256 code_b, __m256 s, int
  * accumulators fit in the 16 registers, so nothing spills); more rows: the weight rows side by side, each block's
  * weights reused for every input row through dot64. */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
-planes_loop_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
-                 int64_t K, int rows, int mt, int dt, int nested, float *sums) {
+planes_loop_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, scale_table_t *table,
+                 int64_t first_block, int64_t K, int rows, int mt, int dt, int nested, float *sums) {
     __m256 code_a, code_b;
     if (dt == DT_BF16) {
         code_a = _mm256_setr_ps(code[0], code[1], code[2], code[3], code[8], code[9], code[10], code[11]);
@@ -346,9 +361,11 @@ planes_loop_avx2(const float *x, const uint8_t *w, const float *code, const scal
             for (int64_t b = 0; b < blocks; ++b) {
                 const uint8_t *p = w + (r * K + b * QBLOCK) / 2;
                 if ((b & 1) == 0) _mm_prefetch((const char *)p + Q4PREFETCH, _MM_HINT_T0);
+                const int64_t g = first_block + r * blocks + b;
+                if (nested && g >> 8 != table->group) scale_table_fill(sc, g >> 8, table);
                 __m256 wv[8];
-                block_weights_avx2(p, code_a, code_b, block_scale_avx2(sc, first_block + r * blocks + b, nested), dt,
-                                   wv);
+                block_weights_avx2(p, code_a, code_b,
+                                   _mm256_broadcast_ss(nested ? &table->table[sc->absmax8[g]] : sc->absmax + g), dt, wv);
                 UNROLL for (int v = 0; v < 8; ++v)
                     acc[v & 3] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(x + b * QBLOCK + 8 * v), acc[v & 3]);
             }
@@ -376,10 +393,10 @@ planes_loop_avx2(const float *x, const uint8_t *w, const float *code, const scal
 }
 
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
-block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
-                   int64_t K, int rows, int mt, int dt, float *sums) {
-    if (sc->absmax) planes_loop_avx2(x, w, code, sc, first_block, K, rows, mt, dt, 0, sums);
-    else planes_loop_avx2(x, w, code, sc, first_block, K, rows, mt, dt, 1, sums);
+block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, scale_table_t *table,
+                   int64_t first_block, int64_t K, int rows, int mt, int dt, float *sums) {
+    if (sc->absmax) planes_loop_avx2(x, w, code, sc, table, first_block, K, rows, mt, dt, 0, sums);
+    else planes_loop_avx2(x, w, code, sc, table, first_block, K, rows, mt, dt, 1, sums);
 }
 
 #define DISPATCH_M(BLOCK, rows, mt, ...)                                                                          \
@@ -391,9 +408,9 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
         else BLOCK(__VA_ARGS__, QROWS, 4);                                                                      \
     } while (0)
 
-#define CALL4_AVX2(x, w, code, sc, fb, K, dt, sums, rows, mt) block4_avx2(x, w, code, sc, fb, K, rows, mt, sums)
-#define CALL4_PLANES(x, w, code, sc, fb, K, dt, sums, rows, mt)                                                   \
-    block4_planes_avx2(x, w, code, sc, fb, K, rows, mt, dt, sums)
+#define CALL4_AVX2(x, w, code, sc, table, fb, K, dt, sums, rows, mt) block4_avx2(x, w, code, sc, fb, K, rows, mt, sums)
+#define CALL4_PLANES(x, w, code, sc, table, fb, K, dt, sums, rows, mt)                                            \
+    block4_planes_avx2(x, w, code, sc, table, fb, K, rows, mt, dt, sums)
 
 /* The 4-bit linear over tasks of QROWS output rows, QMAX_M input rows per pass; one BLOCK call macro per compute
  * dtype, each called with constant dtype, rows and mt so every accumulator can live in a register. */
@@ -402,7 +419,9 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
                                                      const scales_t *sc, const void *bias, void *y, int64_t M,  \
                                                      int64_t N, int64_t K, int dt, int gelu) {                  \
         const int64_t tasks = (N + QROWS - 1) / QROWS;                                                          \
-        _Pragma("omp parallel for schedule(static)") for (int64_t t = 0; t < tasks; ++t) {                       \
+        _Pragma("omp parallel") {                                                                               \
+        scale_table_t table = {.group = -1}; /* this thread's */                                                \
+        _Pragma("omp for schedule(static)") for (int64_t t = 0; t < tasks; ++t) {                                \
             const int64_t n0 = t * QROWS;                                                                       \
             const int rows = N - n0 < QROWS ? (int)(N - n0) : QROWS;                                            \
             const uint8_t *wn = w + n0 * K / 2;                                                                 \
@@ -411,9 +430,9 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
                 const int mt = M - m0 < QMAX_M ? (int)(M - m0) : QMAX_M;                                        \
                 const float *xm = x + m0 * K;                                                                   \
                 const int64_t fb = n0 * (K / QBLOCK);                                                           \
-                if (dt == DT_BF16) DISPATCH_M(CALL_BF16, rows, mt, xm, wn, code, sc, fb, K, DT_BF16, sums);     \
-                else if (dt == DT_F16) DISPATCH_M(CALL_F16, rows, mt, xm, wn, code, sc, fb, K, DT_F16, sums);   \
-                else DISPATCH_M(CALL_F32, rows, mt, xm, wn, code, sc, fb, K, DT_F32, sums);                     \
+                if (dt == DT_BF16) DISPATCH_M(CALL_BF16, rows, mt, xm, wn, code, sc, &table, fb, K, DT_BF16, sums); \
+                else if (dt == DT_F16) DISPATCH_M(CALL_F16, rows, mt, xm, wn, code, sc, &table, fb, K, DT_F16, sums); \
+                else DISPATCH_M(CALL_F32, rows, mt, xm, wn, code, sc, &table, fb, K, DT_F32, sums);             \
                 if (rows == QROWS)                                                                              \
                     for (int m = 0; m < mt; ++m) store_sums4(y, (m0 + m) * N + n0, sums, m, bias, n0, dt, gelu);   \
                 else                                                                                            \
@@ -421,6 +440,7 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
                         for (int m = 0; m < mt; ++m)                                                            \
                             store_sum(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], bias, n0 + r, dt, gelu);  \
             }                                                                                                   \
+        }                                                                                                       \
         }                                                                                                       \
     }
 
@@ -503,7 +523,8 @@ block4_avx512(const float *x, const uint8_t *w, const float *code, const scales_
         for (int m = 0; m < mt; ++m) sums[r * QMAX_M + m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-#define CALL4_AVX512(x, w, code, sc, fb, K, dt, sums, rows, mt) block4_avx512(x, w, code, sc, fb, K, rows, mt, dt, sums)
+#define CALL4_AVX512(x, w, code, sc, table, fb, K, dt, sums, rows, mt)                                            \
+    block4_avx512(x, w, code, sc, fb, K, rows, mt, dt, sums)
 
 LINEAR4(linear4_avx512, AVX512_TARGET, CALL4_AVX512, CALL4_AVX512, CALL4_AVX512)
 
