@@ -67,7 +67,7 @@ def layer_4bit(mode: str, double_quant: bool, dtype: torch.dtype, n: int, k: int
     return quant.quantize_linear(w, b, spec, "cpu")
 
 
-SHAPES_4BIT = [(1, 13, 64), (3, 33, 192), (4, 8, 128), (5, 64, 64), (17, 7, 320), (32, 130, 256)]
+SHAPES_4BIT = [(1, 13, 64), (3, 33, 192), (4, 8, 128), (5, 64, 64), (17, 7, 320), (32, 130, 256), (1, 262, 128)]
 
 
 @needs_kernel
