@@ -39,7 +39,7 @@ enum { QISA_NONE = 0, QISA_AVX2 = 1, QISA_AVX512 = 2 };
 #define QMAX_M 4      /* input rows per pass over the weights */
 #define QBLOCK 64     /* 4-bit values per scale (32 bytes) */
 #define QPREFETCH 512 /* bytes ahead of each weight row's read position, into L1 */
-#define Q4PREFETCH 1024 /* 4-bit, one input row: bytes ahead of the read position (one stream) */
+#define Q4PREFETCH 1024 /* 4-bit bf16/fp16: bytes ahead of the read position (one stream) */
 #define Q8PREFETCH 2048 /* int8: bytes ahead of the read position (the rows of a task are read one after another) */
 /* loops over weight rows, input rows and vectors fully unrolled: the accumulators then stay in registers */
 #define UNROLL _Pragma("GCC unroll 8")
@@ -293,29 +293,10 @@ lookup32_avx2(__m256i idx, __m256i low, __m256i high, int dt, __m256 out[4]) {
     }
 }
 
-/* a block's 64 products summed in two interleaved chains, then added to the row's sum: one chain of eight
- * fmadds into the accumulator would make each block wait on the previous one (4 cycles per fmadd) */
-__attribute__((target("avx2,fma"), always_inline)) static inline __m256 dot64_avx2(const __m256 w[8], const float *x) {
-    __m256 a = _mm256_mul_ps(w[0], _mm256_loadu_ps(x)), b = _mm256_mul_ps(w[1], _mm256_loadu_ps(x + 8));
-    UNROLL for (int v = 2; v < 8; v += 2) {
-        a = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x + 8 * v), a);
-        b = _mm256_fmadd_ps(w[v + 1], _mm256_loadu_ps(x + 8 * v + 8), b);
-    }
-    return _mm256_add_ps(a, b);
-}
-
-/* a block's scale, broadcast: from memory (a load, no shuffle), or with double quantization decoded in vectors
- * (code2[q] * absmax2[block / 256], then + offset: two roundings, as bitsandbytes) */
-__attribute__((target("avx2,fma"), always_inline)) static inline __m256 block_scale_avx2(const scales_t *s, int64_t b,
-                                                                                        int nested) {
-    if (!nested) return _mm256_broadcast_ss(s->absmax + b);
-    const __m256 v = _mm256_mul_ps(_mm256_broadcast_ss(s->code2 + s->absmax8[b]), _mm256_broadcast_ss(s->absmax2 + (b >> 8)));
-    return _mm256_add_ps(v, _mm256_set1_ps(s->offset));
-}
-
-/* Double quantization, one input row: the 256 scales the 8-bit codes stand for in one group of 256 blocks
- * (code2[q] * absmax2[group], then + offset, as block_scale_avx2), kept by each thread across its tasks: the rows
- * are read one after another, so a group's table is built about once and a block's scale is then one load. */
+/* Double quantization: the 256 scales the 8-bit codes stand for in one group of 256 blocks (code2[q] *
+ * absmax2[group], then + offset: two roundings, as bitsandbytes decodes them), kept by each thread across its
+ * tasks: the weight rows are read one after another, so a group's table is built about once and a block's scale
+ * is then one load. */
 typedef struct {
     int64_t group; /* -1: none yet */
     _Alignas(32) float table[256];
@@ -339,10 +320,10 @@ block_weights_avx2(const uint8_t *p, __m256 code_a, __m256 code_b, __m256 s, int
     lookup32_avx2(_mm256_and_si256(packed, nibble), low, high, dt, wv + 4);                   /* odd */
 }
 
-/* bf16/fp16 compute: vpshufb lookups, 32 weights per pair of shuffles (fewer instructions than vpermps). One input
- * row: the task's weight rows one after another (one sequential stream; the loop's constants and four
- * accumulators fit in the 16 registers, so nothing spills); more rows: the weight rows side by side, each block's
- * weights reused for every input row through dot64. */
+/* bf16/fp16 compute: vpshufb lookups, 32 weights per pair of shuffles (fewer instructions than vpermps). The
+ * task's weight rows are read one after another (one sequential stream), each block's weights used for every input
+ * row; two accumulators per input row and the loop's constants fit in the 16 registers (reading the four weight
+ * rows side by side spilled, and took a third more time at one and at four input rows). */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
 planes_loop_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, scale_table_t *table,
                  int64_t first_block, int64_t K, int rows, int mt, int dt, int nested, float *sums) {
@@ -355,41 +336,23 @@ planes_loop_avx2(const float *x, const uint8_t *w, const float *code, const scal
         code_b = _mm256_loadu_ps(code + 8);
     }
     const int64_t blocks = K / QBLOCK;
-    if (mt == 1) {
-        for (int r = 0; r < rows; ++r) {
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int64_t b = 0; b < blocks; ++b) {
-                const uint8_t *p = w + (r * K + b * QBLOCK) / 2;
-                if ((b & 1) == 0) _mm_prefetch((const char *)p + Q4PREFETCH, _MM_HINT_T0);
-                const int64_t g = first_block + r * blocks + b;
-                if (nested && g >> 8 != table->group) scale_table_fill(sc, g >> 8, table);
-                __m256 wv[8];
-                block_weights_avx2(p, code_a, code_b,
-                                   _mm256_broadcast_ss(nested ? &table->table[sc->absmax8[g]] : sc->absmax + g), dt, wv);
-                UNROLL for (int v = 0; v < 8; ++v)
-                    acc[v & 3] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(x + b * QBLOCK + 8 * v), acc[v & 3]);
-            }
-            sums[r * QMAX_M] = hsum_avx2(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-        }
-        return;
-    }
-    __m256 acc[QROWS][QMAX_M];
-    for (int r = 0; r < QROWS; ++r)
-        for (int m = 0; m < QMAX_M; ++m) acc[r][m] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-        UNROLL for (int r = 0; r < rows; ++r) {
+    for (int r = 0; r < rows; ++r) {
+        __m256 acc[QMAX_M][2];
+        for (int m = 0; m < QMAX_M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < blocks; ++b) {
             const uint8_t *p = w + (r * K + b * QBLOCK) / 2;
-            if ((b & 1) == 0) {
-                _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
-                _mm_prefetch((const char *)(p + QROWS * K / 2), _MM_HINT_T1);
-            }
+            if ((b & 1) == 0) _mm_prefetch((const char *)p + Q4PREFETCH, _MM_HINT_T0);
+            const int64_t g = first_block + r * blocks + b;
+            if (nested && g >> 8 != table->group) scale_table_fill(sc, g >> 8, table);
             __m256 wv[8];
-            block_weights_avx2(p, code_a, code_b, block_scale_avx2(sc, first_block + r * blocks + b, nested), dt, wv);
-            UNROLL for (int m = 0; m < mt; ++m) acc[r][m] = _mm256_add_ps(acc[r][m], dot64_avx2(wv, x + b * QBLOCK + m * K));
+            block_weights_avx2(p, code_a, code_b,
+                               _mm256_broadcast_ss(nested ? &table->table[sc->absmax8[g]] : sc->absmax + g), dt, wv);
+            UNROLL for (int m = 0; m < mt; ++m)
+                UNROLL for (int v = 0; v < 8; ++v)
+                    acc[m][v & 1] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(x + m * K + b * QBLOCK + 8 * v), acc[m][v & 1]);
         }
+        for (int m = 0; m < mt; ++m) sums[r * QMAX_M + m] = hsum_avx2(_mm256_add_ps(acc[m][0], acc[m][1]));
     }
-    for (int r = 0; r < rows; ++r)
-        for (int m = 0; m < mt; ++m) sums[r * QMAX_M + m] = hsum_avx2(acc[r][m]);
 }
 
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
@@ -420,7 +383,8 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
                                                      int64_t N, int64_t K, int dt, int gelu) {                  \
         const int64_t tasks = (N + QROWS - 1) / QROWS;                                                          \
         _Pragma("omp parallel") {                                                                               \
-        scale_table_t table = {.group = -1}; /* this thread's */                                                \
+        scale_table_t table = {.group = -1}; /* this thread's (the AVX512 and fp32 loops decode scales inline) */ \
+        (void)table;                                                                                            \
         _Pragma("omp for schedule(static)") for (int64_t t = 0; t < tasks; ++t) {                                \
             const int64_t n0 = t * QROWS;                                                                       \
             const int rows = N - n0 < QROWS ? (int)(N - n0) : QROWS;                                            \
