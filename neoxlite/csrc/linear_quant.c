@@ -2,9 +2,10 @@
  * copy: y[m, n] = bias[n] + sum_k x[m, k] * W[n, k] for a few input rows (decode steps, small batches).
  *
  * Decoding reads every weight once per step, so these loops read each weight byte once for up to four input
- * rows, expand it in registers and multiply in fp32, over tasks of four weight rows (4-bit: read side by side;
- * int8: one after another, a single prefetched stream), and OpenMP (torch's libgomp) splits the output columns
- * between threads. bench/quant_kernels.py times each kernel per layer (cycles per 64 weights).
+ * rows, expand it in registers and multiply in fp32, over tasks of four weight rows (read one after another, a
+ * single prefetched stream; the fp32 and AVX512 4-bit loops read them side by side), and OpenMP (torch's libgomp)
+ * splits the output columns between threads. bench/quant_kernels.py times each kernel per layer (cycles per 64
+ * weights).
  *
  * 4-bit (nf4, fp4): two codes per byte, the first value of a pair in the high nibble, row-major, one scale per
  * 64 values (a row holds whole blocks). The scale is an fp32 absmax, or with double quantization an 8-bit code
@@ -279,7 +280,7 @@ lookup32_avx2(__m256i idx, __m256i low, __m256i high, int dt, __m256 out[4]) {
     const __m256i lo = _mm256_shuffle_epi8(low, idx), hi = _mm256_shuffle_epi8(high, idx);
     const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi); /* 16-bit values */
     if (dt == DT_BF16) { /* a bf16 value is the high half of its fp32: the even 16-bit lanes shifted up, the odd
-                          * ones masked (no shuffles: those compete with the lookups for two ports) */
+                          * ones masked (half the instructions of unpacking both with zeros) */
         const __m256i high_half = _mm256_set1_epi32((int)0xffff0000u);
         out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16));
         out[1] = _mm256_castsi256_ps(_mm256_and_si256(a, high_half));
