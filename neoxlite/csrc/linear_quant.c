@@ -423,7 +423,7 @@ block8_avx2(const int8_t *x, const int8_t *w, int64_t K, int rows, int mt, int32
     const int64_t kfull = K / 32 * 32;
     UNROLL for (int r = 0; r < rows; ++r) {
         const int8_t *row = w + r * K;
-        for (int64_t k = 0; k < kfull; k += 32) {
+        _Pragma("GCC unroll 2") for (int64_t k = 0; k < kfull; k += 32) { /* unrolled: no prefetch branch */
             const int8_t *p = row + k;
             if ((k & 63) == 0) _mm_prefetch((const char *)p + Q8PREFETCH, _MM_HINT_T0);
             const __m256i wv = _mm256_loadu_si256((const __m256i *)p);
