@@ -67,7 +67,7 @@ def layer_4bit(mode: str, double_quant: bool, dtype: torch.dtype, n: int, k: int
     return quant.quantize_linear(w, b, spec, "cpu")
 
 
-SHAPES_4BIT = [(1, 13, 64), (3, 33, 192), (4, 8, 128), (5, 64, 64), (17, 7, 320), (32, 130, 256)]
+SHAPES_4BIT = [(1, 13, 64), (3, 33, 192), (4, 8, 128), (5, 64, 64), (17, 7, 320), (32, 130, 256), (1, 262, 128)]
 
 
 @needs_kernel
@@ -90,6 +90,25 @@ def test_4bit_kernel_is_bitsandbytes_dequantize_and_matmul(isa, mode, double_qua
     if dtype is not torch.float32:  # the dequantized weight itself is exact: bf16/fp16 products are exact in fp32
         eye = torch.eye(k, dtype=dtype)
         assert torch.equal(kernel(isa).linear_4bit(eye, *args, None), weight.T)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_4bit_weights_round_ties_to_even(isa, dtype):
+    """Scales whose products with the codes 1.0 and -1.0 fall exactly halfway between two bf16 (and fp16) values,
+    with an even and an odd lower neighbour: each weight is table * scale rounded to nearest even, as PyTorch's
+    conversion (and so bitsandbytes' dequantize) rounds it."""
+    table = bnb.functional.get_4bit_type("nf4", device="cpu").float()
+    assert table[15] == 1.0 and table[0] == -1.0
+    ulp = 2.0**-7 if dtype is torch.bfloat16 else 2.0**-10  # their spacing in [1, 2)
+    absmax = torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 2, 2 - ulp / 2, 0.75 + ulp / 4], dtype=torch.float32)
+    codes = torch.full((len(absmax) * 32,), 0xF0, dtype=torch.uint8)  # each byte: 1.0 (high nibble), -1.0
+    x = torch.eye(64, dtype=dtype)
+    got = kernel(isa).linear_4bit(x, codes, len(absmax), table, absmax, None, None)
+    signs = torch.tensor([1.0, -1.0]).repeat(32)
+    want = (signs[None, :] * absmax[:, None]).to(dtype)  # (rows, 64): table[index] * scale in the dtype
+    assert torch.equal(got, want.T)
 
 
 def layer_int8(dtype: torch.dtype, n: int, k: int, bias: bool, threshold: float, seed: int):

@@ -2,8 +2,10 @@
  * copy: y[m, n] = bias[n] + sum_k x[m, k] * W[n, k] for a few input rows (decode steps, small batches).
  *
  * Decoding reads every weight once per step, so these loops read each weight byte once for up to four input
- * rows, expand it in registers and multiply in fp32; four weight rows are read side by side with prefetches,
- * and OpenMP (torch's libgomp) splits the output columns between threads.
+ * rows, expand it in registers and multiply in fp32, over tasks of four weight rows (read one after another, a
+ * single prefetched stream; the fp32 and AVX512 4-bit loops read them side by side), and OpenMP (torch's libgomp)
+ * splits the output columns between threads. bench/quant_kernels.py times each kernel per layer (cycles per 64
+ * weights).
  *
  * 4-bit (nf4, fp4): two codes per byte, the first value of a pair in the high nibble, row-major, one scale per
  * 64 values (a row holds whole blocks). The scale is an fp32 absmax, or with double quantization an 8-bit code
@@ -38,6 +40,8 @@ enum { QISA_NONE = 0, QISA_AVX2 = 1, QISA_AVX512 = 2 };
 #define QMAX_M 4      /* input rows per pass over the weights */
 #define QBLOCK 64     /* 4-bit values per scale (32 bytes) */
 #define QPREFETCH 512 /* bytes ahead of each weight row's read position, into L1 */
+#define Q4PREFETCH 1024 /* 4-bit bf16/fp16: bytes ahead of the read position (one stream) */
+#define Q8PREFETCH 2048 /* int8: bytes ahead of the read position (the rows of a task are read one after another) */
 /* loops over weight rows, input rows and vectors fully unrolled: the accumulators then stay in registers */
 #define UNROLL _Pragma("GCC unroll 8")
 #define AVX512_TARGET "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c"
@@ -92,6 +96,48 @@ static void store_sum(void *y, int64_t i, float sum, const void *bias, int64_t n
     store_value(y, i, v, dt);
 }
 
+/* 4 values of dtype dt from p (index i) as fp32 */
+__attribute__((target("avx2,f16c"), always_inline)) static inline __m128 load4(const void *p, int64_t i, int dt) {
+    if (dt == DT_F32) return _mm_loadu_ps((const float *)p + i);
+    const __m128i h = _mm_loadl_epi64((const __m128i *)((const uint16_t *)p + i));
+    return dt == DT_BF16 ? _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h)) : _mm_cvtph_ps(h);
+}
+
+/* 4 fp32 values rounded to dt as store_value rounds each (bf16: nearest even, NaN kept quiet), with GELU of the
+ * rounded value where asked, stored at y[i .. i + 3]: one task's outputs for one input row, without four calls */
+__attribute__((target("avx2,f16c"))) static void store4(void *y, int64_t i, __m128 v, int dt, int gelu) {
+    if (gelu) {
+        float lanes[4];
+        _mm_storeu_ps(lanes, v);
+        for (int j = 0; j < 4; ++j) store_value(y, i + j, gelu_scalar(round_to(lanes[j], dt)), dt);
+        return;
+    }
+    if (dt == DT_F32) {
+        _mm_storeu_ps((float *)y + i, v);
+        return;
+    }
+    __m128i h;
+    if (dt == DT_F16) h = _mm_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    else {
+        const __m128i u = _mm_castps_si128(v);
+        const __m128i odd = _mm_and_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(1));
+        const __m128i rounded = _mm_srli_epi32(_mm_add_epi32(u, _mm_add_epi32(odd, _mm_set1_epi32(0x7fff))), 16);
+        const __m128i nan = _mm_cmpgt_epi32(_mm_and_si128(u, _mm_set1_epi32(0x7fffffff)), _mm_set1_epi32(0x7f800000));
+        const __m128i quiet = _mm_or_si128(_mm_srli_epi32(u, 16), _mm_set1_epi32(0x40));
+        h = _mm_blendv_epi8(rounded, quiet, nan);
+        h = _mm_packus_epi32(h, h);
+    }
+    _mm_storel_epi64((__m128i *)((uint16_t *)y + i), h);
+}
+
+/* a task's sums for input row m (sums[r * QMAX_M + m], r < QROWS), bias added, stored as store_sum would */
+__attribute__((target("avx2,f16c"))) static void store_sums4(void *y, int64_t i, const float *sums, int m,
+                                                             const void *bias, int64_t n, int dt, int gelu) {
+    __m128 v = _mm_setr_ps(sums[m], sums[QMAX_M + m], sums[2 * QMAX_M + m], sums[3 * QMAX_M + m]);
+    if (bias) v = _mm_add_ps(v, load4(bias, n, dt));
+    store4(y, i, v, dt, gelu);
+}
+
 /* ---------------------------------------------------------------- 4-bit: scales and input reordering */
 typedef struct {
     const float *absmax;    /* one fp32 scale per block, or NULL with double quantization: */
@@ -120,8 +166,8 @@ static void lookup_order(int isa, int dt, int order[QBLOCK]) {
     }
     /* AVX2 bf16/fp16 (byte-plane lookups, block4_planes_avx2): the high nibbles' weights, then the low ones'; each
      * as four vectors of eight bytes' values, taken from the two 128-bit lanes as the unpacks leave them */
-    static const int bf16_bytes[4][8] = {{0, 1, 2, 3, 16, 17, 18, 19}, {4, 5, 6, 7, 20, 21, 22, 23},
-                                         {8, 9, 10, 11, 24, 25, 26, 27}, {12, 13, 14, 15, 28, 29, 30, 31}};
+    static const int bf16_bytes[4][8] = {{0, 2, 4, 6, 16, 18, 20, 22}, {1, 3, 5, 7, 17, 19, 21, 23},
+                                         {8, 10, 12, 14, 24, 26, 28, 30}, {9, 11, 13, 15, 25, 27, 29, 31}};
     static const int f16_bytes[4][8] = {{0, 1, 2, 3, 4, 5, 6, 7}, {16, 17, 18, 19, 20, 21, 22, 23},
                                         {8, 9, 10, 11, 12, 13, 14, 15}, {24, 25, 26, 27, 28, 29, 30, 31}};
     const int(*bytes)[8] = dt == DT_BF16 ? bf16_bytes : f16_bytes;
@@ -196,27 +242,36 @@ block4_avx2(const float *x, const uint8_t *w, const float *code, const scales_t 
 }
 
 /* bf16/fp16: the block's 16 weights (table * scale, rounded) as two 16-byte planes (low and high bytes of each
- * 16-bit value), in both lanes; then vpshufb looks up 32 weights' bytes at once */
+ * 16-bit value), in both lanes; then vpshufb looks up 32 weights' bytes at once. This loop is bound by the count
+ * of vector instructions (about three a cycle on Zen 3), so the rounding uses compares and adds (no shifts) and
+ * two vpshufb take the rounded bf16 bytes straight out of the fp32 lanes (no pack). */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
-block_planes_avx2(__m256 code_a, __m256 code_b, float scale, int dt, __m256i *low, __m256i *high) {
-    const __m256 s = _mm256_set1_ps(scale);
-    __m256i halves; /* lane 0: entries 0-7, lane 1: entries 8-15, as 16-bit values */
-    if (dt == DT_BF16) { /* code_a = entries 0-3 and 8-11, code_b = 4-7 and 12-15: packus puts them in order */
+block_planes_avx2(__m256 code_a, __m256 code_b, __m256 s, int dt, __m256i *low, __m256i *high) {
+    __m256i bytes; /* per lane: 8 low bytes, 8 high bytes (lane 0 of entries 0-7, lane 1 of entries 8-15) */
+    if (dt == DT_BF16) { /* code_a = entries 0-3 and 8-11, code_b = 4-7 and 12-15 */
         const __m256i ua = _mm256_castps_si256(_mm256_mul_ps(code_a, s));
         const __m256i ub = _mm256_castps_si256(_mm256_mul_ps(code_b, s));
-        const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
-        const __m256i ra = _mm256_srli_epi32(_mm256_add_epi32(ua, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ua, 16), one))), 16);
-        const __m256i rb = _mm256_srli_epi32(_mm256_add_epi32(ub, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(ub, 16), one))), 16);
-        halves = _mm256_packus_epi32(ra, rb);
+        /* nearest even on the top 16 bits: + 0x7fff, + 1 more where bit 16 is set (the compare gives -1) */
+        const __m256i bit16 = _mm256_set1_epi32(0x10000), bias = _mm256_set1_epi32(0x7fff);
+        const __m256i ra = _mm256_sub_epi32(_mm256_add_epi32(ua, bias),
+                                            _mm256_cmpeq_epi32(_mm256_and_si256(ua, bit16), bit16));
+        const __m256i rb = _mm256_sub_epi32(_mm256_add_epi32(ub, bias),
+                                            _mm256_cmpeq_epi32(_mm256_and_si256(ub, bit16), bit16));
+        const __m256i take_a = _mm256_setr_epi8(2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15, -1, -1, -1, -1,
+                                                2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15, -1, -1, -1, -1);
+        const __m256i take_b = _mm256_setr_epi8(-1, -1, -1, -1, 2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15,
+                                                -1, -1, -1, -1, 2, 6, 10, 14, -1, -1, -1, -1, 3, 7, 11, 15);
+        bytes = _mm256_or_si256(_mm256_shuffle_epi8(ra, take_a), _mm256_shuffle_epi8(rb, take_b));
     } else { /* code_a = entries 0-7, code_b = 8-15 */
         const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        halves = _mm256_set_m128i(_mm256_cvtps_ph(_mm256_mul_ps(code_b, s), rnd), _mm256_cvtps_ph(_mm256_mul_ps(code_a, s), rnd));
+        const __m256i halves = _mm256_set_m128i(_mm256_cvtps_ph(_mm256_mul_ps(code_b, s), rnd),
+                                                _mm256_cvtps_ph(_mm256_mul_ps(code_a, s), rnd));
+        const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                               0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+        bytes = _mm256_shuffle_epi8(halves, split);
     }
-    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
-                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-    const __m256i bytes = _mm256_shuffle_epi8(halves, split); /* per lane: 8 low bytes, 8 high bytes */
-    *low = _mm256_permute4x64_epi64(bytes, 0x88);              /* qwords 0, 2, 0, 2 */
-    *high = _mm256_permute4x64_epi64(bytes, 0xdd);             /* qwords 1, 3, 1, 3 */
+    *low = _mm256_permute4x64_epi64(bytes, 0x88);  /* qwords 0, 2, 0, 2 */
+    *high = _mm256_permute4x64_epi64(bytes, 0xdd); /* qwords 1, 3, 1, 3 */
 }
 
 /* 32 weights from 32 nibble indices: four vectors of 8 fp32 (in lookup_order's order) */
@@ -224,12 +279,13 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
 lookup32_avx2(__m256i idx, __m256i low, __m256i high, int dt, __m256 out[4]) {
     const __m256i lo = _mm256_shuffle_epi8(low, idx), hi = _mm256_shuffle_epi8(high, idx);
     const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi); /* 16-bit values */
-    if (dt == DT_BF16) {
-        const __m256i zero = _mm256_setzero_si256();
-        out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, a));
-        out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, a));
-        out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, b));
-        out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, b));
+    if (dt == DT_BF16) { /* a bf16 value is the high half of its fp32: the even 16-bit lanes shifted up, the odd
+                          * ones masked (ALU work instead of four more shuffles beside the lookups) */
+        const __m256i high_half = _mm256_set1_epi32((int)0xffff0000u);
+        out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(a, 16));
+        out[1] = _mm256_castsi256_ps(_mm256_and_si256(a, high_half));
+        out[2] = _mm256_castsi256_ps(_mm256_slli_epi32(b, 16));
+        out[3] = _mm256_castsi256_ps(_mm256_and_si256(b, high_half));
     } else {
         out[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(a));
         out[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(a, 1));
@@ -238,24 +294,40 @@ lookup32_avx2(__m256i idx, __m256i low, __m256i high, int dt, __m256 out[4]) {
     }
 }
 
-/* a block's 64 products summed in two interleaved chains, then added to the row's sum: one chain of eight
- * fmadds into the accumulator would make each block wait on the previous one (4 cycles per fmadd) */
-__attribute__((target("avx2,fma"), always_inline)) static inline __m256 dot64_avx2(const __m256 w[8], const float *x) {
-    __m256 a = _mm256_mul_ps(w[0], _mm256_loadu_ps(x)), b = _mm256_mul_ps(w[1], _mm256_loadu_ps(x + 8));
-    UNROLL for (int v = 2; v < 8; v += 2) {
-        a = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x + 8 * v), a);
-        b = _mm256_fmadd_ps(w[v + 1], _mm256_loadu_ps(x + 8 * v + 8), b);
-    }
-    return _mm256_add_ps(a, b);
+/* Double quantization: the 256 scales the 8-bit codes stand for in one group of 256 blocks (code2[q] *
+ * absmax2[group], then + offset: two roundings, as bitsandbytes decodes them), kept by each thread across its
+ * tasks: the weight rows are read one after another, so a group's table is built about once and a block's scale
+ * is then one load. */
+typedef struct {
+    int64_t group; /* -1: none yet */
+    _Alignas(32) float table[256];
+} scale_table_t;
+
+__attribute__((target("avx2,fma"))) static void scale_table_fill(const scales_t *s, int64_t group, scale_table_t *t) {
+    const __m256 a2 = _mm256_set1_ps(s->absmax2[group]), offset = _mm256_set1_ps(s->offset);
+    for (int q = 0; q < 256; q += 8)
+        _mm256_store_ps(t->table + q, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(s->code2 + q), a2), offset));
+    t->group = group;
 }
 
-/* bf16/fp16 compute: vpshufb lookups, 32 weights per pair of shuffles (fewer instructions than vpermps) */
+/* bf16/fp16: the 64 weights of the block at p (scale s) as eight vectors, in lookup_order's order */
 __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
-block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
-                   int64_t K, int rows, int mt, int dt, float *sums) {
-    __m256 acc[QROWS][QMAX_M];
-    for (int r = 0; r < QROWS; ++r)
-        for (int m = 0; m < QMAX_M; ++m) acc[r][m] = _mm256_setzero_ps();
+block_weights_avx2(const uint8_t *p, __m256 code_a, __m256 code_b, __m256 s, int dt, __m256 wv[8]) {
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    __m256i low, high;
+    block_planes_avx2(code_a, code_b, s, dt, &low, &high);
+    const __m256i packed = _mm256_loadu_si256((const __m256i *)p);
+    lookup32_avx2(_mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), low, high, dt, wv); /* even */
+    lookup32_avx2(_mm256_and_si256(packed, nibble), low, high, dt, wv + 4);                   /* odd */
+}
+
+/* bf16/fp16 compute: vpshufb lookups, 32 weights per pair of shuffles (fewer instructions than vpermps). The
+ * task's weight rows are read one after another (one sequential stream), each block's weights used for every input
+ * row; two accumulators per input row and the loop's constants fit in the 16 registers (reading the four weight
+ * rows side by side spilled, and took a third more time at one and at four input rows). */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+planes_loop_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, scale_table_t *table,
+                 int64_t first_block, int64_t K, int rows, int mt, int dt, int nested, float *sums) {
     __m256 code_a, code_b;
     if (dt == DT_BF16) {
         code_a = _mm256_setr_ps(code[0], code[1], code[2], code[3], code[8], code[9], code[10], code[11]);
@@ -264,27 +336,31 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
         code_a = _mm256_loadu_ps(code);
         code_b = _mm256_loadu_ps(code + 8);
     }
-    const __m256i nibble = _mm256_set1_epi8(0x0f);
     const int64_t blocks = K / QBLOCK;
-    for (int64_t b = 0; b < blocks; ++b) {
-        UNROLL for (int r = 0; r < rows; ++r) {
+    for (int r = 0; r < rows; ++r) {
+        __m256 acc[QMAX_M][2];
+        for (int m = 0; m < QMAX_M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < blocks; ++b) {
             const uint8_t *p = w + (r * K + b * QBLOCK) / 2;
-            if ((b & 1) == 0) {
-                _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
-                _mm_prefetch((const char *)(p + QROWS * K / 2), _MM_HINT_T1);
-            }
-            __m256i low, high;
-            block_planes_avx2(code_a, code_b, block_scale(sc, first_block + r * blocks + b), dt, &low, &high);
-            const __m256i packed = _mm256_loadu_si256((const __m256i *)p);
+            if ((b & 1) == 0) _mm_prefetch((const char *)p + Q4PREFETCH, _MM_HINT_T0);
+            const int64_t g = first_block + r * blocks + b;
+            if (nested && g >> 8 != table->group) scale_table_fill(sc, g >> 8, table);
             __m256 wv[8];
-            lookup32_avx2(_mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble), low, high, dt, wv); /* even */
-            lookup32_avx2(_mm256_and_si256(packed, nibble), low, high, dt, wv + 4);                   /* odd */
-            const float *xb = x + b * QBLOCK;
-            UNROLL for (int m = 0; m < mt; ++m) acc[r][m] = _mm256_add_ps(acc[r][m], dot64_avx2(wv, xb + m * K));
+            block_weights_avx2(p, code_a, code_b,
+                               _mm256_broadcast_ss(nested ? &table->table[sc->absmax8[g]] : sc->absmax + g), dt, wv);
+            UNROLL for (int m = 0; m < mt; ++m)
+                UNROLL for (int v = 0; v < 8; ++v)
+                    acc[m][v & 1] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(x + m * K + b * QBLOCK + 8 * v), acc[m][v & 1]);
         }
+        for (int m = 0; m < mt; ++m) sums[r * QMAX_M + m] = hsum_avx2(_mm256_add_ps(acc[m][0], acc[m][1]));
     }
-    for (int r = 0; r < rows; ++r)
-        for (int m = 0; m < mt; ++m) sums[r * QMAX_M + m] = hsum_avx2(acc[r][m]);
+}
+
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void
+block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const scales_t *sc, scale_table_t *table,
+                   int64_t first_block, int64_t K, int rows, int mt, int dt, float *sums) {
+    if (sc->absmax) planes_loop_avx2(x, w, code, sc, table, first_block, K, rows, mt, dt, 0, sums);
+    else planes_loop_avx2(x, w, code, sc, table, first_block, K, rows, mt, dt, 1, sums);
 }
 
 #define DISPATCH_M(BLOCK, rows, mt, ...)                                                                          \
@@ -296,9 +372,9 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
         else BLOCK(__VA_ARGS__, QROWS, 4);                                                                      \
     } while (0)
 
-#define CALL4_AVX2(x, w, code, sc, fb, K, dt, sums, rows, mt) block4_avx2(x, w, code, sc, fb, K, rows, mt, sums)
-#define CALL4_PLANES(x, w, code, sc, fb, K, dt, sums, rows, mt)                                                   \
-    block4_planes_avx2(x, w, code, sc, fb, K, rows, mt, dt, sums)
+#define CALL4_AVX2(x, w, code, sc, table, fb, K, dt, sums, rows, mt) block4_avx2(x, w, code, sc, fb, K, rows, mt, sums)
+#define CALL4_PLANES(x, w, code, sc, table, fb, K, dt, sums, rows, mt)                                            \
+    block4_planes_avx2(x, w, code, sc, table, fb, K, rows, mt, dt, sums)
 
 /* The 4-bit linear over tasks of QROWS output rows, QMAX_M input rows per pass; one BLOCK call macro per compute
  * dtype, each called with constant dtype, rows and mt so every accumulator can live in a register. */
@@ -307,7 +383,10 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
                                                      const scales_t *sc, const void *bias, void *y, int64_t M,  \
                                                      int64_t N, int64_t K, int dt, int gelu) {                  \
         const int64_t tasks = (N + QROWS - 1) / QROWS;                                                          \
-        _Pragma("omp parallel for schedule(static)") for (int64_t t = 0; t < tasks; ++t) {                       \
+        _Pragma("omp parallel") {                                                                               \
+        scale_table_t table = {.group = -1}; /* this thread's (the AVX512 and fp32 loops decode scales inline) */ \
+        (void)table;                                                                                            \
+        _Pragma("omp for schedule(static)") for (int64_t t = 0; t < tasks; ++t) {                                \
             const int64_t n0 = t * QROWS;                                                                       \
             const int rows = N - n0 < QROWS ? (int)(N - n0) : QROWS;                                            \
             const uint8_t *wn = w + n0 * K / 2;                                                                 \
@@ -316,19 +395,25 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
                 const int mt = M - m0 < QMAX_M ? (int)(M - m0) : QMAX_M;                                        \
                 const float *xm = x + m0 * K;                                                                   \
                 const int64_t fb = n0 * (K / QBLOCK);                                                           \
-                if (dt == DT_BF16) DISPATCH_M(CALL_BF16, rows, mt, xm, wn, code, sc, fb, K, DT_BF16, sums);     \
-                else if (dt == DT_F16) DISPATCH_M(CALL_F16, rows, mt, xm, wn, code, sc, fb, K, DT_F16, sums);   \
-                else DISPATCH_M(CALL_F32, rows, mt, xm, wn, code, sc, fb, K, DT_F32, sums);                     \
-                for (int r = 0; r < rows; ++r)                                                                  \
-                    for (int m = 0; m < mt; ++m)                                                                \
-                        store_sum(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], bias, n0 + r, dt, gelu);      \
+                if (dt == DT_BF16) DISPATCH_M(CALL_BF16, rows, mt, xm, wn, code, sc, &table, fb, K, DT_BF16, sums); \
+                else if (dt == DT_F16) DISPATCH_M(CALL_F16, rows, mt, xm, wn, code, sc, &table, fb, K, DT_F16, sums); \
+                else DISPATCH_M(CALL_F32, rows, mt, xm, wn, code, sc, &table, fb, K, DT_F32, sums);             \
+                if (rows == QROWS)                                                                              \
+                    for (int m = 0; m < mt; ++m) store_sums4(y, (m0 + m) * N + n0, sums, m, bias, n0, dt, gelu);   \
+                else                                                                                            \
+                    for (int r = 0; r < rows; ++r)                                                              \
+                        for (int m = 0; m < mt; ++m)                                                            \
+                            store_sum(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], bias, n0 + r, dt, gelu);  \
             }                                                                                                   \
+        }                                                                                                       \
         }                                                                                                       \
     }
 
 LINEAR4(linear4_avx2, "avx2,fma,f16c", CALL4_PLANES, CALL4_PLANES, CALL4_AVX2)
 
-/* x: int8 rows; |x| <= 127, so |w| * (+-x) pairs never saturate vpmaddubsw (w = -128 included) */
+/* x: int8 rows; |x| <= 127, so |w| * (+-x) pairs never saturate vpmaddubsw (w = -128 included). The task's
+ * rows are read one after another, so the weights are one sequential stream (four interleaved short streams read
+ * at about two thirds of the speed at one input row: the prefetchers lose each stream at its row's end) */
 __attribute__((target("avx2"), always_inline)) static inline void
 block8_avx2(const int8_t *x, const int8_t *w, int64_t K, int rows, int mt, int32_t *sums) {
     __m256i acc[QROWS][QMAX_M];
@@ -336,19 +421,16 @@ block8_avx2(const int8_t *x, const int8_t *w, int64_t K, int rows, int mt, int32
         for (int m = 0; m < QMAX_M; ++m) acc[r][m] = _mm256_setzero_si256();
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t kfull = K / 32 * 32;
-    for (int64_t k = 0; k < kfull; k += 32) {
-        __m256i xv[QMAX_M];
-        for (int m = 0; m < mt; ++m) xv[m] = _mm256_loadu_si256((const __m256i *)(x + m * K + k));
-        UNROLL for (int r = 0; r < rows; ++r) {
-            const int8_t *p = w + r * K + k;
-            if ((k & 63) == 0) {
-                _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
-                _mm_prefetch((const char *)(p + QROWS * K), _MM_HINT_T1);
-            }
+    UNROLL for (int r = 0; r < rows; ++r) {
+        const int8_t *row = w + r * K;
+        _Pragma("GCC unroll 2") for (int64_t k = 0; k < kfull; k += 32) { /* unrolled: no prefetch branch */
+            const int8_t *p = row + k;
+            if ((k & 63) == 0) _mm_prefetch((const char *)p + Q8PREFETCH, _MM_HINT_T0);
             const __m256i wv = _mm256_loadu_si256((const __m256i *)p);
             const __m256i aw = _mm256_abs_epi8(wv);
             UNROLL for (int m = 0; m < mt; ++m) {
-                const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[m], wv));
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + m * K + k));
+                const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv));
                 acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_madd_epi16(pairs, ones));
             }
         }
@@ -406,7 +488,8 @@ block4_avx512(const float *x, const uint8_t *w, const float *code, const scales_
         for (int m = 0; m < mt; ++m) sums[r * QMAX_M + m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-#define CALL4_AVX512(x, w, code, sc, fb, K, dt, sums, rows, mt) block4_avx512(x, w, code, sc, fb, K, rows, mt, dt, sums)
+#define CALL4_AVX512(x, w, code, sc, table, fb, K, dt, sums, rows, mt)                                            \
+    block4_avx512(x, w, code, sc, fb, K, rows, mt, dt, sums)
 
 LINEAR4(linear4_avx512, AVX512_TARGET, CALL4_AVX512, CALL4_AVX512, CALL4_AVX512)
 
@@ -522,6 +605,17 @@ static void store_int8(void *y, int64_t i, int32_t sum, const act8_t *a, int64_t
     store_value(y, i, v, dt);
 }
 
+/* store_int8 for a task's four outputs of input row m (sums[r * QMAX_M + mi]) when no column is an outlier */
+__attribute__((target("avx2,f16c"))) static void store_int8x4(void *y, int64_t i, const int32_t *sums,
+                                                              const act8_t *a, int64_t m, int mi, const float *scb,
+                                                              const void *bias, int64_t n, int dt, int gelu) {
+    const __m128i s = _mm_setr_epi32(sums[mi], sums[QMAX_M + mi], sums[2 * QMAX_M + mi], sums[3 * QMAX_M + mi]);
+    __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(s), _mm_mul_ps(_mm_set1_ps(a->row_max[m]), _mm_loadu_ps(scb)));
+    v = _mm_mul_ps(v, _mm_set1_ps(6.200124e-05f));
+    if (bias) v = _mm_add_ps(v, load4(bias, n, dt));
+    store4(y, i, v, dt, gelu);
+}
+
 #define CALL8(BLOCK, x, w, K, sums, rows, mt) BLOCK(x, w, K, rows, mt, sums)
 
 #define LINEAR8(NAME, TARGET, BLOCK)                                                                            \
@@ -536,10 +630,14 @@ static void store_int8(void *y, int64_t i, int32_t sum, const act8_t *a, int64_t
             for (int64_t m0 = 0; m0 < M; m0 += QMAX_M) {                                                        \
                 const int mt = M - m0 < QMAX_M ? (int)(M - m0) : QMAX_M;                                        \
                 DISPATCH_M(CALL8, rows, mt, BLOCK, a->q + m0 * K, w + n0 * K, K, sums);                         \
-                for (int r = 0; r < rows; ++r)                                                                  \
-                    for (int m = 0; m < mt; ++m)                                                                \
-                        store_int8(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], a, m0 + m,                   \
-                                   w + (n0 + r) * K, scb[n0 + r], bias, n0 + r, dt, gelu);                      \
+                if (rows == QROWS && a->ncols == 0)                                                             \
+                    for (int m = 0; m < mt; ++m) store_int8x4(y, (m0 + m) * N + n0, sums, a, m0 + m, m, scb + n0,   \
+                                                              bias, n0, dt, gelu);                                  \
+                else                                                                                            \
+                    for (int r = 0; r < rows; ++r)                                                              \
+                        for (int m = 0; m < mt; ++m)                                                            \
+                            store_int8(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], a, m0 + m,               \
+                                       w + (n0 + r) * K, scb[n0 + r], bias, n0 + r, dt, gelu);                  \
             }                                                                                                   \
         }                                                                                                       \
     }
