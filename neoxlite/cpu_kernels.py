@@ -37,8 +37,8 @@ _ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512-BF16"}
 # Input rows up to which the kernel serves bf16 linears on a CPU without AMX. Without a matrix engine oneDNN's
 # bf16 matmul is vector code too. On AVX2 it is far slower at every size: on this project's Zen 3 (no native
 # bf16, 2 threads, quiet) a 1024 -> 4096 linear ran 18 GFLOP/s in oneDNN at 32-512 rows against the kernel's
-# 98-113 (5.5-6.3x), so there the kernel takes every row count, prefills included. AVX512-BF16 has native bf16
-# dot products in oneDNN as well: that CPU keeps the 32 rows measured on it. The earlier AVX2 limit of 4 rows was
+# 92-113 (5.2-6.3x; bench/bf16_rows.py), so there the kernel takes every row count, prefills included.
+# AVX512-BF16 has native bf16 dot products in oneDNN as well: that CPU keeps the 32 rows measured on it. The earlier AVX2 limit of 4 rows was
 # measured on Sapphire Rapids, where oneDNN ran on AMX: that case is neoxlite.matrix_engine's measured crossover.
 EVERY_ROW = 1 << 62
 _MAX_ROWS = {1: EVERY_ROW, 2: 32}

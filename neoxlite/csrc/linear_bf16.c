@@ -256,11 +256,10 @@ tile_avx2(const float *xs, int64_t ldx, const uint16_t *w, int64_t K, int64_t k0
     "vfmadd231ps %%ymm15, %%ymm" #W2 ", %%ymm" #A2 "\n\t"
 /* an input row (X: its address) against the three weight rows, into acc[0..2][m] = ymm A0, A1, A2 (3r + m) */
 #define INPUT_ROW(X, A0, A1, A2) FMA3(X, 9, 11, 13, A0, A1, A2) FMA3("32" X, 10, 12, 14, A0, A1, A2)
-#define ACC9(OP, F)                                                                                             \
-    OP(F, 0, 0) OP(F, 32, 1) OP(F, 64, 2) OP(F, 96, 3) OP(F, 128, 4) OP(F, 160, 5) OP(F, 192, 6) OP(F, 224, 7)  \
-    OP(F, 256, 8)
-#define ACC_LOAD(F, OFFSET, R) "vmovaps " #OFFSET "(%[acc]), %%ymm" #R "\n\t"
-#define ACC_STORE(F, OFFSET, R) "vmovaps %%ymm" #R ", " #OFFSET "(%[acc])\n\t"
+#define ACC9(OP)                                                                                                \
+    OP(0, 0) OP(32, 1) OP(64, 2) OP(96, 3) OP(128, 4) OP(160, 5) OP(192, 6) OP(224, 7) OP(256, 8)
+#define ACC_LOAD(OFFSET, R) "vmovaps " #OFFSET "(%[acc]), %%ymm" #R "\n\t"
+#define ACC_STORE(OFFSET, R) "vmovaps %%ymm" #R ", " #OFFSET "(%[acc])\n\t"
 
 /* PREFETCHES: the asm text that fetches weight lines ahead, or nothing */
 #define TILE3X3(NAME, PREFETCHES)                                                                               \
@@ -272,7 +271,7 @@ tile_avx2(const float *xs, int64_t ldx, const uint16_t *w, int64_t K, int64_t k0
         int64_t n = (k1 - k0) / 16;                                                                             \
         if (n <= 0) return;                                                                                     \
         __asm__ volatile(                                                                                       \
-            ACC9(ACC_LOAD, 0)                                                                                   \
+            ACC9(ACC_LOAD)                                                                                   \
             "1:\n\t"                                                                                           \
             PREFETCHES                                                                                          \
             WIDEN_ROW("(%[w])", 9, 10) WIDEN_ROW("(%[w],%[sw])", 11, 12) WIDEN_ROW("(%[w],%[sw],2)", 13, 14)    \
@@ -282,7 +281,7 @@ tile_avx2(const float *xs, int64_t ldx, const uint16_t *w, int64_t K, int64_t k0
             "add $64, %[x]\n\t"                                                                                \
             "dec %[n]\n\t"                                                                                     \
             "jnz 1b\n\t"                                                                                       \
-            ACC9(ACC_STORE, 0)                                                                                  \
+            ACC9(ACC_STORE)                                                                                  \
             : [w] "+r"(wk), [x] "+r"(x), [n] "+r"(n)                                                            \
             : [sw] "r"(sw), [sw3] "r"(3 * sw), [sw5] "r"(5 * sw), [sx] "r"(sx), [acc] "r"(acc),                 \
               [mask] "m"(*(const __m256i *)HIGH_HALVES)                                                         \
