@@ -32,8 +32,9 @@ def reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch
 
 @needs_kernel
 @pytest.mark.parametrize("isa", ISAS, ids=lambda i: {1: "avx2", 2: "avx512bf16"}[i])
+# rows: every tiling of the input rows (groups of four, then three, two or one left over)
 @pytest.mark.parametrize("rows,n,k", [(1, 13, 7), (3, 33, 1000), (5, 64, 64), (9, 130, 4096), (32, 8, 40),
-                                      (2, 4, 31), (4, 7, 33)])
+                                      (2, 4, 31), (4, 7, 33), (6, 40, 520), (7, 66, 2100), (16, 31, 1040)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_is_the_fp32_sum_rounded_once(isa, rows, n, k, bias, threads):

@@ -122,14 +122,16 @@ linear_avx512bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
  * on it).
  *
  * With more input rows the work becomes multiply-adds rather than memory. A task is TILE_R weight rows against
- * every input row, in tiles of TILE_R x TILE_M (nine accumulators: two multiply-adds per accumulator per step
- * keep the FMA pipes' latency covered). The weights are walked in chunks of CHUNK values: the first tile of a
- * chunk brings its rows from memory (and fetches the next task's into L2), the later tiles find them in L1.
- * Measured on a Zen 3 core (93 GFLOP/s FMA peak, pythia-410m's linears at 16 rows): ~60 GFLOP/s per core, 1.4x
- * the previous loop (4 x 4, the inputs widened again for each weight row, accumulators spilled); arranging the
- * tasks in panels that share an L1-sized chunk of the inputs measured slower, so the inputs come from L2. */
+ * every input row, in tiles of TILE_R x TILE_M (twelve accumulators: two multiply-adds per accumulator per step
+ * keep the FMA pipes' latency covered); three rows left over take a 3 x 3 tile, one or two the C loop. The weights
+ * are walked in chunks of CHUNK values: the first tile of a chunk brings its rows from memory (and fetches the
+ * next task's into L2), the later tiles find them in L1. Measured on a Zen 3 core (93 GFLOP/s FMA peak),
+ * pythia-410m's 97 linears at 16 rows with every weight read from RAM: 3 x 4 tiles 138 GFLOP/s on two cores,
+ * 1.16x the 3 x 3 tiles (1.07x at 8 rows, 1.25x at 4; 150 GFLOP/s, 81% of the peak, with the weights in cache);
+ * arranging the tasks in panels that share an L1-sized chunk of the inputs measured slower, so the inputs come
+ * from L2. */
 #define TILE_R 3       /* weight rows per task (read side by side, as above) */
-#define TILE_M 3       /* input rows per tile */
+#define TILE_M 4       /* input rows per tile */
 #define CHUNK 1024     /* weight values per row and pass: 3 rows x 2 KiB stay in L1 */
 
 /* Eight accumulators' totals in one vector: lane j = ((v_j0 + v_j1) + (v_j2 + v_j3)) + ((v_j4 + v_j5) + (v_j6 + v_j7)),
@@ -239,12 +241,11 @@ tile_avx2(const float *xs, int64_t ldx, const uint16_t *w, int64_t K, int64_t k0
         for (int m = 0; m < mt; ++m) acc_out[r * TILE_M + m] = acc[r][m];
 }
 
-/* The full 3 x 3 tile, the same arithmetic as tile_avx2 in the same order, written out in assembly: nine
- * accumulators (ymm0-8), the three rows' widened weights (ymm9-14) and one input vector at a time (ymm15) fill
- * the sixteen registers, so each input vector is loaded once for three multiply-adds and each weight vector once
- * for six. The loop is then bound by the multiply-adds, not by loads: a 4 x 3 tile, its inputs read as memory
- * operands (28 loads per 24 multiply-adds), ran 15% slower on a Zen 3 core, and the compiler's own version of
- * either spills accumulators to the stack. */
+/* The 3 x 3 tile (three input rows left over), the same arithmetic as tile_avx2 in the same order, written out
+ * in assembly: nine accumulators (ymm0-8), the three rows' widened weights (ymm9-14) and one input vector at a
+ * time (ymm15) fill the sixteen registers, so each input vector is loaded once for three multiply-adds and each
+ * weight vector once for six. A 4 x 3 tile, its inputs read as memory operands (28 loads per 24 multiply-adds),
+ * ran 15% slower on a Zen 3 core, and the compiler's own version of either spills accumulators to the stack. */
 #define WIDEN_ROW(ADDR, EVEN, ODD)                                                                              \
     "vmovdqu " ADDR ", %%ymm" #EVEN "\n\t"                                                                      \
     "vpand %[mask], %%ymm" #EVEN ", %%ymm" #ODD "\n\t"                                                          \
@@ -256,8 +257,12 @@ tile_avx2(const float *xs, int64_t ldx, const uint16_t *w, int64_t K, int64_t k0
     "vfmadd231ps %%ymm15, %%ymm" #W2 ", %%ymm" #A2 "\n\t"
 /* an input row (X: its address) against the three weight rows, into acc[0..2][m] = ymm A0, A1, A2 (3r + m) */
 #define INPUT_ROW(X, A0, A1, A2) FMA3(X, 9, 11, 13, A0, A1, A2) FMA3("32" X, 10, 12, 14, A0, A1, A2)
+/* the accumulators in memory: acc[r * TILE_M + m], 32 bytes each */
 #define ACC9(OP)                                                                                                \
-    OP(0, 0) OP(32, 1) OP(64, 2) OP(96, 3) OP(128, 4) OP(160, 5) OP(192, 6) OP(224, 7) OP(256, 8)
+    OP(0, 0) OP(32, 1) OP(64, 2) OP(128, 3) OP(160, 4) OP(192, 5) OP(256, 6) OP(288, 7) OP(320, 8)
+#define ACC12(OP)                                                                                               \
+    OP(0, 0) OP(32, 1) OP(64, 2) OP(96, 3) OP(128, 4) OP(160, 5) OP(192, 6) OP(224, 7) OP(256, 8) OP(288, 9)    \
+    OP(320, 10) OP(352, 11)
 #define ACC_LOAD(OFFSET, R) "vmovaps " #OFFSET "(%[acc]), %%ymm" #R "\n\t"
 #define ACC_STORE(OFFSET, R) "vmovaps %%ymm" #R ", " #OFFSET "(%[acc])\n\t"
 
@@ -295,17 +300,64 @@ static const uint32_t HIGH_HALVES[8] __attribute__((aligned(32))) = {
 #define XSTR(x) STR(x)
 /* The first pass over a chunk reads the weights from memory: each row is fetched ahead into L1, and the next
  * task's three rows (rows 3-5 from here: the same thread's next task) into L2, a task ahead of their use. */
-TILE3X3(tile3x3_fetch_avx2,
-        "prefetcht0 " XSTR(PREFETCH) "(%[w])\n\t" "prefetcht0 " XSTR(PREFETCH) "(%[w],%[sw])\n\t"
-        "prefetcht0 " XSTR(PREFETCH) "(%[w],%[sw],2)\n\t"
-        "prefetcht1 (%[w],%[sw3])\n\t" "prefetcht1 (%[w],%[sw],4)\n\t" "prefetcht1 (%[w],%[sw5])\n\t")
+#define FETCH_AHEAD                                                                                             \
+    "prefetcht0 " XSTR(PREFETCH) "(%[w])\n\t" "prefetcht0 " XSTR(PREFETCH) "(%[w],%[sw])\n\t"                   \
+    "prefetcht0 " XSTR(PREFETCH) "(%[w],%[sw],2)\n\t"                                                          \
+    "prefetcht1 (%[w],%[sw3])\n\t" "prefetcht1 (%[w],%[sw],4)\n\t" "prefetcht1 (%[w],%[sw5])\n\t"
+TILE3X3(tile3x3_fetch_avx2, FETCH_AHEAD)
 /* the later passes find them in L1 */
 TILE3X3(tile3x3_avx2, "")
+
+/* The 3 x 4 tile: twelve accumulators (ymm0-11, acc[r][m] in ymm 4r + m), the three rows' weights for one half
+ * (the even, then the odd values) in ymm12-14, one input vector in ymm15. Each 16 values widen the weights with the
+ * same six operations as the 3 x 3 tile but feed 24 multiply-adds instead of 18 (the odd half reloads the weights
+ * from L1: no register is left to keep them). The same products added in the same order, so the same bits. */
+#define EVEN_ROWS                                                                                               \
+    "vmovdqu (%[w]), %%ymm12\n\t" "vpslld $16, %%ymm12, %%ymm12\n\t"                                            \
+    "vmovdqu (%[w],%[sw]), %%ymm13\n\t" "vpslld $16, %%ymm13, %%ymm13\n\t"                                      \
+    "vmovdqu (%[w],%[sw],2), %%ymm14\n\t" "vpslld $16, %%ymm14, %%ymm14\n\t"
+#define ODD_ROWS                                                                                                \
+    "vmovdqu (%[w]), %%ymm12\n\t" "vpand %[mask], %%ymm12, %%ymm12\n\t"                                        \
+    "vmovdqu (%[w],%[sw]), %%ymm13\n\t" "vpand %[mask], %%ymm13, %%ymm13\n\t"                                  \
+    "vmovdqu (%[w],%[sw],2), %%ymm14\n\t" "vpand %[mask], %%ymm14, %%ymm14\n\t"
+/* the four input rows (at offset OFF: 0 for the even values, 32 for the odd) against the half in ymm12-14 */
+#define FOUR_INPUTS(OFF)                                                                                        \
+    FMA3(OFF "(%[x])", 12, 13, 14, 0, 4, 8) FMA3(OFF "(%[x],%[sx])", 12, 13, 14, 1, 5, 9)                       \
+    FMA3(OFF "(%[x],%[sx],2)", 12, 13, 14, 2, 6, 10) FMA3(OFF "(%[x],%[sx3])", 12, 13, 14, 3, 7, 11)
+#define TILE3X4(NAME, PREFETCHES)                                                                               \
+    __attribute__((target("avx2,fma"))) static void NAME(const float *xs, int64_t ldx, const uint16_t *w,       \
+                                                         int64_t K, int64_t k0, int64_t k1, __m256 *acc) {      \
+        const uint16_t *wk = w + k0;                                                                            \
+        const float *x = xs + k0;                                                                               \
+        const int64_t sw = K * 2, sx = ldx * 4;                                                                 \
+        int64_t n = (k1 - k0) / 16;                                                                             \
+        if (n <= 0) return;                                                                                     \
+        __asm__ volatile(                                                                                       \
+            ACC12(ACC_LOAD)                                                                                     \
+            "1:\n\t"                                                                                           \
+            PREFETCHES                                                                                          \
+            EVEN_ROWS FOUR_INPUTS("") ODD_ROWS FOUR_INPUTS("32")                                                \
+            "add $32, %[w]\n\t"                                                                                \
+            "add $64, %[x]\n\t"                                                                                \
+            "dec %[n]\n\t"                                                                                     \
+            "jnz 1b\n\t"                                                                                       \
+            ACC12(ACC_STORE)                                                                                    \
+            : [w] "+r"(wk), [x] "+r"(x), [n] "+r"(n)                                                            \
+            : [sw] "r"(sw), [sw3] "r"(3 * sw), [sw5] "r"(5 * sw), [sx] "r"(sx), [sx3] "r"(3 * sx),             \
+              [acc] "r"(acc), [mask] "m"(*(const __m256i *)HIGH_HALVES)                                         \
+            : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",   \
+              "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");                                            \
+    }
+
+TILE3X4(tile3x4_fetch_avx2, FETCH_AHEAD)
+TILE3X4(tile3x4_avx2, "")
 
 /* constant rows, mt and prefetch let the compiler keep every accumulator in a register */
 #define TILE_DISPATCH(rows, mt, prefetch, first, ...)                                                                  \
     do {                                                                                                        \
-        if ((rows) == TILE_R && (mt) == 3 && (first)) tile3x3_fetch_avx2(__VA_ARGS__, acc);                     \
+        if ((rows) == TILE_R && (mt) == 4 && (first)) tile3x4_fetch_avx2(__VA_ARGS__, acc);                     \
+        else if ((rows) == TILE_R && (mt) == 4) tile3x4_avx2(__VA_ARGS__, acc);                                 \
+        else if ((rows) == TILE_R && (mt) == 3 && (first)) tile3x3_fetch_avx2(__VA_ARGS__, acc);                \
         else if ((rows) == TILE_R && (mt) == 3) tile3x3_avx2(__VA_ARGS__, acc);                                 \
         else if ((rows) == TILE_R && (mt) == 2 && (prefetch)) tile_avx2(__VA_ARGS__, TILE_R, 2, 1, acc);        \
         else if ((rows) == TILE_R && (mt) == 2) tile_avx2(__VA_ARGS__, TILE_R, 2, 0, acc);                      \
