@@ -30,7 +30,7 @@ from neoxlite import matrix_engine, quant_matmul
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("linear_bf16.c", "linear_f32.c", "decode_attention_bf16.c", "linear_quant.c",
                          "dequantize_4bit.c")]
-_HEADERS = [Path(__file__).with_name("csrc") / name for name in ("bf16.h", "gelu.h")]
+_HEADERS = [Path(__file__).with_name("csrc") / name for name in ("bf16.h", "gelu.h", "avx2_math.h")]
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 _LIBS = ["-lm"]
 _ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512-BF16"}

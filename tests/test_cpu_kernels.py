@@ -252,8 +252,9 @@ def test_mlp_uses_the_fused_gelu_only_for_exact_gelu(monkeypatch):
 
 
 @needs_kernel
+# head sizes with and without a tail past the 16-value groups; cached lengths within one score block and past it
 @pytest.mark.parametrize("batch,heads,hs,rot,past", [(1, 4, 64, 16, 0), (1, 4, 64, 16, 37), (3, 2, 24, 24, 5),
-                                                     (2, 3, 40, 8, 2100)])
+                                                     (2, 3, 40, 8, 2100), (2, 2, 100, 20, 9), (1, 2, 128, 32, 4200)])
 def test_decode_attention_equals_rotary_cache_write_and_sdpa(batch, heads, hs, rot, past):
     from neoxlite.model import _apply_rotary
 
@@ -282,3 +283,14 @@ def test_decode_attention_equals_rotary_cache_write_and_sdpa(batch, heads, hs, r
     ours_error, torchs_error = (out.double() - exact).abs(), (expected.double() - exact).abs()
     assert ours_error.max() <= torchs_error.max() * 1.01 + 1e-6
     assert ours_error.mean() <= torchs_error.mean() * 1.01 + 1e-7
+
+
+@needs_kernel
+def test_decode_attention_keeps_nan():
+    heads, hs = 2, 64
+    qkv = torch.randn(1, 1, heads * 3 * hs).bfloat16()
+    qkv[0, 0, 5] = float("nan")  # in head 0's query
+    ones = torch.ones(1, 1, 1, 16).bfloat16()
+    keys, values = torch.randn(1, heads, 40, hs).bfloat16(), torch.randn(1, heads, 40, hs).bfloat16()
+    out = KERNEL.decode_attention(qkv, ones, ones * 0, keys, values, 30, heads).view(heads, hs)
+    assert out[0].isnan().all() and out[1].isfinite().all()
