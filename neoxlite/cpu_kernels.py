@@ -33,7 +33,12 @@ _SOURCES = [Path(__file__).with_name("csrc") / name
 _HEADERS = [Path(__file__).with_name("csrc") / name for name in ("bf16.h", "gelu.h", "avx2_math.h")]
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 _LIBS = ["-lm"]
-_ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512-BF16"}
+_ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512-BF16", 3: "AMX-BF16"}
+ISA_AVX512BF16, ISA_AMX = 2, 3
+# The AMX kernel (linear_bf16.c) takes in_features in whole 32-value tile rows; other widths (no GPT-NeoX model
+# has one) take the AVX512-BF16 kernel, the same for every call on that layer, so its bits do not depend on the
+# batch either.
+AMX_K = 32
 # Input rows up to which the kernel serves bf16 linears on a CPU without AMX. Without a matrix engine oneDNN's
 # bf16 matmul is vector code too. On AVX2 it is far slower at every size: on this project's Zen 3 (no native
 # bf16, 2 threads, quiet) a 1024 -> 4096 linear ran 18 GFLOP/s in oneDNN at 32-512 rows against the kernel's
@@ -73,6 +78,11 @@ class BF16Kernel:
         """Input rows up to which the linear kernel serves `dtype` (0: not at all)."""
         return self.max_rows if dtype is torch.bfloat16 else MAX_ROWS_F32 if dtype is torch.float32 else 0
 
+    @property
+    def vector_isa(self) -> int:
+        """The vector instruction set (fp32 linears, and bf16 widths the AMX kernel does not take)."""
+        return ISA_AVX512BF16 if self.isa == ISA_AMX else self.isa
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                gelu: bool = False) -> torch.Tensor:
         """x @ weight.T + bias for contiguous CPU tensors of one dtype. bf16: fp32 accumulation, one rounding to
@@ -86,11 +96,12 @@ class BF16Kernel:
             # groups of MAX_ROWS_F32 rows (each row's sums in the same order whatever the group: same bits)
             for start in range(0, rows.shape[0], MAX_ROWS_F32):
                 group = rows[start:start + MAX_ROWS_F32]
-                self.library.neox_linear_f32(self.isa, group.data_ptr(), weight.data_ptr(), bias_ptr,
+                self.library.neox_linear_f32(self.vector_isa, group.data_ptr(), weight.data_ptr(), bias_ptr,
                                              out[start:].data_ptr(), group.shape[0], n, k)
             out = F.gelu(out) if gelu else out
         else:
-            _check(self.library.neox_linear_bf16(self.isa, rows.data_ptr(), weight.data_ptr(), bias_ptr,
+            isa = self.isa if self.isa != ISA_AMX or k % AMX_K == 0 else self.vector_isa
+            _check(self.library.neox_linear_bf16(isa, rows.data_ptr(), weight.data_ptr(), bias_ptr,
                                                  out.data_ptr(), rows.shape[0], n, k, int(gelu)))
         return out.view(*x.shape[:-1], n)
 
@@ -321,6 +332,8 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
         return None, None, f"this CPU has neither AVX2+FMA+F16C nor AVX512: {_FALLBACK}"
     kernel, quant = BF16Kernel(library, isa, _MAX_ROWS[isa]), QuantKernel(library, quant_isa)
     has_amx, why = matrix_engine.amx()
+    if has_amx and isa == ISA_AVX512BF16:  # every AMX CPU has AVX512-BF16, which the AMX kernel's stores use
+        kernel = BF16Kernel(library, ISA_AMX, _MAX_ROWS[ISA_AVX512BF16])
     if has_amx:
         rows, source = matrix_engine.crossover(f"bf16 {kernel.isa_name}", lambda: _time_bf16(kernel), _cache_dir())
         rows_4bit, _ = matrix_engine.crossover(f"nf4 {quant.isa_name} tiles", lambda: _time_4bit(quant),
@@ -348,8 +361,9 @@ def _time_bf16(kernel: BF16Kernel, shape: tuple[int, int] = matrix_engine.CALIBR
     """The bf16 kernel and PyTorch's matmul timed on a linear of `shape` (in_features, out_features)."""
     k, n = shape
     weight = (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+    candidates = matrix_engine.AMX_CANDIDATE_ROWS if kernel.isa == ISA_AMX else matrix_engine.CANDIDATE_ROWS
     return matrix_engine.time_engines(lambda x: kernel.linear(x, weight, None), lambda x: F.linear(x, weight),
-                                      k, torch.bfloat16)
+                                      k, torch.bfloat16, candidates)
 
 
 def _time_4bit(quant: QuantKernel, shape: tuple[int, int] = matrix_engine.CALIBRATION_SHAPE

@@ -149,6 +149,31 @@ def test_int8_kernel_is_bitsandbytes_forward_bit_for_bit(isa, dtype, threshold, 
             assert torch.equal(got, want)
 
 
+def exact_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU in float64, rounded once to x's dtype: the reference both neoxlite's and PyTorch's GELU approach.
+    (PyTorch's own GELU is no fixed reference: its erf polynomial and its handling of float32 subnormals differ
+    between its AVX2 and AVX512 builds, so comparing bits with it passes on one CPU and fails on another.)"""
+    wide = x.double()
+    return (0.5 * wide * (1 + torch.special.erf(wide * 0.5**0.5))).to(x.dtype)
+
+
+def ordered_bits(x: torch.Tensor) -> torch.Tensor:
+    """16-bit floats as integers in the order of their values, so neighbouring values differ by one."""
+    bits = x.view(torch.int16).int()
+    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+
+
+def assert_close_to_exact_gelu(got: torch.Tensor, x: torch.Tensor) -> None:
+    want = exact_gelu(x)
+    # float32's 1 + erf(x) loses erf's error times |x| where GELU(x) is tiny (x < -3), PyTorch's formula too
+    cancelled = (got.float() - want.float()).abs() <= 2e-7 * x.float().abs()
+    if x.dtype is torch.float32:
+        close = (got - want).abs() <= 2.0**-22 * want.abs()
+    else:  # one step of the 16-bit type at most
+        close = (ordered_bits(got) - ordered_bits(want)).abs() <= 1
+    assert (close | cancelled).all(), x[~(close | cancelled)]
+
+
 @needs_kernel
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -160,9 +185,7 @@ def test_fused_gelu_is_gelu_of_the_rounded_result(isa, dtype):
     for run in (lambda gelu: k.linear_4bit(x, *layer4._prepare_kernel(), layer4.bias.data, gelu=gelu),
                 lambda gelu: k.linear_int8(x, layer8.weight.data, scb, 6.0, layer8.bias.data.to(dtype), gelu=gelu)):
         plain, fused = run(False), run(True)
-        # PyTorch's own GELU formula; in fp32 its polynomial may round differently by a few ulp
-        torch.testing.assert_close(fused, F.gelu(plain), atol=1e-7 if dtype is torch.float32 else 0,
-                                   rtol=0 if dtype is torch.bfloat16 else 1e-6)
+        assert_close_to_exact_gelu(fused, plain)
 
 
 @needs_kernel
@@ -182,7 +205,8 @@ def test_layers_use_the_kernel_for_decode_rows_only(mode, monkeypatch):
         assert len(calls) == 1
         assert_sum_order_only(decode.float(), prefill[:, -1:].float(), x[:, -1:].float(), torch.ones(64, 128))
         gelu = layer.forward_gelu(x[:, -1:])
-        assert len(calls) == 2 and torch.equal(gelu, F.gelu(decode))
+        assert len(calls) == 2
+        assert_close_to_exact_gelu(gelu, decode)
     layer(x[:, -1:].requires_grad_())  # autograd: bitsandbytes' forward
     assert len(calls) == 2
     if mode != "int8":  # never repacked for bitsandbytes' AVX512-BF16 kernel: what is saved stays the input
@@ -288,18 +312,26 @@ def test_direct_decode_step_runs_quantized_layers_with_the_module_path_bits(quan
 
 @needs_kernel
 @pytest.mark.parametrize("isa", ISAS)
-def test_fused_gelu_is_torchs_on_every_bf16_value(isa):
-    """An nf4 identity weight (codes 1.0 and 0.0, scale 1) passes each bf16 value through exactly, so the fused
-    GELU meets every value an activation can take."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_gelu_is_within_a_step_of_exact_on_every_16_bit_value(isa, dtype):
+    """An nf4 identity weight (codes 1.0 and 0.0, scale 1) passes each bf16 or float16 value through exactly, so
+    the fused GELU meets every value an activation can take: within one step of the exact GELU everywhere, and
+    off it no more often than PyTorch's own GELU on this CPU."""
     eye = torch.eye(64)
-    layer = quant.quantize_linear(eye.bfloat16(), None, QuantSpec.from_kwargs(quant="nf4", double_quant=False,
-                                                                             compute_dtype=torch.bfloat16), "cpu")
-    values = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(-1, 32, 64)
+    layer = quant.quantize_linear(eye.to(dtype), None, QuantSpec.from_kwargs(quant="nf4", double_quant=False,
+                                                                            compute_dtype=dtype), "cpu")
+    values = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype).reshape(-1, 32, 64)
     values = values[~values.isnan().any(-1).any(-1)]  # NaN's payload is not kept bit for bit
     args = layer._prepare_kernel()
+    ours_off = torchs_off = 0
     for block in values:
         assert torch.equal(kernel(isa).linear_4bit(block, *args, None), block)
-        assert torch.equal(kernel(isa).linear_4bit(block, *args, None, gelu=True), F.gelu(block))
+        fused, want = kernel(isa).linear_4bit(block, *args, None, gelu=True), exact_gelu(block)
+        assert_close_to_exact_gelu(fused, block)
+        finite = want.isfinite()
+        ours_off += int((fused != want)[finite].sum())
+        torchs_off += int((F.gelu(block) != want)[finite].sum())
+    assert ours_off <= torchs_off, (ours_off, torchs_off)
 
 
 @needs_kernel

@@ -97,7 +97,10 @@ def test_logits_equal_transformers_bitsandbytes(checkpoint, mode, monkeypatch):
     assert error > 0  # it really is quantized
 
 
-def test_compute_dtype_and_double_quant_follow_the_keywords(checkpoint):
+def test_compute_dtype_and_double_quant_follow_the_keywords(checkpoint, monkeypatch):
+    # bitsandbytes' own forward, bit for bit (where the CPU multiplies bf16 natively, neoxlite's many-row path
+    # sums in another order than bitsandbytes' matmul, which bf16 rounding shows: tests/test_quant_matmul.py)
+    monkeypatch.setattr(neoxlite.cpu_kernels, "enabled", False)
     folder, _ = checkpoint(**SHAPE)
     spec = QuantSpec("nf4", compute_dtype=torch.bfloat16, double_quant=False)
     ours = load(folder, quant="nf4", compute_dtype="bf16", double_quant=False)

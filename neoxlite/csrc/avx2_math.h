@@ -22,9 +22,23 @@ __attribute__((target("avx2,fma"), always_inline)) static inline __m256 exp_nonp
     x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x); /* in this order a NaN stays NaN (max returns its second operand) */
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    EXP_TAYLOR(__m256, _mm256_fmadd_ps, _mm256_fnmadd_ps, _mm256_set1_ps, x, n, p);
+    EXP_POLY(__m256, _mm256_fmadd_ps, _mm256_fnmadd_ps, _mm256_mul_ps, _mm256_add_ps, _mm256_set1_ps, x, n, p);
     const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+/* 8 fp32 values to bf16, nearest even, NaN kept a (quiet) NaN: float_to_bf16 on each lane; in the low 16 bits */
+__attribute__((target("avx2,fma"), always_inline)) static inline __m256i round_bf16_avx2(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(rounded, quiet, nan);
+}
+
+__attribute__((target("avx2,fma"), always_inline)) static inline __m256 abs_avx2(__m256 v) {
+    return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
 }
 
 #endif

@@ -61,12 +61,12 @@ block_avx512bf16(const uint16_t *x, const uint16_t *w, int64_t K, int rows, int 
         for (int m = 0; m < mt; ++m) sums[r * MAX_M + m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-/* e^x for x <= 0 (gelu.h's EXP_TAYLOR, then p * 2^n) */
+/* e^x for x <= 0 (gelu.h's EXP_POLY, then p * 2^n) */
 __attribute__((target("avx512f"), always_inline)) static inline __m512 exp_nonpositive_avx512(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f)); /* e^-104 is 0 in fp32 already */
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    EXP_TAYLOR(__m512, _mm512_fmadd_ps, _mm512_fnmadd_ps, _mm512_set1_ps, x, n, p);
+    EXP_POLY(__m512, _mm512_fmadd_ps, _mm512_fnmadd_ps, _mm512_mul_ps, _mm512_add_ps, _mm512_set1_ps, x, n, p);
     return _mm512_scalef_ps(p, n);
 }
 
@@ -115,6 +115,160 @@ linear_avx512bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
     }
 }
 
+/* ---------------------------------------------------------------- AMX: 16 x 16 x 32 products per instruction */
+/* One tdpbf16ps multiplies a 16 x 32 tile of bf16 by a 32 x 16 one into 16 x 16 fp32 sums. The weights are the
+ * left tile, loaded straight from the checkpoint's row-major layout (16 weight rows x 32 values, stride K), so
+ * nothing is repacked or copied; the inputs are the right tile, which the instruction wants in pairs of k
+ * (row kp holds x[m][2kp], x[m][2kp + 1] for each m): they are packed once per call, 16 input rows per tile with
+ * zeros past the last row. Each output's fp32 sum runs over the 32-value chunks of its row in order, the same
+ * whatever the other rows are, so a row gets the same bits at any batch size (continuous batching relies on it).
+ * Sums are stored through a 16 x 16 buffer and transposed by gathers. Needs K a multiple of 32 (every GPT-NeoX
+ * width is); the caller checks. Linux grants tile use per process (neoxlite.matrix_engine.amx()). */
+#define AMX_ROWS 16 /* weight rows per tile, input rows per tile */
+#define AMX_K 32    /* bf16 values per tile row */
+
+struct amx_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+__attribute__((target("amx-tile"))) static void amx_configure(void) {
+    struct amx_config config;
+    memset(&config, 0, sizeof config);
+    config.palette = 1;
+    for (int t = 0; t < 8; ++t) { /* every tile 16 rows of 64 bytes */
+        config.rows[t] = AMX_ROWS;
+        config.colsb[t] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* x (M x K) into 32-bit pairs of k, per block of 16 input rows and chunk of 32 k: packed[block][kp][m] */
+static void amx_pack_inputs(const uint16_t *x, uint32_t *packed, int64_t M, int64_t K) {
+    const int64_t pairs = K / 2, blocks = (M + AMX_ROWS - 1) / AMX_ROWS;
+    const uint32_t *x32 = (const uint32_t *)x;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t kp = 0; kp < pairs; ++kp)
+            for (int m = 0; m < AMX_ROWS; ++m) {
+                const int64_t row = b * AMX_ROWS + m;
+                packed[(b * pairs + kp) * AMX_ROWS + m] = row < M ? x32[row * pairs + kp] : 0u;
+            }
+}
+
+/* y[m0 + m][n0 + i] = bf16(sums[i][m] + bias[n0 + i]) for i < rows, m < mt */
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void
+amx_store(const float *sums, int rows, int mt, int64_t n0, int64_t m0, int64_t N, const uint16_t *bias,
+          uint16_t *y) {
+    const __mmask16 mask = (__mmask16)((1u << rows) - 1u);
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(AMX_ROWS));
+    __m512 b = _mm512_setzero_ps();
+    if (bias)
+        b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + n0)), 16));
+    for (int m = 0; m < mt; ++m) {
+        const __m512 s = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, _mm512_add_epi32(column, _mm512_set1_epi32(m)),
+                                                  sums, 4);
+        _mm256_mask_storeu_epi16(y + (m0 + m) * N + n0, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(s, b)));
+    }
+}
+
+/* One task: weight rows n0 .. n0 + 31 (or fewer) against every input block. w0, w1: the two 16-row weight tiles'
+ * first rows (w1 NULL when the task has 16 rows or fewer); stride: their row stride in bytes. */
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void
+amx_task(const uint16_t *w0, const uint16_t *w1, int64_t stride, const uint32_t *packed, int64_t M, int64_t K,
+         int64_t n0, int rows, const uint16_t *bias, uint16_t *y, int64_t N, float *sums) {
+    const int64_t chunks = K / AMX_K, blocks = (M + AMX_ROWS - 1) / AMX_ROWS, block_pairs = K / 2 * AMX_ROWS;
+    for (int64_t b = 0; b < blocks; b += 2) {
+        const int two = b + 1 < blocks;
+        const uint32_t *x0 = packed + b * block_pairs, *x1 = x0 + block_pairs;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t c = 0; c < chunks; ++c) {
+            _tile_loadd(6, x0 + c * AMX_ROWS * AMX_ROWS, 64);
+            _tile_loadd(4, w0 + c * AMX_K, stride);
+            _tile_dpbf16ps(0, 4, 6);
+            if (w1) {
+                _tile_loadd(5, w1 + c * AMX_K, stride);
+                _tile_dpbf16ps(2, 5, 6);
+            }
+            if (two) {
+                _tile_loadd(7, x1 + c * AMX_ROWS * AMX_ROWS, 64);
+                _tile_dpbf16ps(1, 4, 7);
+                if (w1) _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+        const int64_t m0 = b * AMX_ROWS;
+        const int mt0 = M - m0 < AMX_ROWS ? (int)(M - m0) : AMX_ROWS;
+        const int rows0 = rows < AMX_ROWS ? rows : AMX_ROWS;
+        _tile_stored(0, sums, 64);
+        amx_store(sums, rows0, mt0, n0, m0, N, bias, y);
+        if (w1) {
+            _tile_stored(2, sums, 64);
+            amx_store(sums, rows - AMX_ROWS, mt0, n0 + AMX_ROWS, m0, N, bias, y);
+        }
+        if (two) {
+            const int mt1 = M - m0 - AMX_ROWS < AMX_ROWS ? (int)(M - m0 - AMX_ROWS) : AMX_ROWS;
+            _tile_stored(1, sums, 64);
+            amx_store(sums, rows0, mt1, n0, m0 + AMX_ROWS, N, bias, y);
+            if (w1) {
+                _tile_stored(3, sums, 64);
+                amx_store(sums, rows - AMX_ROWS, mt1, n0 + AMX_ROWS, m0 + AMX_ROWS, N, bias, y);
+            }
+        }
+    }
+}
+
+#define AMX_TASK (2 * AMX_ROWS) /* weight rows per task: two left tiles share each right tile */
+
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static int
+linear_amx(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M, int64_t N, int64_t K,
+           int gelu) {
+    if (K % AMX_K) return -3;
+    const int64_t tasks = (N + AMX_TASK - 1) / AMX_TASK, outputs = M * N;
+    const int64_t blocks = (M + AMX_ROWS - 1) / AMX_ROWS;
+    uint32_t *packed = aligned_alloc(64, (size_t)(blocks * AMX_ROWS * K / 2 * 4 + 64) / 64 * 64);
+    /* the last weight rows when fewer than 16 are left: a zero-padded copy, so no tile reads past the weight */
+    const int64_t tail = N % AMX_ROWS, tail_row = N - tail;
+    uint16_t *padded = tail ? aligned_alloc(64, (size_t)(AMX_ROWS * K * 2 + 63) / 64 * 64) : NULL;
+    if (!packed || (tail && !padded)) {
+        free(packed);
+        free(padded);
+        return -2;
+    }
+    if (tail) {
+        memset(padded, 0, (size_t)AMX_ROWS * K * 2);
+        memcpy(padded, w + tail_row * K, (size_t)tail * K * 2);
+    }
+#pragma omp parallel
+    {
+        amx_configure();
+        float sums[AMX_ROWS * AMX_ROWS] __attribute__((aligned(64)));
+        amx_pack_inputs(x, packed, M, K); /* ends in a barrier: every input packed before any task runs */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; ++t) {
+            const int64_t n0 = t * AMX_TASK;
+            const int rows = N - n0 < AMX_TASK ? (int)(N - n0) : AMX_TASK;
+            const uint16_t *w0 = n0 == tail_row ? padded : w + n0 * K;
+            const uint16_t *w1 = rows <= AMX_ROWS ? NULL : n0 + AMX_ROWS == tail_row ? padded : w0 + AMX_ROWS * K;
+            const int64_t stride = K * 2;
+            amx_task(w0, w1, stride, packed, M, K, n0, rows, bias, y, N, sums);
+        } /* the implicit barrier here: every output is written before any is activated */
+        _tile_release();
+        if (gelu) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < outputs; i += GELU_CHUNK)
+                gelu_bf16_avx512(y + i, outputs - i < GELU_CHUNK ? outputs - i : GELU_CHUNK);
+        }
+    }
+    free(packed);
+    free(padded);
+    return 0;
+}
+
 /* ---------------------------------------------------------------- AVX2 + FMA: widen bf16 to fp32, then FMA */
 /* One 256-bit load holds 16 bf16 values; a shift and a mask widen its even and its odd values to fp32 (two
  * instructions per 16 weights). The input rows are widened the same way once per call, so each output lane
@@ -135,19 +289,6 @@ linear_avx512bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
 #define TILE_M 4       /* input rows per tile */
 #define CHUNK 1024     /* weight values per row and pass: 3 rows x 2 KiB stay in L1 */
 
-/* 8 fp32 values to bf16, nearest even, NaN kept a (quiet) NaN: float_to_bf16 on each lane; in the low 16 bits */
-__attribute__((target("avx2,fma"), always_inline)) static inline __m256i round_bf16_avx2(__m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    return _mm256_blendv_epi8(rounded, quiet, nan);
-}
-
-__attribute__((target("avx2,fma"), always_inline)) static inline __m256 abs_avx2(__m256 v) {
-    return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
-}
 
 /* GELU of 8 bf16 values in place, the formula of gelu_bf16_avx512 on 8 lanes */
 __attribute__((target("avx2,fma"), always_inline)) static inline void gelu8_bf16_avx2(uint16_t *y) {
@@ -460,7 +601,7 @@ linear_avx2(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t
 }
 
 /* ---------------------------------------------------------------- entry points (called through ctypes) */
-enum { ISA_NONE = 0, ISA_AVX2 = 1, ISA_AVX512BF16 = 2 };
+enum { ISA_NONE = 0, ISA_AVX2 = 1, ISA_AVX512BF16 = 2, ISA_AMX = 3 };
 
 int neox_best_isa(void) {
     __builtin_cpu_init();
@@ -475,6 +616,7 @@ int neox_best_isa(void) {
 int neox_linear_bf16(int isa, const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
                      int64_t N, int64_t K, int gelu) {
     if (isa == ISA_AVX512BF16) linear_avx512bf16(x, w, bias, y, M, N, K, gelu);
+    else if (isa == ISA_AMX) return linear_amx(x, w, bias, y, M, N, K, gelu);
     else if (isa == ISA_AVX2) return linear_avx2(x, w, bias, y, M, N, K, gelu);
     else return -1;
     return 0;

@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "avx2_math.h"
 #include "bf16.h"
 #include "gelu.h"
 
@@ -88,12 +89,10 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) static inline void store
     _mm_storel_epi64((__m128i *)q, _mm_packs_epi16(i16, _mm_setzero_si128()));
 }
 
-/* bias, one rounding to the compute dtype, and GELU of that (F.gelu in the compute dtype) */
-static void store_sum(void *y, int64_t i, float sum, const void *bias, int64_t n, int dt, int gelu) {
+/* bias, then one rounding to the compute dtype (GELU, where asked, is a pass over the outputs: gelu_outputs) */
+static void store_sum(void *y, int64_t i, float sum, const void *bias, int64_t n, int dt) {
     if (bias) sum += load_value(bias, n, dt);
-    float v = round_to(sum, dt);
-    if (gelu) v = gelu_scalar(v);
-    store_value(y, i, v, dt);
+    store_value(y, i, round_to(sum, dt), dt);
 }
 
 /* 4 values of dtype dt from p (index i) as fp32 */
@@ -103,15 +102,9 @@ __attribute__((target("avx2,f16c"), always_inline)) static inline __m128 load4(c
     return dt == DT_BF16 ? _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h)) : _mm_cvtph_ps(h);
 }
 
-/* 4 fp32 values rounded to dt as store_value rounds each (bf16: nearest even, NaN kept quiet), with GELU of the
- * rounded value where asked, stored at y[i .. i + 3]: one task's outputs for one input row, without four calls */
-__attribute__((target("avx2,f16c"))) static void store4(void *y, int64_t i, __m128 v, int dt, int gelu) {
-    if (gelu) {
-        float lanes[4];
-        _mm_storeu_ps(lanes, v);
-        for (int j = 0; j < 4; ++j) store_value(y, i + j, gelu_scalar(round_to(lanes[j], dt)), dt);
-        return;
-    }
+/* 4 fp32 values rounded to dt as store_value rounds each (bf16: nearest even, NaN kept quiet), stored at
+ * y[i .. i + 3]: one task's outputs for one input row, without four calls */
+__attribute__((target("avx2,f16c"))) static void store4(void *y, int64_t i, __m128 v, int dt) {
     if (dt == DT_F32) {
         _mm_storeu_ps((float *)y + i, v);
         return;
@@ -132,10 +125,45 @@ __attribute__((target("avx2,f16c"))) static void store4(void *y, int64_t i, __m1
 
 /* a task's sums for input row m (sums[r * QMAX_M + m], r < QROWS), bias added, stored as store_sum would */
 __attribute__((target("avx2,f16c"))) static void store_sums4(void *y, int64_t i, const float *sums, int m,
-                                                             const void *bias, int64_t n, int dt, int gelu) {
+                                                             const void *bias, int64_t n, int dt) {
     __m128 v = _mm_setr_ps(sums[m], sums[QMAX_M + m], sums[2 * QMAX_M + m], sums[3 * QMAX_M + m]);
     if (bias) v = _mm_add_ps(v, load4(bias, n, dt));
-    store4(y, i, v, dt, gelu);
+    store4(y, i, v, dt);
+}
+
+/* ---------------------------------------------------------------- GELU, eight values at a time */
+/* GELU of 8 values of dtype dt in place (PyTorch's vectorized formula on the value as stored) */
+__attribute__((target("avx2,fma,f16c"), always_inline)) static inline void gelu8(void *y, int64_t i, int dt) {
+    const __m256 v = load8(y, i, dt);
+    GELU_VECTOR(__m256, _mm256_mul_ps, _mm256_div_ps, _mm256_fmadd_ps, _mm256_add_ps, _mm256_xor_ps, _mm256_and_ps,
+                abs_avx2, _mm256_set1_ps, exp_nonpositive_avx2, v, g);
+    if (dt == DT_F32) _mm256_storeu_ps((float *)y + i, g);
+    else if (dt == DT_F16)
+        _mm_storeu_si128((__m128i *)((uint16_t *)y + i), _mm256_cvtps_ph(g, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    else {
+        const __m256i b = round_bf16_avx2(g);
+        _mm_storeu_si128((__m128i *)((uint16_t *)y + i),
+                         _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+    }
+}
+
+#define GELU_RUN 256 /* outputs per OpenMP chunk: whole cache lines in every dtype */
+
+/* GELU over y[0 .. n) in dtype dt, after the products (every output is written before any is activated) */
+__attribute__((target("avx2,fma,f16c"))) static void gelu_outputs(void *y, int64_t n, int dt) {
+    const size_t size = dt == DT_F32 ? 4 : 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t start = 0; start < n; start += GELU_RUN) {
+        const int64_t end = n - start < GELU_RUN ? n : start + GELU_RUN;
+        int64_t i = start;
+        for (; i + 8 <= end; i += 8) gelu8(y, i, dt);
+        if (i < end) { /* the last few through the same lanes, so every value gets the one formula */
+            float last[8] = {0};
+            memcpy(last, (char *)y + i * size, (size_t)(end - i) * size);
+            gelu8(last, 0, dt);
+            memcpy((char *)y + i * size, last, (size_t)(end - i) * size);
+        }
+    }
 }
 
 /* ---------------------------------------------------------------- 4-bit: scales and input reordering */
@@ -381,7 +409,7 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
 #define LINEAR4(NAME, TARGET, CALL_BF16, CALL_F16, CALL_F32)                                                    \
     __attribute__((target(TARGET))) static void NAME(const float *x, const uint8_t *w, const float *code,        \
                                                      const scales_t *sc, const void *bias, void *y, int64_t M,  \
-                                                     int64_t N, int64_t K, int dt, int gelu) {                  \
+                                                     int64_t N, int64_t K, int dt) {                            \
         const int64_t tasks = (N + QROWS - 1) / QROWS;                                                          \
         _Pragma("omp parallel") {                                                                               \
         scale_table_t table = {.group = -1}; /* this thread's (the AVX512 and fp32 loops decode scales inline) */ \
@@ -399,11 +427,11 @@ block4_planes_avx2(const float *x, const uint8_t *w, const float *code, const sc
                 else if (dt == DT_F16) DISPATCH_M(CALL_F16, rows, mt, xm, wn, code, sc, &table, fb, K, DT_F16, sums); \
                 else DISPATCH_M(CALL_F32, rows, mt, xm, wn, code, sc, &table, fb, K, DT_F32, sums);             \
                 if (rows == QROWS)                                                                              \
-                    for (int m = 0; m < mt; ++m) store_sums4(y, (m0 + m) * N + n0, sums, m, bias, n0, dt, gelu);   \
+                    for (int m = 0; m < mt; ++m) store_sums4(y, (m0 + m) * N + n0, sums, m, bias, n0, dt);         \
                 else                                                                                            \
                     for (int r = 0; r < rows; ++r)                                                              \
                         for (int m = 0; m < mt; ++m)                                                            \
-                            store_sum(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], bias, n0 + r, dt, gelu);  \
+                            store_sum(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], bias, n0 + r, dt);        \
             }                                                                                                   \
         }                                                                                                       \
         }                                                                                                       \
@@ -586,9 +614,9 @@ __attribute__((target("avx2,fma,f16c"))) static void quantize_activations(const 
 
 /* int8_mm_dequant: sum * (rowmax * SCB) / 127^2 + bias, rounded to the compute dtype; then, as addmm does, the
  * outlier columns' products with the dequantized weights (SCB / 127 * w, in the compute dtype) added in fp32
- * and rounded again; GELU last. */
+ * and rounded again. */
 static void store_int8(void *y, int64_t i, int32_t sum, const act8_t *a, int64_t m, const int8_t *w_row,
-                       float scb, const void *bias, int64_t n, int dt, int gelu) {
+                       float scb, const void *bias, int64_t n, int dt) {
     float v = (float)sum * (a->row_max[m] * scb);
     v = v * 6.200124e-05f;
     if (bias) v += load_value(bias, n, dt);
@@ -600,20 +628,18 @@ static void store_int8(void *y, int64_t i, int32_t sum, const act8_t *a, int64_t
         }
         v = round_to(v, dt) + extra;
     }
-    v = round_to(v, dt);
-    if (gelu) v = round_to(gelu_scalar(v), dt);
-    store_value(y, i, v, dt);
+    store_value(y, i, round_to(v, dt), dt);
 }
 
 /* store_int8 for a task's four outputs of input row m (sums[r * QMAX_M + mi]) when no column is an outlier */
 __attribute__((target("avx2,f16c"))) static void store_int8x4(void *y, int64_t i, const int32_t *sums,
                                                               const act8_t *a, int64_t m, int mi, const float *scb,
-                                                              const void *bias, int64_t n, int dt, int gelu) {
+                                                              const void *bias, int64_t n, int dt) {
     const __m128i s = _mm_setr_epi32(sums[mi], sums[QMAX_M + mi], sums[2 * QMAX_M + mi], sums[3 * QMAX_M + mi]);
     __m128 v = _mm_mul_ps(_mm_cvtepi32_ps(s), _mm_mul_ps(_mm_set1_ps(a->row_max[m]), _mm_loadu_ps(scb)));
     v = _mm_mul_ps(v, _mm_set1_ps(6.200124e-05f));
     if (bias) v = _mm_add_ps(v, load4(bias, n, dt));
-    store4(y, i, v, dt, gelu);
+    store4(y, i, v, dt);
 }
 
 #define CALL8(BLOCK, x, w, K, sums, rows, mt) BLOCK(x, w, K, rows, mt, sums)
@@ -621,7 +647,7 @@ __attribute__((target("avx2,f16c"))) static void store_int8x4(void *y, int64_t i
 #define LINEAR8(NAME, TARGET, BLOCK)                                                                            \
     __attribute__((target(TARGET))) static void NAME(const act8_t *a, const int8_t *w, const float *scb,         \
                                                      const void *bias, void *y, int64_t M, int64_t N, int64_t K, \
-                                                     int dt, int gelu) {                                         \
+                                                     int dt) {                                                   \
         const int64_t tasks = (N + QROWS - 1) / QROWS;                                                          \
         _Pragma("omp parallel for schedule(static)") for (int64_t t = 0; t < tasks; ++t) {                       \
             const int64_t n0 = t * QROWS;                                                                       \
@@ -632,12 +658,12 @@ __attribute__((target("avx2,f16c"))) static void store_int8x4(void *y, int64_t i
                 DISPATCH_M(CALL8, rows, mt, BLOCK, a->q + m0 * K, w + n0 * K, K, sums);                         \
                 if (rows == QROWS && a->ncols == 0)                                                             \
                     for (int m = 0; m < mt; ++m) store_int8x4(y, (m0 + m) * N + n0, sums, a, m0 + m, m, scb + n0,   \
-                                                              bias, n0, dt, gelu);                                  \
+                                                              bias, n0, dt);                                        \
                 else                                                                                            \
                     for (int r = 0; r < rows; ++r)                                                              \
                         for (int m = 0; m < mt; ++m)                                                            \
                             store_int8(y, (m0 + m) * N + n0 + r, sums[r * QMAX_M + m], a, m0 + m,               \
-                                       w + (n0 + r) * K, scb[n0 + r], bias, n0 + r, dt, gelu);                  \
+                                       w + (n0 + r) * K, scb[n0 + r], bias, n0 + r, dt);                        \
             }                                                                                                   \
         }                                                                                                       \
     }
@@ -704,9 +730,10 @@ int neox_linear_4bit(int isa, int dt, const void *x, const uint8_t *w, const flo
     int order[QBLOCK];
     lookup_order(isa, dt, order);
     reorder_input(x, dt, M, K, order, xr);
-    if (isa == QISA_AVX512) linear4_avx512(xr, w, code, &sc, bias, y, M, N, K, dt, gelu);
-    else linear4_avx2(xr, w, code, &sc, bias, y, M, N, K, dt, gelu);
+    if (isa == QISA_AVX512) linear4_avx512(xr, w, code, &sc, bias, y, M, N, K, dt);
+    else linear4_avx2(xr, w, code, &sc, bias, y, M, N, K, dt);
     free(xr);
+    if (gelu) gelu_outputs(y, M * N, dt);
     return 0;
 }
 
@@ -725,8 +752,9 @@ int neox_linear_int8(int isa, int dt, const void *x, const int8_t *w, const floa
     int status = -2;
     if (a.q && a.row_max && a.cols && a.outliers && is_outlier && x16) {
         quantize_activations(x, dt, M, K, threshold, is_outlier, x16, &a);
-        if (isa == QISA_AVX512) linear8_avx512(&a, w, scb, bias, y, M, N, K, dt, gelu);
-        else linear8_avx2(&a, w, scb, bias, y, M, N, K, dt, gelu);
+        if (isa == QISA_AVX512) linear8_avx512(&a, w, scb, bias, y, M, N, K, dt);
+        else linear8_avx2(&a, w, scb, bias, y, M, N, K, dt);
+        if (gelu) gelu_outputs(y, M * N, dt);
         status = 0;
     }
     free(a.q);
