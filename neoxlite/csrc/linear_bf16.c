@@ -119,8 +119,9 @@ linear_avx512bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
 /* One tdpbf16ps multiplies a 16 x 32 tile of bf16 by a 32 x 16 one into 16 x 16 fp32 sums. The weights are the
  * left tile, loaded straight from the checkpoint's row-major layout (16 weight rows x 32 values, stride K), so
  * nothing is repacked or copied; the inputs are the right tile, which the instruction wants in pairs of k
- * (row kp holds x[m][2kp], x[m][2kp + 1] for each m): they are packed once per call, 16 input rows per tile with
- * zeros past the last row. Each output's fp32 sum runs over the 32-value chunks of its row in order, the same
+ * (row kp holds x[m][2kp], x[m][2kp + 1] for each m): they are packed once per call, up to 16 input rows per
+ * tile. With 16 rows or fewer the right tile is as wide as the rows (one row: 4 bytes per k pair, not 64, which
+ * keeps the packed inputs in L1); with more, every tile is 16 wide, zeros past the last row. Each output's fp32 sum runs over the 32-value chunks of its row in order, the same
  * whatever the other rows are, so a row gets the same bits at any batch size (continuous batching relies on it).
  * Sums are stored through a 16 x 16 buffer and transposed by gathers. Needs K a multiple of 32 (every GPT-NeoX
  * width is); the caller checks. Linux grants tile use per process (neoxlite.matrix_engine.amx()). */
@@ -133,37 +134,39 @@ struct amx_config {
     uint8_t rows[16];
 };
 
-__attribute__((target("amx-tile"))) static void amx_configure(void) {
+/* Tiles 0-3: sums (16 weight rows x `width` input rows, fp32); 4-5: weights (16 rows x 32 bf16); 6-7: inputs
+ * (16 k pairs x `width` input rows). */
+__attribute__((target("amx-tile"))) static void amx_configure(int width) {
     struct amx_config config;
     memset(&config, 0, sizeof config);
     config.palette = 1;
-    for (int t = 0; t < 8; ++t) { /* every tile 16 rows of 64 bytes */
+    for (int t = 0; t < 8; ++t) {
         config.rows[t] = AMX_ROWS;
-        config.colsb[t] = 64;
+        config.colsb[t] = (uint16_t)(t == 4 || t == 5 ? 64 : 4 * width);
     }
     _tile_loadconfig(&config);
 }
 
-/* x (M x K) into 32-bit pairs of k, per block of 16 input rows and chunk of 32 k: packed[block][kp][m] */
-static void amx_pack_inputs(const uint16_t *x, uint32_t *packed, int64_t M, int64_t K) {
-    const int64_t pairs = K / 2, blocks = (M + AMX_ROWS - 1) / AMX_ROWS;
+/* x (M x K) into 32-bit pairs of k, per block of `width` input rows: packed[block][kp][m] */
+static void amx_pack_inputs(const uint16_t *x, uint32_t *packed, int64_t M, int64_t K, int width) {
+    const int64_t pairs = K / 2, blocks = (M + width - 1) / width;
     const uint32_t *x32 = (const uint32_t *)x;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b)
         for (int64_t kp = 0; kp < pairs; ++kp)
-            for (int m = 0; m < AMX_ROWS; ++m) {
-                const int64_t row = b * AMX_ROWS + m;
-                packed[(b * pairs + kp) * AMX_ROWS + m] = row < M ? x32[row * pairs + kp] : 0u;
+            for (int m = 0; m < width; ++m) {
+                const int64_t row = b * width + m;
+                packed[(b * pairs + kp) * width + m] = row < M ? x32[row * pairs + kp] : 0u;
             }
 }
 
-/* y[m0 + m][n0 + i] = bf16(sums[i][m] + bias[n0 + i]) for i < rows, m < mt */
+/* y[m0 + m][n0 + i] = bf16(sums[i * width + m] + bias[n0 + i]) for i < rows, m < mt */
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void
-amx_store(const float *sums, int rows, int mt, int64_t n0, int64_t m0, int64_t N, const uint16_t *bias,
+amx_store(const float *sums, int width, int rows, int mt, int64_t n0, int64_t m0, int64_t N, const uint16_t *bias,
           uint16_t *y) {
     const __mmask16 mask = (__mmask16)((1u << rows) - 1u);
     const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(AMX_ROWS));
+                                              _mm512_set1_epi32(width));
     __m512 b = _mm512_setzero_ps();
     if (bias)
         b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + n0)), 16));
@@ -177,9 +180,10 @@ amx_store(const float *sums, int rows, int mt, int64_t n0, int64_t m0, int64_t N
 /* One task: weight rows n0 .. n0 + 31 (or fewer) against every input block. w0, w1: the two 16-row weight tiles'
  * first rows (w1 NULL when the task has 16 rows or fewer); stride: their row stride in bytes. */
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void
-amx_task(const uint16_t *w0, const uint16_t *w1, int64_t stride, const uint32_t *packed, int64_t M, int64_t K,
-         int64_t n0, int rows, const uint16_t *bias, uint16_t *y, int64_t N, float *sums) {
-    const int64_t chunks = K / AMX_K, blocks = (M + AMX_ROWS - 1) / AMX_ROWS, block_pairs = K / 2 * AMX_ROWS;
+amx_task(const uint16_t *w0, const uint16_t *w1, int64_t stride, const uint32_t *packed, int width, int64_t M,
+         int64_t K, int64_t n0, int rows, const uint16_t *bias, uint16_t *y, int64_t N, float *sums) {
+    const int64_t chunks = K / AMX_K, blocks = (M + width - 1) / width, block_pairs = K / 2 * width;
+    const int64_t tile_pairs = AMX_K / 2 * width;
     for (int64_t b = 0; b < blocks; b += 2) {
         const int two = b + 1 < blocks;
         const uint32_t *x0 = packed + b * block_pairs, *x1 = x0 + block_pairs;
@@ -188,7 +192,7 @@ amx_task(const uint16_t *w0, const uint16_t *w1, int64_t stride, const uint32_t 
         _tile_zero(2);
         _tile_zero(3);
         for (int64_t c = 0; c < chunks; ++c) {
-            _tile_loadd(6, x0 + c * AMX_ROWS * AMX_ROWS, 64);
+            _tile_loadd(6, x0 + c * tile_pairs, 4 * width);
             _tile_loadd(4, w0 + c * AMX_K, stride);
             _tile_dpbf16ps(0, 4, 6);
             if (w1) {
@@ -196,27 +200,27 @@ amx_task(const uint16_t *w0, const uint16_t *w1, int64_t stride, const uint32_t 
                 _tile_dpbf16ps(2, 5, 6);
             }
             if (two) {
-                _tile_loadd(7, x1 + c * AMX_ROWS * AMX_ROWS, 64);
+                _tile_loadd(7, x1 + c * tile_pairs, 4 * width);
                 _tile_dpbf16ps(1, 4, 7);
                 if (w1) _tile_dpbf16ps(3, 5, 7);
             }
         }
-        const int64_t m0 = b * AMX_ROWS;
-        const int mt0 = M - m0 < AMX_ROWS ? (int)(M - m0) : AMX_ROWS;
+        const int64_t m0 = b * width;
+        const int mt0 = M - m0 < width ? (int)(M - m0) : width;
         const int rows0 = rows < AMX_ROWS ? rows : AMX_ROWS;
-        _tile_stored(0, sums, 64);
-        amx_store(sums, rows0, mt0, n0, m0, N, bias, y);
+        _tile_stored(0, sums, 4 * width);
+        amx_store(sums, width, rows0, mt0, n0, m0, N, bias, y);
         if (w1) {
-            _tile_stored(2, sums, 64);
-            amx_store(sums, rows - AMX_ROWS, mt0, n0 + AMX_ROWS, m0, N, bias, y);
+            _tile_stored(2, sums, 4 * width);
+            amx_store(sums, width, rows - AMX_ROWS, mt0, n0 + AMX_ROWS, m0, N, bias, y);
         }
         if (two) {
-            const int mt1 = M - m0 - AMX_ROWS < AMX_ROWS ? (int)(M - m0 - AMX_ROWS) : AMX_ROWS;
-            _tile_stored(1, sums, 64);
-            amx_store(sums, rows0, mt1, n0, m0 + AMX_ROWS, N, bias, y);
+            const int mt1 = M - m0 - width < width ? (int)(M - m0 - width) : width;
+            _tile_stored(1, sums, 4 * width);
+            amx_store(sums, width, rows0, mt1, n0, m0 + width, N, bias, y);
             if (w1) {
-                _tile_stored(3, sums, 64);
-                amx_store(sums, rows - AMX_ROWS, mt1, n0 + AMX_ROWS, m0 + AMX_ROWS, N, bias, y);
+                _tile_stored(3, sums, 4 * width);
+                amx_store(sums, width, rows - AMX_ROWS, mt1, n0 + AMX_ROWS, m0 + width, N, bias, y);
             }
         }
     }
@@ -229,8 +233,9 @@ linear_amx(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t 
            int gelu) {
     if (K % AMX_K) return -3;
     const int64_t tasks = (N + AMX_TASK - 1) / AMX_TASK, outputs = M * N;
-    const int64_t blocks = (M + AMX_ROWS - 1) / AMX_ROWS;
-    uint32_t *packed = aligned_alloc(64, (size_t)(blocks * AMX_ROWS * K / 2 * 4 + 64) / 64 * 64);
+    const int width = M < AMX_ROWS ? (int)M : AMX_ROWS;
+    const int64_t blocks = (M + width - 1) / width;
+    uint32_t *packed = aligned_alloc(64, (size_t)(blocks * width * K / 2 * 4 + 64) / 64 * 64);
     /* the last weight rows when fewer than 16 are left: a zero-padded copy, so no tile reads past the weight */
     const int64_t tail = N % AMX_ROWS, tail_row = N - tail;
     uint16_t *padded = tail ? aligned_alloc(64, (size_t)(AMX_ROWS * K * 2 + 63) / 64 * 64) : NULL;
@@ -245,9 +250,9 @@ linear_amx(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t 
     }
 #pragma omp parallel
     {
-        amx_configure();
+        amx_configure(width);
         float sums[AMX_ROWS * AMX_ROWS] __attribute__((aligned(64)));
-        amx_pack_inputs(x, packed, M, K); /* ends in a barrier: every input packed before any task runs */
+        amx_pack_inputs(x, packed, M, K, width); /* ends in a barrier: every input packed before any task runs */
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; ++t) {
             const int64_t n0 = t * AMX_TASK;
@@ -255,7 +260,7 @@ linear_amx(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t 
             const uint16_t *w0 = n0 == tail_row ? padded : w + n0 * K;
             const uint16_t *w1 = rows <= AMX_ROWS ? NULL : n0 + AMX_ROWS == tail_row ? padded : w0 + AMX_ROWS * K;
             const int64_t stride = K * 2;
-            amx_task(w0, w1, stride, packed, M, K, n0, rows, bias, y, N, sums);
+            amx_task(w0, w1, stride, packed, width, M, K, n0, rows, bias, y, N, sums);
         } /* the implicit barrier here: every output is written before any is activated */
         _tile_release();
         if (gelu) {
