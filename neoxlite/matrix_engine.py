@@ -12,8 +12,9 @@ Xeon, a 2048 -> 8192 bf16 linear on 2 threads (issue 18):
       16   3.39 ms   1.43 ms
       32   6.00 ms   1.60 ms
 
-so there the crossover lies between 4 and 16 rows, and AMX_DEFAULT_ROWS (4) is what these figures give. Where
-AMX can run, the crossover is measured at first use (calibrate(): both engines timed on that shape at
+so for oneDNN the crossover lies between 4 and 16 rows (AMX_DEFAULT_ROWS). neoxlite's own AMX kernel
+(linear_bf16.c) beats oneDNN up to 128-256 rows and the vector kernel from 4 rows on: on AMX CPUs it is the
+kernel. Where AMX can run, the crossover is measured at first use (calibrate(): both engines timed on that shape at
 CANDIDATE_ROWS) and cached per CPU model, torch version and thread count. Where it cannot, the row limits stated
 in neoxlite.cpu_kernels (measured with bench/decode.py) stay: a vector-only CPU has no faster engine for these
 sizes.
