@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def start_server(folder: Path, port: int, batch: int, context: int, budget: str,
     # On a shared machine OpenMP threads that spin while others hold the cores slow every step many times over:
     # --threads 1 keeps the comparison about batching.
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    process = subprocess.Popen(command, stderr=subprocess.STDOUT, stdout=subprocess.PIPE, text=True, env=env)
+    # The server's output goes to a file: a pipe that nobody reads during the run would block the server once full.
+    log = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, stderr=subprocess.STDOUT, stdout=log, text=True, env=env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
@@ -58,9 +61,12 @@ def start_server(folder: Path, port: int, batch: int, context: int, budget: str,
         except httpx.TransportError:
             pass
         if process.poll() is not None:
-            raise SystemExit(f"the server exited:\n{process.stdout.read()}")
+            log.seek(0)
+            raise SystemExit(f"the server exited:\n{log.read()[-4000:]}")
         time.sleep(0.5)
-    raise SystemExit("the server did not become ready in 10 minutes")
+    process.kill()
+    log.seek(0)
+    raise SystemExit(f"the server did not become ready in 10 minutes; its output:\n{log.read()[-4000:]}")
 
 
 class Client:
