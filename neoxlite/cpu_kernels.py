@@ -150,6 +150,14 @@ class QuantKernel:
     isa: int
     max_rows: int = MAX_ROWS_QUANT  # int8
     max_rows_4bit: int = MAX_ROWS_QUANT  # nf4 / fp4: fewer where AMX runs the dequantized matmul faster
+    # 4-bit layers computing in bf16 on an AMX CPU: each task's weight rows dequantized a chunk at a time into an
+    # L1 buffer and multiplied on the tiles (linear_bf16.c, neox_linear_4bit_amx), up to max_rows_4bit_amx rows
+    amx_4bit: bool = False
+    max_rows_4bit_amx: int = MAX_ROWS_QUANT
+
+    def rows_4bit(self, dtype: torch.dtype) -> int:
+        """Input rows up to which a 4-bit layer computing in `dtype` takes this kernel (more: quant_matmul)."""
+        return self.max_rows_4bit_amx if self.amx_4bit and dtype is torch.bfloat16 else self.max_rows_4bit
 
     @property
     def isa_name(self) -> str:
@@ -173,9 +181,11 @@ class QuantKernel:
         as the kernel on a small layer). The returned call keeps the tensors alive."""
         weights = (codes.data_ptr(), table.data_ptr(), *_scale_pointers(absmax, nested),
                    None if bias is None else bias.data_ptr())
-        head, tail = (self.isa, _DTYPE_CODES[dtype]), (out_features, codes.numel() * 2 // out_features, int(gelu))
-        return self._bind(self.library.neox_linear_4bit, head, weights, tail, dtype,
-                          (codes, table, absmax, nested, bias))
+        tail = (out_features, codes.numel() * 2 // out_features, int(gelu))
+        keep = (codes, table, absmax, nested, bias)
+        if self.amx_4bit and dtype is torch.bfloat16:
+            return self._bind(self.library.neox_linear_4bit_amx, (), weights, tail, dtype, keep)
+        return self._bind(self.library.neox_linear_4bit, (self.isa, _DTYPE_CODES[dtype]), weights, tail, dtype, keep)
 
     def linear_int8(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, threshold: float,
                     bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
@@ -319,6 +329,9 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
     library.neox_linear_4bit.restype = ctypes.c_int
     library.neox_linear_4bit.argtypes = ([ctypes.c_int] * 2 + [ctypes.c_void_p] * 7 + [ctypes.c_float]
                                          + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int])
+    library.neox_linear_4bit_amx.restype = ctypes.c_int
+    library.neox_linear_4bit_amx.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 2
+                                             + [ctypes.c_int64] * 3 + [ctypes.c_int])
     library.neox_linear_int8.restype = ctypes.c_int
     library.neox_linear_int8.argtypes = ([ctypes.c_int] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_float]
                                          + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int])
@@ -332,7 +345,7 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
         return None, None, f"this CPU has neither AVX2+FMA+F16C nor AVX512: {_FALLBACK}"
     kernel, quant = BF16Kernel(library, isa, _MAX_ROWS[isa]), QuantKernel(library, quant_isa)
     has_amx, why = matrix_engine.amx()
-    if has_amx and isa == ISA_AVX512BF16:  # every AMX CPU has AVX512-BF16, which the AMX kernel's stores use
+    if has_amx and isa == ISA_AVX512BF16:  # every AMX CPU has AVX512-BF16, which the AMX kernels' stores use
         kernel = BF16Kernel(library, ISA_AMX, _MAX_ROWS[ISA_AVX512BF16])
     if has_amx:
         rows, source = matrix_engine.crossover(f"bf16 {kernel.isa_name}", lambda: _time_bf16(kernel), _cache_dir())
@@ -342,16 +355,21 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
                                                _cache_dir())
         kernel = dataclasses.replace(kernel, max_rows=rows)
         quant = dataclasses.replace(quant, max_rows=rows_int8, max_rows_4bit=rows_4bit)
+        if kernel.isa == ISA_AMX and quant.isa == 2:
+            amx_quant = dataclasses.replace(quant, amx_4bit=True)
+            rows_amx, _ = matrix_engine.crossover("nf4 bf16 AMX tiles", lambda: _time_4bit(amx_quant), _cache_dir())
+            quant = dataclasses.replace(amx_quant, max_rows_4bit_amx=rows_amx)
         above, crossover = "oneDNN (AMX) above", f"crossovers {source}"
     else:
         above, crossover = "oneDNN (vector) above", f"no matrix engine: {why}"
     matmul = {name: str(matrix_engine.matmul_dtype(dtype)).removeprefix("torch.")
               for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))}
     bf16_rows = "every row count" if kernel.max_rows == EVERY_ROW else f"1-{kernel.max_rows} rows, {above}"
+    amx_4bit = f" (in bf16: AMX kernel for 1-{quant.max_rows_4bit_amx} rows)" if quant.amx_4bit else ""
     return kernel, quant, (
         f"bf16: neoxlite {kernel.isa_name} kernel for {bf16_rows}; "
         f"fp32: kernel for 1-{MAX_ROWS_F32} rows, MKL above; nf4/fp4: {quant.isa_name} kernel for "
-        f"1-{quant.max_rows_4bit} rows, neoxlite's dequantized tiles + torch's matmul above (bf16 in "
+        f"1-{quant.max_rows_4bit} rows{amx_4bit}, neoxlite's dequantized tiles + torch's matmul above (bf16 in "
         f"{matmul['bf16']}, fp16 in {matmul['fp16']}); int8: kernel for 1-{quant.max_rows} rows, int8 tiles + "
         f"torch's float32 matmul above; continuous-batching steps: kernels at every batch ({crossover})")
 
@@ -377,8 +395,10 @@ def _time_4bit(quant: QuantKernel, shape: tuple[int, int] = matrix_engine.CALIBR
     absmax = torch.rand(n * k // 64, generator=generator) * 0.05
     table = torch.linspace(-1, 1, 16)
     args = (codes, n, table, absmax, None, None)
+    candidates = matrix_engine.AMX_CANDIDATE_ROWS if quant.amx_4bit else matrix_engine.CANDIDATE_ROWS
     return matrix_engine.time_engines(lambda x: quant.linear_4bit(x, *args),
-                                      lambda x: quant_matmul.linear_4bit(quant, x, *args), k, torch.bfloat16)
+                                      lambda x: quant_matmul.linear_4bit(quant, x, *args), k, torch.bfloat16,
+                                      candidates)
 
 
 def _time_int8(quant: QuantKernel, shape: tuple[int, int] = matrix_engine.CALIBRATION_SHAPE

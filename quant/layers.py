@@ -107,7 +107,7 @@ class Linear4bit(bnb.nn.Linear4bit):
         xc = x.to(dtype)
         key = (self.weight.data_ptr(), qs, None if self.bias is None else self.bias.data_ptr(), dtype)
         args, bias = _kernel_state(self, key, lambda: (self._prepare_kernel(), self._bias_as(dtype)))
-        if args is not None and x.numel() <= kernel.max_rows_4bit * x.shape[-1] and dtype in QUANT_DTYPES:
+        if args is not None and x.numel() <= kernel.rows_4bit(dtype) * x.shape[-1] and dtype in QUANT_DTYPES:
             out = kernel.linear_4bit(xc.contiguous(), *args, bias, gelu=gelu and x.dtype is dtype)
             return out.to(x.dtype) if not gelu or x.dtype is dtype else F.gelu(out.to(x.dtype))
         if args is not None and dtype in QUANT_DTYPES:  # many rows: dequantized tile by tile, torch's matmul

@@ -79,8 +79,10 @@ def test_status_says_which_engine_runs_which_rows():
         assert f"kernel for 1-{KERNEL.max_rows} rows" in status
     assert ("oneDNN (AMX) above" in status) is HAS_AMX
     quant = neoxlite.cpu_kernels.quant_kernel()
-    assert (f"nf4/fp4: {quant.isa_name} kernel for 1-{quant.max_rows_4bit} rows, neoxlite's dequantized tiles + "
-            f"torch's matmul above (bf16 in {str(matrix_engine.matmul_dtype(torch.bfloat16))[6:]}") in status
+    amx_4bit = f" (in bf16: AMX kernel for 1-{quant.max_rows_4bit_amx} rows)" if quant.amx_4bit else ""
+    assert (f"nf4/fp4: {quant.isa_name} kernel for 1-{quant.max_rows_4bit} rows{amx_4bit}, neoxlite's dequantized "
+            f"tiles + torch's matmul above (bf16 in {str(matrix_engine.matmul_dtype(torch.bfloat16))[6:]}") in status
+    assert quant.amx_4bit is (KERNEL.isa == neoxlite.cpu_kernels.ISA_AMX)
     assert f"int8: kernel for 1-{quant.max_rows} rows, int8 tiles + torch's float32 matmul above" in status
     if not HAS_AMX:
         assert AMX_WHY in status
@@ -128,7 +130,8 @@ def test_calibration_times_both_engines_on_a_layer():
     amx = KERNEL.isa == neoxlite.cpu_kernels.ISA_AMX  # timed to more rows: it keeps up with oneDNN further
     for timings, candidates in ((neoxlite.cpu_kernels._time_bf16(KERNEL, (128, 64)),
                                  matrix_engine.AMX_CANDIDATE_ROWS if amx else matrix_engine.CANDIDATE_ROWS),
-                                (neoxlite.cpu_kernels._time_4bit(quant, (128, 64)), matrix_engine.CANDIDATE_ROWS),
+                                (neoxlite.cpu_kernels._time_4bit(quant, (128, 64)),
+                                 matrix_engine.AMX_CANDIDATE_ROWS if quant.amx_4bit else matrix_engine.CANDIDATE_ROWS),
                                 (neoxlite.cpu_kernels._time_int8(quant, (128, 64)), matrix_engine.CANDIDATE_ROWS)):
         assert sorted(timings) == list(candidates)
         assert all(k > 0 and e > 0 for k, e in timings.values())

@@ -25,15 +25,17 @@ transformers = pytest.importorskip("transformers")
 KERNEL = quant_kernel()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"no quantized CPU kernel here: {kernel_status()}")
 ISA_NAMES = {1: "avx2", 2: "avx512"}
+AMX = 3  # the AVX512 kernels with 4-bit layers in bf16 on AMX tiles (QuantKernel.amx_4bit)
 ISAS = [pytest.param(isa, id=name, marks=pytest.mark.skipif(
     KERNEL is None or KERNEL.isa < isa, reason=f"this CPU lacks {name} (or has no kernel): {kernel_status()}"))
-    for isa, name in ISA_NAMES.items()]
+    for isa, name in ISA_NAMES.items()] + [pytest.param(AMX, id="amx", marks=pytest.mark.skipif(
+        KERNEL is None or not KERNEL.amx_4bit, reason=f"no AMX kernel here: {kernel_status()}"))]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 0.0}  # one rounding, relative
 
 
 def kernel(isa: int) -> QuantKernel:
-    return QuantKernel(KERNEL.library, isa)
+    return QuantKernel(KERNEL.library, 2, amx_4bit=True) if isa == AMX else QuantKernel(KERNEL.library, isa)
 
 
 def threads(n: int):
@@ -163,7 +165,7 @@ def ordered_bits(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, -(bits & 0x7FFF), bits)
 
 
-def assert_close_to_exact_gelu(got: torch.Tensor, x: torch.Tensor) -> None:
+def assert_close_to_exact_gelu(got: torch.Tensor, x: torch.Tensor, flushes_subnormals: bool = False) -> None:
     want = exact_gelu(x)
     # float32's 1 + erf(x) loses erf's error times |x| where GELU(x) is tiny (x < -3), PyTorch's formula too
     cancelled = (got.float() - want.float()).abs() <= 2e-7 * x.float().abs()
@@ -171,6 +173,8 @@ def assert_close_to_exact_gelu(got: torch.Tensor, x: torch.Tensor) -> None:
         close = (got - want).abs() <= 2.0**-22 * want.abs()
     else:  # one step of the 16-bit type at most
         close = (ordered_bits(got) - ordered_bits(want)).abs() <= 1
+    if flushes_subnormals:  # bf16 conversions with FTZ (vcvtneps2bf16) write results below 2^-126 as zero
+        close |= (got == 0) & (want.float().abs() <= torch.finfo(torch.float32).tiny)
     assert (close | cancelled).all(), x[~(close | cancelled)]
 
 
@@ -197,7 +201,8 @@ def test_layers_use_the_kernel_for_decode_rows_only(mode, monkeypatch):
     name = "linear_int8" if mode == "int8" else "linear_4bit"
     original = getattr(QuantKernel, name)
     monkeypatch.setattr(QuantKernel, name, lambda self, *a, **kw: calls.append(1) or original(self, *a, **kw))
-    x = torch.randn(2, 20, 128).bfloat16()  # 40 rows: a prefill
+    limit = KERNEL.max_rows if mode == "int8" else KERNEL.rows_4bit(torch.bfloat16)
+    x = torch.randn(2, limit // 2 + 4, 128).bfloat16()  # more rows than the kernel takes: a prefill
     with torch.no_grad():
         prefill = layer(x)
         assert not calls
@@ -316,7 +321,8 @@ def test_direct_decode_step_runs_quantized_layers_with_the_module_path_bits(quan
 def test_fused_gelu_is_within_a_step_of_exact_on_every_16_bit_value(isa, dtype):
     """An nf4 identity weight (codes 1.0 and 0.0, scale 1) passes each bf16 or float16 value through exactly, so
     the fused GELU meets every value an activation can take: within one step of the exact GELU everywhere, and
-    off it no more often than PyTorch's own GELU on this CPU."""
+    off it no more often than PyTorch's own GELU on this CPU. The AMX tiles read subnormal bf16 inputs as zero
+    (below 1.2e-38, as every bf16 dot-product instruction does): there those inputs are zero."""
     eye = torch.eye(64)
     layer = quant.quantize_linear(eye.to(dtype), None, QuantSpec.from_kwargs(quant="nf4", double_quant=False,
                                                                             compute_dtype=dtype), "cpu")
@@ -324,10 +330,13 @@ def test_fused_gelu_is_within_a_step_of_exact_on_every_16_bit_value(isa, dtype):
     values = values[~values.isnan().any(-1).any(-1)]  # NaN's payload is not kept bit for bit
     args = layer._prepare_kernel()
     ours_off = torchs_off = 0
+    flushes = isa == AMX and dtype is torch.bfloat16
     for block in values:
+        if flushes:
+            block = torch.where(block.float().abs() < torch.finfo(torch.float32).tiny, torch.zeros_like(block), block)
         assert torch.equal(kernel(isa).linear_4bit(block, *args, None), block)
         fused, want = kernel(isa).linear_4bit(block, *args, None, gelu=True), exact_gelu(block)
-        assert_close_to_exact_gelu(fused, block)
+        assert_close_to_exact_gelu(fused, block, flushes)
         finite = want.isfinite()
         ours_off += int((fused != want)[finite].sum())
         torchs_off += int((F.gelu(block) != want)[finite].sum())

@@ -94,7 +94,8 @@ def test_layers_send_rows_above_the_crossover_to_the_tiles(mode, monkeypatch):
     calls = []
     original = getattr(quant_matmul, name)
     monkeypatch.setattr(quant_matmul, name, lambda *a: calls.append(1) or original(*a))
-    monkeypatch.setattr(neoxlite.cpu_kernels, "_quant", dataclasses.replace(KERNEL, max_rows=2, max_rows_4bit=2))
+    monkeypatch.setattr(neoxlite.cpu_kernels, "_quant", dataclasses.replace(KERNEL, max_rows=2, max_rows_4bit=2,
+                                                                             max_rows_4bit_amx=2))
     x = torch.randn(3, 1, 128).bfloat16()
     with torch.no_grad():
         want = bnb.nn.Linear8bitLt.forward(layer, x) if mode == "int8" else \

@@ -274,6 +274,156 @@ linear_amx(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t 
     return 0;
 }
 
+/* ---------------------------------------------------------------- AMX for 4-bit weights computed in bf16 */
+/* A task's 32 weight rows are dequantized into a per-thread bf16 buffer (in L2), exactly the weight bitsandbytes'
+ * CPU path dequantizes (table * scale rounded to bf16), and multiplied on the tiles like a bf16 weight: the
+ * lookups are paid once per weight for every input row, where the vector kernel repeats them per four input
+ * rows. Each 64-value block is stored as its 32 even values, then its 32 odd ones (one lookup each, no
+ * interleave), and the inputs are reordered the same way, so each product pairs the same weight and input. The
+ * scales: an fp32 absmax per block, or with double quantization code2[q] * absmax2[block / 256] + offset, rounded
+ * twice as bitsandbytes does. */
+#define Q4_BLOCK 64
+
+/* fp-contract off: code2 * absmax2 + offset rounds twice, as in bitsandbytes */
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"), optimize("fp-contract=off"))) static void
+dequantize_rows_bf16(const uint8_t *w, const float *code, const float *absmax, const uint8_t *absmax8,
+                     const float *code2, const float *absmax2, float offset, int64_t first_row, int rows, int64_t K,
+                     int64_t k0, int64_t k1, uint16_t *out, int64_t out_stride) {
+    const int64_t blocks = K / Q4_BLOCK;
+    const __m512 table = _mm512_loadu_ps(code);
+    const __m512i nibble = _mm512_set1_epi16(0x0f);
+    for (int r = 0; r < rows; ++r)
+        for (int64_t j = k0 / Q4_BLOCK; j < k1 / Q4_BLOCK; ++j) {
+            const int64_t b = (first_row + r) * blocks + j;
+            const float scale = absmax ? absmax[b] : code2[absmax8[b]] * absmax2[b >> 8] + offset;
+            const __m512 t = _mm512_mul_ps(table, _mm512_set1_ps(scale));
+            const __m512i t16 = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(t)); /* nearest even */
+            const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(w + b * (Q4_BLOCK / 2))));
+            uint16_t *o = out + r * out_stride + j * Q4_BLOCK - k0;
+            _mm512_storeu_si512(o, _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), t16));
+            _mm512_storeu_si512(o + 32, _mm512_permutexvar_epi16(_mm512_and_si512(bytes, nibble), t16));
+        }
+}
+
+/* Up to 32 input rows (two input tiles): the sums stay in tiles across the whole row, so the weights can be
+ * dequantized Q4_CHUNK values at a time into an L1-sized tile buffer (32 rows x Q4_CHUNK bf16, 16 KiB) and used at
+ * once, instead of being written out to L2 and read back. */
+#define Q4_CHUNK 256
+
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void
+amx_task_4bit(const uint8_t *w, const float *code, const float *absmax, const uint8_t *absmax8, const float *code2,
+              const float *absmax2, float offset, const uint32_t *packed, int width, int64_t M, int64_t K,
+              int64_t n0, int rows, const uint16_t *bias, uint16_t *y, int64_t N, float *sums, uint16_t *tile) {
+    const int two = M > width, second = rows > AMX_ROWS;
+    const int64_t block_pairs = K / 2 * width, tile_pairs = AMX_K / 2 * width;
+    const uint32_t *x0 = packed, *x1 = packed + block_pairs;
+    const uint16_t *w1 = tile + AMX_ROWS * Q4_CHUNK;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k0 = 0; k0 < K; k0 += Q4_CHUNK) {
+        const int64_t k1 = K - k0 < Q4_CHUNK ? K : k0 + Q4_CHUNK;
+        dequantize_rows_bf16(w, code, absmax, absmax8, code2, absmax2, offset, n0, rows, K, k0, k1, tile, Q4_CHUNK);
+        for (int64_t k = k0; k < k1; k += AMX_K) {
+            const int64_t c = k / AMX_K;
+            _tile_loadd(6, x0 + c * tile_pairs, 4 * width);
+            _tile_loadd(4, tile + (k - k0), Q4_CHUNK * 2);
+            _tile_dpbf16ps(0, 4, 6);
+            if (second) {
+                _tile_loadd(5, w1 + (k - k0), Q4_CHUNK * 2);
+                _tile_dpbf16ps(2, 5, 6);
+            }
+            if (two) {
+                _tile_loadd(7, x1 + c * tile_pairs, 4 * width);
+                _tile_dpbf16ps(1, 4, 7);
+                if (second) _tile_dpbf16ps(3, 5, 7);
+            }
+        }
+    }
+    const int rows0 = rows < AMX_ROWS ? rows : AMX_ROWS;
+    const int mt0 = M < width ? (int)M : width;
+    _tile_stored(0, sums, 4 * width);
+    amx_store(sums, width, rows0, mt0, n0, 0, N, bias, y);
+    if (second) {
+        _tile_stored(2, sums, 4 * width);
+        amx_store(sums, width, rows - AMX_ROWS, mt0, n0 + AMX_ROWS, 0, N, bias, y);
+    }
+    if (two) {
+        _tile_stored(1, sums, 4 * width);
+        amx_store(sums, width, rows0, (int)(M - width), n0, width, N, bias, y);
+        if (second) {
+            _tile_stored(3, sums, 4 * width);
+            amx_store(sums, width, rows - AMX_ROWS, (int)(M - width), n0 + AMX_ROWS, width, N, bias, y);
+        }
+    }
+}
+
+/* x (M x K bf16) with each block of 64 as its even values, then its odd ones */
+static void reorder_blocks(const uint16_t *x, int64_t M, int64_t K, uint16_t *out) {
+    for (int64_t i = 0; i < M * K; i += Q4_BLOCK)
+        for (int j = 0; j < Q4_BLOCK / 2; ++j) {
+            out[i + j] = x[i + 2 * j];
+            out[i + Q4_BLOCK / 2 + j] = x[i + 2 * j + 1];
+        }
+}
+
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) int
+neox_linear_4bit_amx(const uint16_t *x, const uint8_t *w, const float *code, const float *absmax,
+                     const uint8_t *absmax8, const float *code2, const float *absmax2, float offset,
+                     const uint16_t *bias, uint16_t *y, int64_t M, int64_t N, int64_t K, int gelu) {
+    if (K % Q4_BLOCK) return -3;
+    const int64_t tasks = (N + AMX_TASK - 1) / AMX_TASK, outputs = M * N;
+    const int width = M < AMX_ROWS ? (int)M : AMX_ROWS;
+    const int64_t blocks = (M + width - 1) / width;
+    uint16_t *xr = malloc((size_t)(M * K) * 2);
+    uint32_t *packed = aligned_alloc(64, (size_t)(blocks * width * K / 2 * 4 + 64) / 64 * 64);
+    int failed = !xr || !packed;
+    if (!failed) reorder_blocks(x, M, K, xr);
+#pragma omp parallel if (!failed)
+    {
+        /* a thread's 32 dequantized rows: a chunk of them (up to 32 input rows), or whole (more); rows past the
+         * weight's end stay zero */
+        const int64_t tile_values = M <= 2 * AMX_ROWS ? AMX_TASK * Q4_CHUNK : AMX_TASK * K;
+        uint16_t *tile = failed ? NULL : aligned_alloc(64, (size_t)(tile_values * 2 + 63) / 64 * 64);
+        if (!tile) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            memset(tile, 0, (size_t)tile_values * 2);
+        }
+#pragma omp barrier
+        if (!failed) {
+            amx_configure(width);
+            float sums[AMX_ROWS * AMX_ROWS] __attribute__((aligned(64)));
+            amx_pack_inputs(xr, packed, M, K, width); /* ends in a barrier */
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < tasks; ++t) {
+                const int64_t n0 = t * AMX_TASK;
+                const int rows = N - n0 < AMX_TASK ? (int)(N - n0) : AMX_TASK;
+                if (M <= 2 * AMX_ROWS) {
+                    amx_task_4bit(w, code, absmax, absmax8, code2, absmax2, offset, packed, width, M, K, n0, rows,
+                                  bias, y, N, sums, tile);
+                } else {
+                    dequantize_rows_bf16(w, code, absmax, absmax8, code2, absmax2, offset, n0, rows, K, 0, K, tile, K);
+                    amx_task(tile, rows > AMX_ROWS ? tile + AMX_ROWS * K : NULL, K * 2, packed, width, M, K, n0,
+                             rows, bias, y, N, sums);
+                }
+            }
+            _tile_release();
+            if (gelu) {
+#pragma omp for schedule(static)
+                for (int64_t i = 0; i < outputs; i += GELU_CHUNK)
+                    gelu_bf16_avx512(y + i, outputs - i < GELU_CHUNK ? outputs - i : GELU_CHUNK);
+            }
+        }
+        free(tile);
+    }
+    free(xr);
+    free(packed);
+    return failed ? -2 : 0;
+}
+
 /* ---------------------------------------------------------------- AVX2 + FMA: widen bf16 to fp32, then FMA */
 /* One 256-bit load holds 16 bf16 values; a shift and a mask widen its even and its odd values to fp32 (two
  * instructions per 16 weights). The input rows are widened the same way once per call, so each output lane
