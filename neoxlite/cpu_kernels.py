@@ -151,8 +151,11 @@ class QuantKernel:
     max_rows: int = MAX_ROWS_QUANT  # int8
     max_rows_4bit: int = MAX_ROWS_QUANT  # nf4 / fp4: fewer where AMX runs the dequantized matmul faster
     # 4-bit layers computing in bf16 on an AMX CPU: each task's weight rows dequantized a chunk at a time into an
-    # L1 buffer and multiplied on the tiles (linear_bf16.c, neox_linear_4bit_amx), up to max_rows_4bit_amx rows
+    # L1 buffer and multiplied on the tiles (linear_bf16.c, neox_linear_4bit_amx), from more than
+    # vector_rows_4bit rows (fewer: the vector kernel, which reads from memory faster at one row) up to
+    # max_rows_4bit_amx rows; rows of independent sequences (continuous batching) take the tiles at any batch
     amx_4bit: bool = False
+    vector_rows_4bit: int = 1
     max_rows_4bit_amx: int = MAX_ROWS_QUANT
 
     def rows_4bit(self, dtype: torch.dtype) -> int:
@@ -175,7 +178,8 @@ class QuantKernel:
 
     def bind_4bit(self, codes: torch.Tensor, out_features: int, table: torch.Tensor, absmax: torch.Tensor,
                   nested: tuple[torch.Tensor, torch.Tensor, float] | None, bias: torch.Tensor | None,
-                  dtype: torch.dtype, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+                  dtype: torch.dtype, gelu: bool = False, any_rows: bool = False
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
         """linear_4bit with everything but x fixed, for inputs of `dtype`: the weight's pointers are taken once
         (a decode step makes about a hundred calls; per call, Python's handling of the arguments cost as much
         as the kernel on a small layer). The returned call keeps the tensors alive."""
@@ -183,9 +187,14 @@ class QuantKernel:
                    None if bias is None else bias.data_ptr())
         tail = (out_features, codes.numel() * 2 // out_features, int(gelu))
         keep = (codes, table, absmax, nested, bias)
-        if self.amx_4bit and dtype is torch.bfloat16:
-            return self._bind(self.library.neox_linear_4bit_amx, (), weights, tail, dtype, keep)
-        return self._bind(self.library.neox_linear_4bit, (self.isa, _DTYPE_CODES[dtype]), weights, tail, dtype, keep)
+        vector = self._bind(self.library.neox_linear_4bit, (self.isa, _DTYPE_CODES[dtype]), weights, tail, dtype, keep)
+        if not self.amx_4bit or dtype is not torch.bfloat16:
+            return vector
+        tiles = self._bind(self.library.neox_linear_4bit_amx, (), weights, tail, dtype, keep)
+        if any_rows:  # one engine whatever the batch: each row gets the bits it gets alone
+            return tiles
+        rows = self.vector_rows_4bit
+        return lambda x: vector(x) if x.numel() <= rows * x.shape[-1] else tiles(x)
 
     def linear_int8(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, threshold: float,
                     bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
@@ -356,16 +365,19 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
         kernel = dataclasses.replace(kernel, max_rows=rows)
         quant = dataclasses.replace(quant, max_rows=rows_int8, max_rows_4bit=rows_4bit)
         if kernel.isa == ISA_AMX and quant.isa == 2:
-            amx_quant = dataclasses.replace(quant, amx_4bit=True)
+            amx_quant = dataclasses.replace(quant, amx_4bit=True, vector_rows_4bit=0)  # tiles at every row count
             rows_amx, _ = matrix_engine.crossover("nf4 bf16 AMX tiles", lambda: _time_4bit(amx_quant), _cache_dir())
-            quant = dataclasses.replace(amx_quant, max_rows_4bit_amx=rows_amx)
+            rows_vector, _ = matrix_engine.crossover("nf4 bf16 vector AMX", lambda: _time_4bit_engines(amx_quant),
+                                                     _cache_dir())
+            quant = dataclasses.replace(amx_quant, max_rows_4bit_amx=rows_amx, vector_rows_4bit=rows_vector)
         above, crossover = "oneDNN (AMX) above", f"crossovers {source}"
     else:
         above, crossover = "oneDNN (vector) above", f"no matrix engine: {why}"
     matmul = {name: str(matrix_engine.matmul_dtype(dtype)).removeprefix("torch.")
               for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))}
     bf16_rows = "every row count" if kernel.max_rows == EVERY_ROW else f"1-{kernel.max_rows} rows, {above}"
-    amx_4bit = f" (in bf16: AMX kernel for 1-{quant.max_rows_4bit_amx} rows)" if quant.amx_4bit else ""
+    amx_4bit = (f" (in bf16: 1-{quant.vector_rows_4bit}, AMX kernel for {quant.vector_rows_4bit + 1}-"
+                f"{quant.max_rows_4bit_amx} rows and continuous-batching steps)" if quant.amx_4bit else "")
     return kernel, quant, (
         f"bf16: neoxlite {kernel.isa_name} kernel for {bf16_rows}; "
         f"fp32: kernel for 1-{MAX_ROWS_F32} rows, MKL above; nf4/fp4: {quant.isa_name} kernel for "
@@ -399,6 +411,18 @@ def _time_4bit(quant: QuantKernel, shape: tuple[int, int] = matrix_engine.CALIBR
     return matrix_engine.time_engines(lambda x: quant.linear_4bit(x, *args),
                                       lambda x: quant_matmul.linear_4bit(quant, x, *args), k, torch.bfloat16,
                                       candidates)
+
+
+def _time_4bit_engines(quant: QuantKernel, shape: tuple[int, int] = matrix_engine.CALIBRATION_SHAPE
+                       ) -> dict[int, tuple[float, float]]:
+    """The 4-bit vector kernel against the AMX kernel (`quant` with amx_4bit), both in bf16, on random codes."""
+    k, n = shape
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=generator)
+    args = (codes, n, torch.linspace(-1, 1, 16), torch.rand(n * k // 64, generator=generator) * 0.05, None, None)
+    vector = dataclasses.replace(quant, amx_4bit=False).bind_4bit(*args, torch.bfloat16)
+    return matrix_engine.time_engines(vector, quant.bind_4bit(*args, torch.bfloat16, any_rows=True), k,
+                                      torch.bfloat16)
 
 
 def _time_int8(quant: QuantKernel, shape: tuple[int, int] = matrix_engine.CALIBRATION_SHAPE

@@ -23,7 +23,7 @@ from neoxlite.linear import DecodeLinear
 if TYPE_CHECKING:
     from neoxlite.model import GPTNeoXAttention, GPTNeoXLayer
 
-_CACHED = "_kernel_step"  # the layer's __dict__ key for its (parameter slots, KernelStep or None)
+_CACHED = "_kernel_step"  # the layer's __dict__ key: (parameter slots, {any_rows: KernelStep or None})
 
 
 def decode_attention(fused: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -53,8 +53,12 @@ def decode_kernel(layer: GPTNeoXLayer, x: torch.Tensor, kv: tuple[StaticCache | 
         return None
     cached = layer.__dict__.get(_CACHED)
     if cached is None or not all(params.get(name) is tensor for params, name, tensor in cached[0]):
-        cached = layer.__dict__[_CACHED] = (_parameter_slots(layer), KernelStep.of(layer))
-    if cached[1] is None or cached[1].dtype is not x.dtype:
+        cached = layer.__dict__[_CACHED] = (_parameter_slots(layer), {})
+    rows = isinstance(kv[0], RowStep)
+    if rows not in cached[1]:
+        cached[1][rows] = KernelStep.of(layer, any_rows=rows)
+    step = cached[1][rows]
+    if step is None or step.dtype is not x.dtype:
         return None
     kernel = bf16_kernel()
     if kernel is None or not kernel.rows_for(x.dtype):
@@ -70,7 +74,7 @@ def decode_step(layer: GPTNeoXLayer, kernel: BF16Kernel, x: torch.Tensor, rope: 
     """layer.forward() for one new token after decode_kernel() said yes: the same operations in the same order
     (the same bits as the module path), called directly, without a module call, attribute lookup or check per
     operation (at batch 1 those cost about a tenth of a step)."""
-    s: KernelStep = layer.__dict__[_CACHED][1]
+    s: KernelStep = layer.__dict__[_CACHED][1][isinstance(kv[0], RowStep)]
     fused = s.qkv(F.layer_norm(x, s.shape, *s.norm1))
     attn = s.dense(s.attention.attend(fused, rope, None, kv))
     if not s.parallel:
@@ -104,14 +108,15 @@ class KernelStep:
     act: Any  # None: exact GELU, fused into the first MLP linear
 
     @classmethod
-    def of(cls, layer: GPTNeoXLayer) -> KernelStep | None:
+    def of(cls, layer: GPTNeoXLayer, any_rows: bool = False) -> KernelStep | None:
         """None unless every linear is a DecodeLinear a kernel computes in the norms' dtype (neoxlite's Linear on
-        weights the kernel reads, or a quantized layer) and the norms are in RAM, all in one dtype."""
+        weights the kernel reads, or a quantized layer) and the norms are in RAM, all in one dtype. any_rows: for
+        rows of independent sequences (DecodeLinear.decode_call)."""
         attention, mlp = layer.attention, layer.mlp
         linears = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         dtype = layer.input_layernorm.weight.dtype if layer.input_layernorm.weight is not None else None
-        calls = [m.decode_call(dtype, gelu=m is mlp.dense_h_to_4h and mlp.exact_gelu)
+        calls = [m.decode_call(dtype, gelu=m is mlp.dense_h_to_4h and mlp.exact_gelu, any_rows=any_rows)
                  if isinstance(m, DecodeLinear) and dtype is not None else None for m in linears]
         if not (all(c is not None for c in calls)
                 and all(n.weight is not None and n.bias is not None and n.weight.dtype is dtype

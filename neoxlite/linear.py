@@ -27,10 +27,12 @@ class DecodeLinear(Protocol):
     """A linear layer the direct decode step (neoxlite.cpu_step.decode_step) can call without a module
     call: this Linear, and the quantized layers of neoxlite.quant."""
 
-    def decode_call(self, dtype: torch.dtype, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def decode_call(self, dtype: torch.dtype, gelu: bool = False,
+                    any_rows: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """A function computing the layer (then F.gelu with `gelu`) on contiguous CPU inputs of `dtype` with as
         many rows as the bf16 kernel serves, with the same bits as the layer's forward; None where a kernel does
-        not compute it."""
+        not compute it. With `any_rows` (rows of independent sequences) one engine computes every batch size, so
+        each row gets the bits it gets alone."""
         ...
 
 
@@ -51,8 +53,9 @@ class Linear(nn.Linear):
         return kernel.linear(x, self.weight, self.bias, gelu=True) if kernel else F.gelu(F.linear(x, self.weight,
                                                                                                   self.bias))
 
-    def decode_call(self, dtype: torch.dtype, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """DecodeLinear.decode_call: the kernel on this layer's own parameters."""
+    def decode_call(self, dtype: torch.dtype, gelu: bool = False,
+                    any_rows: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """DecodeLinear.decode_call: the kernel on this layer's own parameters (one engine at every batch)."""
         kernel = bf16_kernel()
         if kernel is None or not self.kernel_ready() or self.weight.dtype is not dtype:
             return None

@@ -118,7 +118,8 @@ class Linear4bit(bnb.nn.Linear4bit):
         out = bnb.matmul_4bit(xc, self.weight, bias=bias, quant_state=qs).to(x.dtype)
         return F.gelu(out) if gelu else out
 
-    def decode_call(self, dtype: torch.dtype, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def decode_call(self, dtype: torch.dtype, gelu: bool = False,
+                    any_rows: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """neoxlite.linear.DecodeLinear.decode_call: the kernel on this layer's packed weight, for inputs already in
         the compute dtype (as a model in that dtype gives them)."""
         kernel = quant_kernel()
@@ -130,7 +131,7 @@ class Linear4bit(bnb.nn.Linear4bit):
         args = self._prepare_kernel()
         if self.compute_dtype is not dtype or dtype not in QUANT_DTYPES or args is None:
             return None
-        return kernel.bind_4bit(*args, self._bias_as(dtype), dtype, gelu=gelu)
+        return kernel.bind_4bit(*args, self._bias_as(dtype), dtype, gelu=gelu, any_rows=any_rows)
 
     def _prepare_kernel(self) -> tuple | None:
         """(codes, out_features, table, absmax, nested) for QuantKernel.linear_4bit; None for a layout it does not
@@ -217,8 +218,10 @@ class Linear8bit(bnb.nn.Linear8bitLt):
         kernel = self._kernel(x)
         return self._forward_cpu(kernel, x, gelu=True) if kernel is not None else F.gelu(super().forward(x))
 
-    def decode_call(self, dtype: torch.dtype, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """neoxlite.linear.DecodeLinear.decode_call: the kernel on this layer's int8 weight."""
+    def decode_call(self, dtype: torch.dtype, gelu: bool = False,
+                    any_rows: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """neoxlite.linear.DecodeLinear.decode_call: the kernel on this layer's int8 weight (one engine at every
+        batch, so `any_rows` changes nothing)."""
         kernel = quant_kernel()
         if (kernel is None or self.training or self.weight.device.type != "cpu" or dtype not in QUANT_DTYPES
                 or self.state.has_fp16_weights or self.weight.dtype != torch.int8):

@@ -185,3 +185,31 @@ def test_closing_ends_running_and_waiting_requests_with_an_error(ckpt):
     for req in (running, waiting):
         finish = list(req.events())[-1]  # would block forever if close() left it behind
         assert finish.reason == "error" and "unloaded" in finish.error
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quantized_rows_get_the_tokens_they_get_alone_in_the_batcher(ckpt, mode, monkeypatch):
+    """Quantized layers in bf16 take one engine at every batch of independent rows (on AMX CPUs the tiles, where
+    generate() keeps the vector kernel for one or two rows), so a request decoded among others gets the tokens it
+    gets as the batcher's only row."""
+    pytest.importorskip("bitsandbytes")
+    if cpu_kernels.quant_kernel() is None:
+        pytest.skip(cpu_kernels.kernel_status())
+    bound = []  # any_rows of each 4-bit layer's bound call: the batcher's steps ask for one engine at any batch
+    real = cpu_kernels.QuantKernel.bind_4bit
+    monkeypatch.setattr(cpu_kernels.QuantKernel, "bind_4bit",
+                        lambda self, *a, any_rows=False, **kw: bound.append(any_rows) or real(self, *a, any_rows=any_rows,
+                                                                                              **kw))
+    model = load(ckpt, torch.bfloat16, quant=mode, compute_dtype=torch.bfloat16)
+    lengths = [6, 3, 8, 5]
+    solo = []
+    for i, (prompt, n) in enumerate(zip(PROMPTS, lengths, strict=False)):
+        batcher = Batcher(model, max_batch_size=1, max_context=32, start=False)
+        req = request(i, prompt, n, eos=-1)
+        drain(batcher, [req])
+        solo.append(tokens_of(req)[0])
+    batcher = Batcher(model, max_batch_size=4, max_context=32, start=False)
+    requests = [request(i, p, n, eos=-1) for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=False))]
+    assert max(drain(batcher, requests)) > 1
+    assert [tokens_of(r)[0] for r in requests] == solo
+    assert (True in bound) is (mode == "nf4")

@@ -79,7 +79,8 @@ def test_status_says_which_engine_runs_which_rows():
         assert f"kernel for 1-{KERNEL.max_rows} rows" in status
     assert ("oneDNN (AMX) above" in status) is HAS_AMX
     quant = neoxlite.cpu_kernels.quant_kernel()
-    amx_4bit = f" (in bf16: AMX kernel for 1-{quant.max_rows_4bit_amx} rows)" if quant.amx_4bit else ""
+    amx_4bit = (f" (in bf16: 1-{quant.vector_rows_4bit}, AMX kernel for {quant.vector_rows_4bit + 1}-"
+                f"{quant.max_rows_4bit_amx} rows and continuous-batching steps)" if quant.amx_4bit else "")
     assert (f"nf4/fp4: {quant.isa_name} kernel for 1-{quant.max_rows_4bit} rows{amx_4bit}, neoxlite's dequantized "
             f"tiles + torch's matmul above (bf16 in {str(matrix_engine.matmul_dtype(torch.bfloat16))[6:]}") in status
     assert quant.amx_4bit is (KERNEL.isa == neoxlite.cpu_kernels.ISA_AMX)

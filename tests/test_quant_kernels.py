@@ -35,7 +35,9 @@ ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 0.0}  # 
 
 
 def kernel(isa: int) -> QuantKernel:
-    return QuantKernel(KERNEL.library, 2, amx_4bit=True) if isa == AMX else QuantKernel(KERNEL.library, isa)
+    if isa == AMX:  # the tiles at every row count
+        return QuantKernel(KERNEL.library, 2, amx_4bit=True, vector_rows_4bit=0)
+    return QuantKernel(KERNEL.library, isa)
 
 
 def threads(n: int):
@@ -386,3 +388,27 @@ def test_without_a_kernel_bitsandbytes_computes(tmp_path, env, reason):
     status, missing, shape = done.stdout.splitlines()
     assert reason in status and "bitsandbytes' quantized linears" in status
     assert missing == "True" and shape == "torch.Size([1, 8])"
+
+
+@needs_kernel
+@pytest.mark.skipif(KERNEL is None or not KERNEL.amx_4bit, reason=f"no AMX kernel here: {kernel_status()}")
+def test_amx_takes_4bit_bf16_rows_above_the_vector_crossover_and_every_batch_of_independent_rows():
+    """The vector kernel reads one row from memory faster; from vector_rows_4bit + 1 rows the tiles take over. Rows
+    of independent sequences (any_rows) take the tiles at every batch, so a row gets the bits it gets alone."""
+    # Each weight row is its first half twice and each input its first half then minus it: every sum is zero
+    # exactly, and what is left is the rounding of the order in which an engine adds, different in each engine.
+    gen = torch.Generator().manual_seed(3)
+    half = torch.randn(96, 2048, generator=gen) * 0.1
+    layer = quant.quantize_linear(torch.cat([half, half], 1).bfloat16(), None, QuantSpec.from_kwargs(
+        quant="nf4", compute_dtype=torch.bfloat16), "cpu")
+    args = layer._prepare_kernel()
+    split = QuantKernel(KERNEL.library, 2, amx_4bit=True, vector_rows_4bit=2)
+    vector, tiles = kernel(2).bind_4bit(*args, None, torch.bfloat16), kernel(AMX).bind_4bit(*args, None, torch.bfloat16)
+    chosen, rows = split.bind_4bit(*args, None, torch.bfloat16), split.bind_4bit(*args, None, torch.bfloat16,
+                                                                               any_rows=True)
+    r = torch.randn(5, 2048, generator=gen)
+    x = torch.cat([r, -r], 1).bfloat16()
+    assert not torch.equal(vector(x), tiles(x))  # the engines tell apart
+    assert torch.equal(chosen(x[:2]), vector(x[:2])) and torch.equal(chosen(x[:3]), tiles(x[:3]))
+    batch = rows(x)
+    assert torch.equal(batch, tiles(x)) and all(torch.equal(rows(x[i:i + 1])[0], batch[i]) for i in range(5))

@@ -306,7 +306,7 @@ dequantize_rows_bf16(const uint8_t *w, const float *code, const float *absmax, c
 }
 
 /* Up to 32 input rows (two input tiles): the sums stay in tiles across the whole row, so the weights can be
- * dequantized Q4_CHUNK values at a time into an L1-sized tile buffer (32 rows x Q4_CHUNK bf16, 16 KiB) and used at
+ * dequantized Q4_CHUNK values at a time into L1-sized buffers (32 rows x Q4_CHUNK bf16, 16 KiB each) and used at
  * once, instead of being written out to L2 and read back. */
 #define Q4_CHUNK 256
 
@@ -317,18 +317,33 @@ amx_task_4bit(const uint8_t *w, const float *code, const float *absmax, const ui
     const int two = M > width, second = rows > AMX_ROWS;
     const int64_t block_pairs = K / 2 * width, tile_pairs = AMX_K / 2 * width;
     const uint32_t *x0 = packed, *x1 = packed + block_pairs;
-    const uint16_t *w1 = tile + AMX_ROWS * Q4_CHUNK;
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
+    /* the next task's rows (this thread's, under a static schedule) are fetched into L2 a chunk at a time as this
+     * task's are read: a hint, which never faults past the weight's end */
+    const uint8_t *next = w + (n0 + AMX_TASK) * (K / 2);
+    /* two chunk buffers: a chunk is dequantized while the tiles read the one before it, whose stores have left
+     * the store buffer by then (a tile load waits for the stores it reads) */
+    dequantize_rows_bf16(w, code, absmax, absmax8, code2, absmax2, offset, n0, rows, K, 0,
+                         K < Q4_CHUNK ? K : Q4_CHUNK, tile, Q4_CHUNK);
     for (int64_t k0 = 0; k0 < K; k0 += Q4_CHUNK) {
         const int64_t k1 = K - k0 < Q4_CHUNK ? K : k0 + Q4_CHUNK;
-        dequantize_rows_bf16(w, code, absmax, absmax8, code2, absmax2, offset, n0, rows, K, k0, k1, tile, Q4_CHUNK);
+        const uint16_t *chunk = tile + (k0 / Q4_CHUNK % 2) * AMX_TASK * Q4_CHUNK, *w1 = chunk + AMX_ROWS * Q4_CHUNK;
+        for (int r = 0; r < AMX_TASK; ++r)
+            for (int64_t line = k0 / 2; line < k1 / 2; line += 64) {
+                _mm_prefetch((const char *)(next + r * (K / 2) + line), _MM_HINT_T1);
+                _mm_prefetch((const char *)(w + (n0 + r) * (K / 2) + line + Q4_CHUNK), _MM_HINT_T0);
+            }
+        if (k1 < K)
+            dequantize_rows_bf16(w, code, absmax, absmax8, code2, absmax2, offset, n0, rows, K, k1,
+                                 K - k1 < Q4_CHUNK ? K : k1 + Q4_CHUNK,
+                                 tile + (k1 / Q4_CHUNK % 2) * AMX_TASK * Q4_CHUNK, Q4_CHUNK);
         for (int64_t k = k0; k < k1; k += AMX_K) {
             const int64_t c = k / AMX_K;
             _tile_loadd(6, x0 + c * tile_pairs, 4 * width);
-            _tile_loadd(4, tile + (k - k0), Q4_CHUNK * 2);
+            _tile_loadd(4, chunk + (k - k0), Q4_CHUNK * 2);
             _tile_dpbf16ps(0, 4, 6);
             if (second) {
                 _tile_loadd(5, w1 + (k - k0), Q4_CHUNK * 2);
@@ -384,7 +399,7 @@ neox_linear_4bit_amx(const uint16_t *x, const uint8_t *w, const float *code, con
     {
         /* a thread's 32 dequantized rows: a chunk of them (up to 32 input rows), or whole (more); rows past the
          * weight's end stay zero */
-        const int64_t tile_values = M <= 2 * AMX_ROWS ? AMX_TASK * Q4_CHUNK : AMX_TASK * K;
+        const int64_t tile_values = M <= 2 * AMX_ROWS ? 2 * AMX_TASK * Q4_CHUNK : AMX_TASK * K;
         uint16_t *tile = failed ? NULL : aligned_alloc(64, (size_t)(tile_values * 2 + 63) / 64 * 64);
         if (!tile) {
 #pragma omp atomic write
