@@ -338,6 +338,7 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
     library.neox_linear_4bit.restype = ctypes.c_int
     library.neox_linear_4bit.argtypes = ([ctypes.c_int] * 2 + [ctypes.c_void_p] * 7 + [ctypes.c_float]
                                          + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int])
+    library.neox_has_amx.restype = ctypes.c_int
     library.neox_linear_4bit_amx.restype = ctypes.c_int
     library.neox_linear_4bit_amx.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 2
                                              + [ctypes.c_int64] * 3 + [ctypes.c_int])
@@ -354,7 +355,9 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
         return None, None, f"this CPU has neither AVX2+FMA+F16C nor AVX512: {_FALLBACK}"
     kernel, quant = BF16Kernel(library, isa, _MAX_ROWS[isa]), QuantKernel(library, quant_isa)
     has_amx, why = matrix_engine.amx()
-    if has_amx and isa == ISA_AVX512BF16:  # every AMX CPU has AVX512-BF16, which the AMX kernels' stores use
+    # every AMX CPU has AVX512-BF16, which the AMX kernels' stores use; an old compiler builds them as stubs
+    # (GCC 11 or Clang 12 know the instructions), and then oneDNN alone runs the tiles
+    if has_amx and isa == ISA_AVX512BF16 and library.neox_has_amx():
         kernel = BF16Kernel(library, ISA_AMX, _MAX_ROWS[ISA_AVX512BF16])
     if has_amx:
         rows, source = matrix_engine.crossover(f"bf16 {kernel.isa_name}", lambda: _time_bf16(kernel), _cache_dir())

@@ -304,3 +304,22 @@ def test_decode_attention_keeps_nan():
     keys, values = torch.randn(1, heads, 40, hs).bfloat16(), torch.randn(1, heads, 40, hs).bfloat16()
     out = KERNEL.decode_attention(qkv, ones, ones * 0, keys, values, 30, heads).view(heads, hs)
     assert out[0].isnan().all() and out[1].isfinite().all()
+
+
+@needs_kernel
+def test_a_compiler_without_amx_builds_the_vector_kernels(tmp_path):
+    """A compiler that does not know the AMX instructions (GCC < 11, Clang < 12; simulated with -DNEOX_NO_AMX)
+    still builds every vector kernel; the AMX kernels are stubs that neox_has_amx() reports, and an AMX CPU then
+    leaves the tiles to oneDNN."""
+    import shutil
+
+    compiler = tmp_path / "cc"
+    compiler.write_text(f'#!/bin/sh\nexec {shutil.which("gcc") or shutil.which("cc")} -DNEOX_NO_AMX "$@"\n')
+    compiler.chmod(0o755)
+    code = STATUS_AND_GENERATE + "import neoxlite.cpu_kernels as k\nprint(k.bf16_kernel().library.neox_has_amx())\n"
+    done = run_python(code, tmp_path, CC=str(compiler))
+    assert done.returncode == 0, done.stderr
+    status, missing, shape, has_amx = done.stdout.splitlines()
+    assert missing == "False" and shape == "torch.Size([1, 4])" and has_amx == "0"
+    assert "AMX-BF16 kernel" not in status and "in bf16: 1-" not in status
+    assert ("oneDNN (AMX) above" in status) is matrix_engine.amx()[0]

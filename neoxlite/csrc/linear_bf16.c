@@ -116,6 +116,11 @@ linear_avx512bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
 }
 
 /* ---------------------------------------------------------------- AMX: 16 x 16 x 32 products per instruction */
+/* AMX intrinsics need GCC 11 or Clang 12; with an older compiler (or -DNEOX_NO_AMX, as a test builds it) the rest
+ * still builds and neox_has_amx() says 0 */
+#if !defined(NEOX_NO_AMX) && ((defined(__clang__) && __clang_major__ >= 12) || \
+                              (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define NEOX_AMX 1
 /* One tdpbf16ps multiplies a 16 x 32 tile of bf16 by a 32 x 16 one into 16 x 16 fp32 sums. The weights are the
  * left tile, loaded straight from the checkpoint's row-major layout (16 weight rows x 32 values, stride K), so
  * nothing is repacked or copied; the inputs are the right tile, which the instruction wants in pairs of k
@@ -438,6 +443,25 @@ neox_linear_4bit_amx(const uint16_t *x, const uint8_t *w, const float *code, con
     free(packed);
     return failed ? -2 : 0;
 }
+
+#else
+#define NEOX_AMX 0
+static int linear_amx(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M, int64_t N,
+                      int64_t K, int gelu) {
+    (void)x, (void)w, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)gelu;
+    return -1;
+}
+int neox_linear_4bit_amx(const uint16_t *x, const uint8_t *w, const float *code, const float *absmax,
+                         const uint8_t *absmax8, const float *code2, const float *absmax2, float offset,
+                         const uint16_t *bias, uint16_t *y, int64_t M, int64_t N, int64_t K, int gelu) {
+    (void)x, (void)w, (void)code, (void)absmax, (void)absmax8, (void)code2, (void)absmax2, (void)offset;
+    (void)bias, (void)y, (void)M, (void)N, (void)K, (void)gelu;
+    return -1;
+}
+#endif
+
+/* 1 where this build has the AMX kernels (the compiler knew the instructions) */
+int neox_has_amx(void) { return NEOX_AMX; }
 
 /* ---------------------------------------------------------------- AVX2 + FMA: widen bf16 to fp32, then FMA */
 /* One 256-bit load holds 16 bf16 values; a shift and a mask widen its even and its odd values to fp32 (two
