@@ -30,7 +30,7 @@ from neoxlite import matrix_engine, quant_matmul
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("linear_bf16.c", "linear_f32.c", "decode_attention_bf16.c", "linear_quant.c",
                          "dequantize_4bit.c")]
-_HEADERS = [Path(__file__).with_name("csrc") / name for name in ("bf16.h", "gelu.h", "avx2_math.h")]
+_HEADERS = [Path(__file__).with_name("csrc") / name for name in ("bf16.h", "gelu.h", "avx2_math.h", "amx.h")]
 _FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 _LIBS = ["-lm"]
 _ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512-BF16", 3: "AMX-BF16"}
@@ -50,6 +50,7 @@ _MAX_ROWS = {1: EVERY_ROW, 2: 32}
 # fp32 rows served by one pass over the weights; beyond that MKL's GEMM reads them once for all rows.
 MAX_ROWS_F32 = 4
 _QUANT_ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512F/BW"}
+_QUANT_ISA_AMX_INT8 = 3  # neox_linear_int8's code for the AVX512 loops with AMX-INT8 tiles (neox_amx_int8_from)
 # Input rows up to which the quantized kernels serve a call (decode steps, small batches, the offload
 # scheduler's batches); more rows (a prefill) go to neoxlite.quant_matmul (the weight dequantized tile by tile,
 # torch's matmul). On this project's AVX2 machine the kernels win up to 32 rows on a pythia-410m MLP
@@ -156,6 +157,9 @@ class QuantKernel:
     # max_rows_4bit_amx rows; rows of independent sequences (continuous batching) take the tiles at any batch
     amx_4bit: bool = False
     vector_rows_4bit: int = 1
+    # int8 on an AMX CPU with amx_int8: from a few input rows (neox_amx_int8_from) the tiles form the same exact
+    # int32 sums (tdpbssd), so the bits are the vector loops' at any batch (linear_quant.c, linear8_amx)
+    amx_int8: bool = False
     max_rows_4bit_amx: int = MAX_ROWS_QUANT
 
     def rows_4bit(self, dtype: torch.dtype) -> int:
@@ -221,7 +225,8 @@ class QuantKernel:
         """linear_int8 with everything but x fixed, as bind_4bit."""
         n, k = weight.shape
         weights = (weight.data_ptr(), scales.data_ptr(), threshold, None if bias is None else bias.data_ptr())
-        return self._bind(self.library.neox_linear_int8, (self.isa, _DTYPE_CODES[dtype]), weights, (n, k, int(gelu)),
+        isa = _QUANT_ISA_AMX_INT8 if self.amx_int8 else self.isa
+        return self._bind(self.library.neox_linear_int8, (isa, _DTYPE_CODES[dtype]), weights, (n, k, int(gelu)),
                           dtype, (weight, scales, bias))
 
     @staticmethod
@@ -339,6 +344,7 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
     library.neox_linear_4bit.argtypes = ([ctypes.c_int] * 2 + [ctypes.c_void_p] * 7 + [ctypes.c_float]
                                          + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int])
     library.neox_has_amx.restype = ctypes.c_int
+    library.neox_amx_int8_from.restype = ctypes.c_int
     library.neox_linear_4bit_amx.restype = ctypes.c_int
     library.neox_linear_4bit_amx.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 2
                                              + [ctypes.c_int64] * 3 + [ctypes.c_int])
@@ -363,8 +369,10 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
         rows, source = matrix_engine.crossover(f"bf16 {kernel.isa_name}", lambda: _time_bf16(kernel), _cache_dir())
         rows_4bit, _ = matrix_engine.crossover(f"nf4 {quant.isa_name} tiles", lambda: _time_4bit(quant),
                                                _cache_dir())
-        rows_int8, _ = matrix_engine.crossover(f"int8 {quant.isa_name} tiles", lambda: _time_int8(quant),
-                                               _cache_dir())
+        if kernel.isa == ISA_AMX and quant.isa == 2 and "amx_int8" in matrix_engine.cpu_flags():
+            quant = dataclasses.replace(quant, amx_int8=True)
+        int8_name = f"int8 {quant.isa_name}{' AMX-INT8' if quant.amx_int8 else ''} tiles"
+        rows_int8, _ = matrix_engine.crossover(int8_name, lambda: _time_int8(quant), _cache_dir())
         kernel = dataclasses.replace(kernel, max_rows=rows)
         quant = dataclasses.replace(quant, max_rows=rows_int8, max_rows_4bit=rows_4bit)
         if kernel.isa == ISA_AMX and quant.isa == 2:
@@ -379,13 +387,14 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
     matmul = {name: str(matrix_engine.matmul_dtype(dtype)).removeprefix("torch.")
               for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))}
     bf16_rows = "every row count" if kernel.max_rows == EVERY_ROW else f"1-{kernel.max_rows} rows, {above}"
+    amx_int8 = f" (AMX-INT8 from {quant.library.neox_amx_int8_from()} rows)" if quant.amx_int8 else ""
     amx_4bit = (f" (in bf16: 1-{quant.vector_rows_4bit}, AMX kernel for {quant.vector_rows_4bit + 1}-"
                 f"{quant.max_rows_4bit_amx} rows and continuous-batching steps)" if quant.amx_4bit else "")
     return kernel, quant, (
         f"bf16: neoxlite {kernel.isa_name} kernel for {bf16_rows}; "
         f"fp32: kernel for 1-{MAX_ROWS_F32} rows, MKL above; nf4/fp4: {quant.isa_name} kernel for "
         f"1-{quant.max_rows_4bit} rows{amx_4bit}, neoxlite's dequantized tiles + torch's matmul above (bf16 in "
-        f"{matmul['bf16']}, fp16 in {matmul['fp16']}); int8: kernel for 1-{quant.max_rows} rows, int8 tiles + "
+        f"{matmul['bf16']}, fp16 in {matmul['fp16']}); int8: kernel for 1-{quant.max_rows} rows{amx_int8}, int8 tiles + "
         f"torch's float32 matmul above; continuous-batching steps: kernels at every batch ({crossover})")
 
 
@@ -436,8 +445,9 @@ def _time_int8(quant: QuantKernel, shape: tuple[int, int] = matrix_engine.CALIBR
     generator = torch.Generator().manual_seed(0)
     weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
     args = (weight, torch.rand(n, generator=generator) * 0.1, 6.0, None)
+    candidates = matrix_engine.AMX_CANDIDATE_ROWS if quant.amx_int8 else matrix_engine.CANDIDATE_ROWS
     return matrix_engine.time_engines(lambda x: quant.linear_int8(x, *args),
-                                      lambda x: quant_matmul.linear_int8(x, *args), k, torch.bfloat16)
+                                      lambda x: quant_matmul.linear_int8(x, *args), k, torch.bfloat16, candidates)
 
 
 def _cache_dir() -> Path:

@@ -84,7 +84,9 @@ def test_status_says_which_engine_runs_which_rows():
     assert (f"nf4/fp4: {quant.isa_name} kernel for 1-{quant.max_rows_4bit} rows{amx_4bit}, neoxlite's dequantized "
             f"tiles + torch's matmul above (bf16 in {str(matrix_engine.matmul_dtype(torch.bfloat16))[6:]}") in status
     assert quant.amx_4bit is (KERNEL.isa == neoxlite.cpu_kernels.ISA_AMX)
-    assert f"int8: kernel for 1-{quant.max_rows} rows, int8 tiles + torch's float32 matmul above" in status
+    amx_int8 = f" (AMX-INT8 from {quant.library.neox_amx_int8_from()} rows)" if quant.amx_int8 else ""
+    assert f"int8: kernel for 1-{quant.max_rows} rows{amx_int8}, int8 tiles + torch's float32 matmul above" in status
+    assert quant.amx_int8 is (KERNEL.isa == neoxlite.cpu_kernels.ISA_AMX and "amx_int8" in matrix_engine.cpu_flags())
     if not HAS_AMX:
         assert AMX_WHY in status
         assert KERNEL.max_rows == neoxlite.cpu_kernels._MAX_ROWS[KERNEL.isa]  # nothing changes without AMX
@@ -117,7 +119,7 @@ def test_on_amx_many_rows_go_to_onednn_at_the_measured_crossover():
     assert KERNEL.isa == neoxlite.cpu_kernels.ISA_AMX
     assert 1 <= KERNEL.max_rows <= max(matrix_engine.AMX_CANDIDATE_ROWS)
     quant = neoxlite.cpu_kernels.quant_kernel()  # the quantized formats' crossovers, measured against the tiles
-    assert 1 <= quant.max_rows_4bit <= 32 and 1 <= quant.max_rows <= 32
+    assert 1 <= quant.max_rows_4bit <= 32 and 1 <= quant.max_rows <= max(matrix_engine.AMX_CANDIDATE_ROWS)
     layer = Linear(2048, 512).to(torch.bfloat16).requires_grad_(False)
     x = torch.randn(KERNEL.max_rows + 1, 2048).bfloat16()
     with torch.no_grad():
@@ -133,7 +135,8 @@ def test_calibration_times_both_engines_on_a_layer():
                                  matrix_engine.AMX_CANDIDATE_ROWS if amx else matrix_engine.CANDIDATE_ROWS),
                                 (neoxlite.cpu_kernels._time_4bit(quant, (128, 64)),
                                  matrix_engine.AMX_CANDIDATE_ROWS if quant.amx_4bit else matrix_engine.CANDIDATE_ROWS),
-                                (neoxlite.cpu_kernels._time_int8(quant, (128, 64)), matrix_engine.CANDIDATE_ROWS)):
+                                (neoxlite.cpu_kernels._time_int8(quant, (128, 64)),
+                                 matrix_engine.AMX_CANDIDATE_ROWS if quant.amx_int8 else matrix_engine.CANDIDATE_ROWS)):
         assert sorted(timings) == list(candidates)
         assert all(k > 0 and e > 0 for k, e in timings.values())
         assert 1 <= matrix_engine.pick_rows(timings) <= max(candidates)

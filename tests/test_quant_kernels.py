@@ -35,8 +35,8 @@ ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 0.0}  # 
 
 
 def kernel(isa: int) -> QuantKernel:
-    if isa == AMX:  # the tiles at every row count
-        return QuantKernel(KERNEL.library, 2, amx_4bit=True, vector_rows_4bit=0)
+    if isa == AMX:  # the tiles at every row count (int8: from two rows)
+        return QuantKernel(KERNEL.library, 2, amx_4bit=True, vector_rows_4bit=0, amx_int8=KERNEL.amx_int8)
     return QuantKernel(KERNEL.library, isa)
 
 
@@ -412,3 +412,20 @@ def test_amx_takes_4bit_bf16_rows_above_the_vector_crossover_and_every_batch_of_
     assert torch.equal(chosen(x[:2]), vector(x[:2])) and torch.equal(chosen(x[:3]), tiles(x[:3]))
     batch = rows(x)
     assert torch.equal(batch, tiles(x)) and all(torch.equal(rows(x[i:i + 1])[0], batch[i]) for i in range(5))
+
+
+@needs_kernel
+@pytest.mark.skipif(KERNEL is None or not KERNEL.amx_int8, reason=f"no AMX-INT8 kernel here: {kernel_status()}")
+@pytest.mark.parametrize("rows,n,k,threshold", [(2, 16, 64, 0.0), (3, 50, 128, 6.0), (17, 33, 256, 6.0),
+                                                (40, 100, 192, 0.0), (33, 70, 1000, 6.0), (5, 2048, 1024, 6.0)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_amx_int8_sums_are_the_vector_loops_bits(rows, n, k, threshold, dtype):
+    """The tiles form the same exact int32 sums as the AVX512 loops, outlier columns and roundings included (k not a
+    multiple of 64: the loops themselves)."""
+    layer = layer_int8(dtype, n, k, True, threshold, 1)
+    scb = layer.weight.SCB if layer.weight.SCB is not None else layer.state.SCB
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(dtype) * 2
+    x[:, 3] = 9.0  # an outlier column where the threshold is set
+    args = (layer.weight.data, scb, threshold, layer.bias.data.to(dtype))
+    for gelu in (False, True):
+        assert torch.equal(kernel(AMX).linear_int8(x, *args, gelu=gelu), kernel(2).linear_int8(x, *args, gelu=gelu))

@@ -121,6 +121,7 @@ linear_avx512bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
 #if !defined(NEOX_NO_AMX) && ((defined(__clang__) && __clang_major__ >= 12) || \
                               (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define NEOX_AMX 1
+#include "amx.h"
 /* One tdpbf16ps multiplies a 16 x 32 tile of bf16 by a 32 x 16 one into 16 x 16 fp32 sums. The weights are the
  * left tile, loaded straight from the checkpoint's row-major layout (16 weight rows x 32 values, stride K), so
  * nothing is repacked or copied; the inputs are the right tile, which the instruction wants in pairs of k
@@ -130,41 +131,6 @@ linear_avx512bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
  * whatever the other rows are, so a row gets the same bits at any batch size (continuous batching relies on it).
  * Sums are stored through a 16 x 16 buffer and transposed by gathers. Needs K a multiple of 32 (every GPT-NeoX
  * width is); the caller checks. Linux grants tile use per process (neoxlite.matrix_engine.amx()). */
-#define AMX_ROWS 16 /* weight rows per tile, input rows per tile */
-#define AMX_K 32    /* bf16 values per tile row */
-
-struct amx_config {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
-/* Tiles 0-3: sums (16 weight rows x `width` input rows, fp32); 4-5: weights (16 rows x 32 bf16); 6-7: inputs
- * (16 k pairs x `width` input rows). */
-__attribute__((target("amx-tile"))) static void amx_configure(int width) {
-    struct amx_config config;
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    for (int t = 0; t < 8; ++t) {
-        config.rows[t] = AMX_ROWS;
-        config.colsb[t] = (uint16_t)(t == 4 || t == 5 ? 64 : 4 * width);
-    }
-    _tile_loadconfig(&config);
-}
-
-/* x (M x K) into 32-bit pairs of k, per block of `width` input rows: packed[block][kp][m] */
-static void amx_pack_inputs(const uint16_t *x, uint32_t *packed, int64_t M, int64_t K, int width) {
-    const int64_t pairs = K / 2, blocks = (M + width - 1) / width;
-    const uint32_t *x32 = (const uint32_t *)x;
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b)
-        for (int64_t kp = 0; kp < pairs; ++kp)
-            for (int m = 0; m < width; ++m) {
-                const int64_t row = b * width + m;
-                packed[(b * pairs + kp) * width + m] = row < M ? x32[row * pairs + kp] : 0u;
-            }
-}
-
 /* y[m0 + m][n0 + i] = bf16(sums[i * width + m] + bias[n0 + i]) for i < rows, m < mt */
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void
 amx_store(const float *sums, int width, int rows, int mt, int64_t n0, int64_t m0, int64_t N, const uint16_t *bias,
@@ -257,7 +223,7 @@ linear_amx(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t 
     {
         amx_configure(width);
         float sums[AMX_ROWS * AMX_ROWS] __attribute__((aligned(64)));
-        amx_pack_inputs(x, packed, M, K, width); /* ends in a barrier: every input packed before any task runs */
+        amx_pack_inputs(x, packed, M, K / 2, width); /* ends in a barrier: every input packed before any task runs */
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; ++t) {
             const int64_t n0 = t * AMX_TASK;
@@ -416,7 +382,7 @@ neox_linear_4bit_amx(const uint16_t *x, const uint8_t *w, const float *code, con
         if (!failed) {
             amx_configure(width);
             float sums[AMX_ROWS * AMX_ROWS] __attribute__((aligned(64)));
-            amx_pack_inputs(xr, packed, M, K, width); /* ends in a barrier */
+            amx_pack_inputs(xr, packed, M, K / 2, width); /* ends in a barrier */
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < tasks; ++t) {
                 const int64_t n0 = t * AMX_TASK;

@@ -36,6 +36,11 @@
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };      /* the compute dtype: input, output, bias */
 enum { QISA_NONE = 0, QISA_AVX2 = 1, QISA_AVX512 = 2 };
+/* neox_linear_int8 only: the AVX512 loops, and AMX-INT8 tiles from AMX_INT8_FROM input rows (the same int32 sums).
+ * Measured on a Sapphire Rapids-class Xeon, 2048 -> 8192, 2 threads, loops / tiles: 2 rows 0.40 / 0.47 ms, 4 rows
+ * 0.53 / 0.50, 16 rows 1.87 / 0.90, 32 rows 3.77 / 1.39. */
+#define QISA_AMX_INT8 3
+#define AMX_INT8_FROM 4
 
 #define QROWS 4       /* weight rows per task, read side by side */
 #define QMAX_M 4      /* input rows per pass over the weights */
@@ -671,6 +676,111 @@ __attribute__((target("avx2,f16c"))) static void store_int8x4(void *y, int64_t i
 LINEAR8(linear8_avx2, "avx2,fma,f16c", block8_avx2)
 LINEAR8(linear8_avx512, AVX512_TARGET, block8_avx512)
 
+/* ---------------------------------------------------------------- int8 on AMX (tdpbssd) */
+/* The same exact int32 sums as the loops above, so the same bits: a 16 x 64 int8 tile of weight rows (straight
+ * from the row-major weight) times the quantized inputs packed in quads of k, 16 x 16 x 64 products per
+ * instruction. Used from AMX_INT8_FROM input rows, where the vector loops become bound by their multiply-adds;
+ * K a multiple of 64. Outlier columns and every rounding are store_int8's, as in the vector loops. */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#if !defined(NEOX_NO_AMX)
+#define NEOX_AMX_INT8 1
+#include "amx.h"
+#define AMX_INT8_K 64 /* int8 values per tile row */
+
+__attribute__((target("amx-tile,amx-int8,avx2,fma,f16c"))) static int linear8_amx(const act8_t *a, const int8_t *w,
+                                                                                   const float *scb, const void *bias,
+                                                                                   void *y, int64_t M, int64_t N,
+                                                                                   int64_t K, int dt) {
+    const int width = M < AMX_ROWS ? (int)M : AMX_ROWS;
+    const int64_t blocks = (M + width - 1) / width, quads = K / 4, tasks = (N + 2 * AMX_ROWS - 1) / (2 * AMX_ROWS);
+    const int64_t tail = N % AMX_ROWS, tail_row = N - tail;
+    uint32_t *packed = aligned_alloc(64, (size_t)(blocks * width * quads * 4 + 63) / 64 * 64);
+    int8_t *padded = tail ? aligned_alloc(64, (size_t)(AMX_ROWS * K + 63) / 64 * 64) : NULL;
+    if (!packed || (tail && !padded)) {
+        free(packed);
+        free(padded);
+        return -2;
+    }
+    if (tail) { /* the last rows when fewer than 16 are left: a zero-padded copy, so no tile reads past the weight */
+        memset(padded, 0, (size_t)AMX_ROWS * K);
+        memcpy(padded, w + tail_row * K, (size_t)(tail * K));
+    }
+#pragma omp parallel
+    {
+        amx_configure(width);
+        int32_t sums[AMX_ROWS * AMX_ROWS] __attribute__((aligned(64)));
+        amx_pack_inputs(a->q, packed, M, quads, width); /* ends in a barrier */
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; ++t) {
+            const int64_t n0 = t * 2 * AMX_ROWS;
+            const int rows = N - n0 < 2 * AMX_ROWS ? (int)(N - n0) : 2 * AMX_ROWS;
+            const int8_t *w0 = n0 == tail_row ? padded : w + n0 * K;
+            const int8_t *w1 = rows <= AMX_ROWS ? NULL : n0 + AMX_ROWS == tail_row ? padded : w0 + AMX_ROWS * K;
+            for (int64_t b = 0; b < blocks; b += 2) {
+                const int two = b + 1 < blocks;
+                const uint32_t *x0 = packed + b * quads * width, *x1 = x0 + quads * width;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t k = 0; k < K; k += AMX_INT8_K) {
+                    const int64_t unit = k / 4 * width;
+                    _tile_loadd(6, x0 + unit, 4 * width);
+                    _tile_loadd(4, w0 + k, K);
+                    _tile_dpbssd(0, 4, 6);
+                    if (w1) {
+                        _tile_loadd(5, w1 + k, K);
+                        _tile_dpbssd(2, 5, 6);
+                    }
+                    if (two) {
+                        _tile_loadd(7, x1 + unit, 4 * width);
+                        _tile_dpbssd(1, 4, 7);
+                        if (w1) _tile_dpbssd(3, 5, 7);
+                    }
+                }
+                for (int tile = 0; tile < 4; ++tile) {
+                    const int upper = tile >= 2, second = tile & 1;
+                    if ((upper && !w1) || (second && !two)) continue;
+                    if (tile == 0) _tile_stored(0, sums, 4 * width);
+                    else if (tile == 1) _tile_stored(1, sums, 4 * width);
+                    else if (tile == 2) _tile_stored(2, sums, 4 * width);
+                    else _tile_stored(3, sums, 4 * width);
+                    const int64_t m0 = (b + second) * width, r0 = n0 + upper * AMX_ROWS;
+                    const int mt = M - m0 < width ? (int)(M - m0) : width;
+                    const int rt = rows - upper * AMX_ROWS < AMX_ROWS ? rows - upper * AMX_ROWS : AMX_ROWS;
+                    for (int m = 0; m < mt; ++m) {
+                        int r = 0;
+                        if (a->ncols == 0) /* four outputs at a time, as the loops store them */
+                            for (; r + QROWS <= rt; r += QROWS) {
+                                int32_t four[QROWS * QMAX_M];
+                                for (int j = 0; j < QROWS; ++j) four[j * QMAX_M] = sums[(r + j) * width + m];
+                                store_int8x4(y, (m0 + m) * N + r0 + r, four, a, m0 + m, 0, scb + r0 + r, bias, r0 + r,
+                                             dt);
+                            }
+                        for (; r < rt; ++r)
+                            store_int8(y, (m0 + m) * N + r0 + r, sums[r * width + m], a, m0 + m, w + (r0 + r) * K,
+                                       scb[r0 + r], bias, r0 + r, dt);
+                    }
+                }
+            }
+        }
+        _tile_release();
+    }
+    free(packed);
+    free(padded);
+    return 0;
+}
+#endif
+#endif
+#ifndef NEOX_AMX_INT8
+#define NEOX_AMX_INT8 0
+static int linear8_amx(const act8_t *a, const int8_t *w, const float *scb, const void *bias, void *y, int64_t M,
+                       int64_t N, int64_t K, int dt) {
+    (void)a, (void)w, (void)scb, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)dt;
+    return -1;
+}
+#endif
+
 /* ---------------------------------------------------------------- int8 weight quantization (loading) */
 /* Row i of w (N x K, dtype dt): scales[i] = max |w16|, q = round(w16 * (127 / max)) with PyTorch's arithmetic
  * (the reciprocal times 127, then nearest even); an all-zero row gives zeros. */
@@ -737,11 +847,14 @@ int neox_linear_4bit(int isa, int dt, const void *x, const uint8_t *w, const flo
     return 0;
 }
 
+/* the input rows from which neox_linear_int8 with QISA_AMX_INT8 takes the tiles */
+int neox_amx_int8_from(void) { return AMX_INT8_FROM; }
+
 /* x: M x K in `dt`; w: N x K int8; scb: N fp32; threshold: LLM.int8's outlier threshold (0: none); bias: N in
  * `dt` or NULL; y: M x N in `dt`. Returns 0; -1 for an ISA this CPU lacks; -2 when out of memory. */
 int neox_linear_int8(int isa, int dt, const void *x, const int8_t *w, const float *scb, float threshold,
                      const void *bias, void *y, int64_t M, int64_t N, int64_t K, int gelu) {
-    if (isa != QISA_AVX2 && isa != QISA_AVX512) return -1;
+    if (isa != QISA_AVX2 && isa != QISA_AVX512 && !(isa == QISA_AMX_INT8 && NEOX_AMX_INT8)) return -1;
     act8_t a;
     a.q = malloc((size_t)(M * K));
     a.row_max = malloc((size_t)M * sizeof(float));
@@ -752,10 +865,11 @@ int neox_linear_int8(int isa, int dt, const void *x, const int8_t *w, const floa
     int status = -2;
     if (a.q && a.row_max && a.cols && a.outliers && is_outlier && x16) {
         quantize_activations(x, dt, M, K, threshold, is_outlier, x16, &a);
-        if (isa == QISA_AVX512) linear8_avx512(&a, w, scb, bias, y, M, N, K, dt);
-        else linear8_avx2(&a, w, scb, bias, y, M, N, K, dt);
-        if (gelu) gelu_outputs(y, M * N, dt);
         status = 0;
+        if (isa == QISA_AMX_INT8 && M >= AMX_INT8_FROM && K % 64 == 0) status = linear8_amx(&a, w, scb, bias, y, M, N, K, dt);
+        else if (isa == QISA_AVX512 || isa == QISA_AMX_INT8) linear8_avx512(&a, w, scb, bias, y, M, N, K, dt);
+        else linear8_avx2(&a, w, scb, bias, y, M, N, K, dt);
+        if (gelu && status == 0) gelu_outputs(y, M * N, dt);
     }
     free(a.q);
     free(a.row_max);
