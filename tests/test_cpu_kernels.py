@@ -323,3 +323,13 @@ def test_a_compiler_without_amx_builds_the_vector_kernels(tmp_path):
     assert missing == "False" and shape == "torch.Size([1, 4])" and has_amx == "0"
     assert "AMX-BF16 kernel" not in status and "in bf16: 1-" not in status and "AMX-INT8" not in status
     assert ("oneDNN (AMX) above" in status) is matrix_engine.amx()[0]
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+def test_no_rows_give_an_empty_result(isa):
+    """An empty batch computes nothing (the AMX kernel once divided by a tile width of zero rows)."""
+    kernel = BF16Kernel(KERNEL.library, isa, KERNEL.max_rows)
+    w = torch.randn(16, 64).bfloat16()
+    for gelu in (False, True):
+        assert kernel.linear(torch.empty(0, 64).bfloat16(), w, None, gelu=gelu).shape == (0, 16)

@@ -429,3 +429,15 @@ def test_amx_int8_sums_are_the_vector_loops_bits(rows, n, k, threshold, dtype):
     args = (layer.weight.data, scb, threshold, layer.bias.data.to(dtype))
     for gelu in (False, True):
         assert torch.equal(kernel(AMX).linear_int8(x, *args, gelu=gelu), kernel(2).linear_int8(x, *args, gelu=gelu))
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+def test_no_rows_give_an_empty_result(isa):
+    """An empty batch computes nothing, in every engine (the AMX ones once divided by a tile width of zero rows)."""
+    layer4, layer8 = layer_4bit("nf4", True, torch.bfloat16, 32, 128, True, 0), layer_int8(torch.bfloat16, 32, 128,
+                                                                                             True, 6.0, 0)
+    scb = layer8.weight.SCB if layer8.weight.SCB is not None else layer8.state.SCB
+    x = torch.empty(0, 128).bfloat16()
+    assert kernel(isa).linear_4bit(x, *layer4._prepare_kernel(), layer4.bias.data).shape == (0, 32)
+    assert kernel(isa).linear_int8(x, layer8.weight.data, scb, 6.0, layer8.bias.data).shape == (0, 32)

@@ -202,6 +202,7 @@ amx_task(const uint16_t *w0, const uint16_t *w1, int64_t stride, const uint32_t 
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static int
 linear_amx(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M, int64_t N, int64_t K,
            int gelu) {
+    if (M <= 0 || N <= 0) return 0; /* nothing to compute (and no tile width to divide by) */
     if (K % AMX_K) return -3;
     const int64_t tasks = (N + AMX_TASK - 1) / AMX_TASK, outputs = M * N;
     const int width = M < AMX_ROWS ? (int)M : AMX_ROWS;
@@ -358,6 +359,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx5
 neox_linear_4bit_amx(const uint16_t *x, const uint8_t *w, const float *code, const float *absmax,
                      const uint8_t *absmax8, const float *code2, const float *absmax2, float offset,
                      const uint16_t *bias, uint16_t *y, int64_t M, int64_t N, int64_t K, int gelu) {
+    if (M <= 0 || N <= 0) return 0; /* nothing to compute (and no tile width to divide by) */
     if (K % Q4_BLOCK) return -3;
     const int64_t tasks = (N + AMX_TASK - 1) / AMX_TASK, outputs = M * N;
     const int width = M < AMX_ROWS ? (int)M : AMX_ROWS;
@@ -775,6 +777,7 @@ int neox_best_isa(void) {
  * -1 for an ISA this CPU lacks (the caller checks neox_best_isa first), or -2 when out of memory. */
 int neox_linear_bf16(int isa, const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
                      int64_t N, int64_t K, int gelu) {
+    if (M <= 0 || N <= 0) return 0; /* an empty batch: nothing to compute, no buffer to allocate */
     if (isa == ISA_AVX512BF16) linear_avx512bf16(x, w, bias, y, M, N, K, gelu);
     else if (isa == ISA_AMX) return linear_amx(x, w, bias, y, M, N, K, gelu);
     else if (isa == ISA_AVX2) return linear_avx2(x, w, bias, y, M, N, K, gelu);

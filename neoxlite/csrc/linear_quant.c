@@ -691,6 +691,7 @@ __attribute__((target("amx-tile,amx-int8,avx2,fma,f16c"))) static int linear8_am
                                                                                    const float *scb, const void *bias,
                                                                                    void *y, int64_t M, int64_t N,
                                                                                    int64_t K, int dt) {
+    if (M <= 0 || N <= 0) return 0; /* nothing to compute (and no tile width to divide by) */
     const int width = M < AMX_ROWS ? (int)M : AMX_ROWS;
     const int64_t blocks = (M + width - 1) / width, quads = K / 4, tasks = (N + 2 * AMX_ROWS - 1) / (2 * AMX_ROWS);
     const int64_t tail = N % AMX_ROWS, tail_row = N - tail;
