@@ -408,32 +408,33 @@ def _time_bf16(kernel: BF16Kernel, shape: tuple[int, int] = matrix_engine.CALIBR
                                       k, torch.bfloat16, candidates)
 
 
-def _time_4bit(quant: QuantKernel, shape: tuple[int, int] = matrix_engine.CALIBRATION_SHAPE
-               ) -> dict[int, tuple[float, float]]:
-    """The 4-bit kernel and the many-row path (neoxlite.quant_matmul: dequantized tiles, torch's matmul) timed on
-    a bf16 linear of `shape` (in_features, out_features); random codes and scales (the cost does not depend on
-    them, and no bitsandbytes import is needed)."""
+def _random_4bit(shape: tuple[int, int]) -> tuple:
+    """linear_4bit's weight arguments (codes, out_features, table, absmax, nested) for a random layer of `shape`
+    (in_features, out_features): timing needs no real weight (the cost does not depend on the values, and no
+    bitsandbytes import is needed)."""
     k, n = shape
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=generator)
-    absmax = torch.rand(n * k // 64, generator=generator) * 0.05
-    table = torch.linspace(-1, 1, 16)
-    args = (codes, n, table, absmax, None, None)
+    return codes, n, torch.linspace(-1, 1, 16), torch.rand(n * k // 64, generator=generator) * 0.05, None
+
+
+def _time_4bit(quant: QuantKernel, shape: tuple[int, int] = matrix_engine.CALIBRATION_SHAPE
+               ) -> dict[int, tuple[float, float]]:
+    """The 4-bit kernel and the many-row path (neoxlite.quant_matmul: dequantized tiles, torch's matmul) timed on
+    a bf16 linear of `shape` (in_features, out_features)."""
+    args = (*_random_4bit(shape), None)  # no bias
     candidates = matrix_engine.AMX_CANDIDATE_ROWS if quant.amx_4bit else matrix_engine.CANDIDATE_ROWS
     return matrix_engine.time_engines(lambda x: quant.linear_4bit(x, *args),
-                                      lambda x: quant_matmul.linear_4bit(quant, x, *args), k, torch.bfloat16,
+                                      lambda x: quant_matmul.linear_4bit(quant, x, *args), shape[0], torch.bfloat16,
                                       candidates)
 
 
 def _time_4bit_engines(quant: QuantKernel, shape: tuple[int, int] = matrix_engine.CALIBRATION_SHAPE
                        ) -> dict[int, tuple[float, float]]:
-    """The 4-bit vector kernel against the AMX kernel (`quant` with amx_4bit), both in bf16, on random codes."""
-    k, n = shape
-    generator = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=generator)
-    args = (codes, n, torch.linspace(-1, 1, 16), torch.rand(n * k // 64, generator=generator) * 0.05, None, None)
+    """The 4-bit vector kernel against the AMX kernel (`quant` with amx_4bit), both in bf16, on a random layer."""
+    args = (*_random_4bit(shape), None)  # no bias
     vector = dataclasses.replace(quant, amx_4bit=False).bind_4bit(*args, torch.bfloat16)
-    return matrix_engine.time_engines(vector, quant.bind_4bit(*args, torch.bfloat16, any_rows=True), k,
+    return matrix_engine.time_engines(vector, quant.bind_4bit(*args, torch.bfloat16, any_rows=True), shape[0],
                                       torch.bfloat16)
 
 

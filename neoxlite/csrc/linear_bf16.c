@@ -84,6 +84,15 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static 
 /* The output split into per-thread runs for the GELU pass: whole 64-byte lines, so no two threads share one. */
 #define GELU_CHUNK 512
 
+/* GELU over y's `outputs` values, shared by the threads of the caller's parallel region (an orphaned omp for:
+ * every thread of the region calls it, after the barrier that ends the products) */
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void gelu_pass_avx512(uint16_t *y,
+                                                                                                    int64_t outputs) {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < outputs; i += GELU_CHUNK)
+        gelu_bf16_avx512(y + i, outputs - i < GELU_CHUNK ? outputs - i : GELU_CHUNK);
+}
+
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void
 linear_avx512bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M, int64_t N,
                   int64_t K, int gelu) {
@@ -107,11 +116,7 @@ linear_avx512bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
             store_row_sums(sums, rows, mt, n0, m0, N, bias, y);
         }
     } /* the implicit barrier here: every output is written before any is activated */
-    if (gelu) {
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < outputs; i += GELU_CHUNK)
-            gelu_bf16_avx512(y + i, outputs - i < GELU_CHUNK ? outputs - i : GELU_CHUNK);
-    }
+    if (gelu) gelu_pass_avx512(y, outputs);
     }
 }
 
@@ -148,6 +153,30 @@ amx_store(const float *sums, int width, int rows, int mt, int64_t n0, int64_t m0
     }
 }
 
+/* The sum tiles of weight rows n0 .. n0 + rows - 1 (tiles 0 and 1: the first 16, 2 and 3: the rest, when `second`)
+ * against input rows m0 .. (tiles 0 and 2: the first `width`, 1 and 3: the next, when `two`) into y. */
+__attribute__((target("amx-tile,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void
+amx_store_tiles(float *sums, int width, int rows, int64_t M, int64_t n0, int64_t m0, int second, int two, int64_t N,
+                const uint16_t *bias, uint16_t *y) {
+    const int mt0 = M - m0 < width ? (int)(M - m0) : width;
+    const int rows0 = rows < AMX_ROWS ? rows : AMX_ROWS;
+    _tile_stored(0, sums, 4 * width);
+    amx_store(sums, width, rows0, mt0, n0, m0, N, bias, y);
+    if (second) {
+        _tile_stored(2, sums, 4 * width);
+        amx_store(sums, width, rows - AMX_ROWS, mt0, n0 + AMX_ROWS, m0, N, bias, y);
+    }
+    if (two) {
+        const int mt1 = M - m0 - width < width ? (int)(M - m0 - width) : width;
+        _tile_stored(1, sums, 4 * width);
+        amx_store(sums, width, rows0, mt1, n0, m0 + width, N, bias, y);
+        if (second) {
+            _tile_stored(3, sums, 4 * width);
+            amx_store(sums, width, rows - AMX_ROWS, mt1, n0 + AMX_ROWS, m0 + width, N, bias, y);
+        }
+    }
+}
+
 /* One task: weight rows n0 .. n0 + 31 (or fewer) against every input block. w0, w1: the two 16-row weight tiles'
  * first rows (w1 NULL when the task has 16 rows or fewer); stride: their row stride in bytes. */
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16"))) static void
@@ -176,24 +205,7 @@ amx_task(const uint16_t *w0, const uint16_t *w1, int64_t stride, const uint32_t 
                 if (w1) _tile_dpbf16ps(3, 5, 7);
             }
         }
-        const int64_t m0 = b * width;
-        const int mt0 = M - m0 < width ? (int)(M - m0) : width;
-        const int rows0 = rows < AMX_ROWS ? rows : AMX_ROWS;
-        _tile_stored(0, sums, 4 * width);
-        amx_store(sums, width, rows0, mt0, n0, m0, N, bias, y);
-        if (w1) {
-            _tile_stored(2, sums, 4 * width);
-            amx_store(sums, width, rows - AMX_ROWS, mt0, n0 + AMX_ROWS, m0, N, bias, y);
-        }
-        if (two) {
-            const int mt1 = M - m0 - width < width ? (int)(M - m0 - width) : width;
-            _tile_stored(1, sums, 4 * width);
-            amx_store(sums, width, rows0, mt1, n0, m0 + width, N, bias, y);
-            if (w1) {
-                _tile_stored(3, sums, 4 * width);
-                amx_store(sums, width, rows - AMX_ROWS, mt1, n0 + AMX_ROWS, m0 + width, N, bias, y);
-            }
-        }
+        amx_store_tiles(sums, width, rows, M, n0, b * width, w1 != NULL, two, N, bias, y);
     }
 }
 
@@ -235,11 +247,7 @@ linear_amx(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t 
             amx_task(w0, w1, stride, packed, width, M, K, n0, rows, bias, y, N, sums);
         } /* the implicit barrier here: every output is written before any is activated */
         _tile_release();
-        if (gelu) {
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < outputs; i += GELU_CHUNK)
-                gelu_bf16_avx512(y + i, outputs - i < GELU_CHUNK ? outputs - i : GELU_CHUNK);
-        }
+        if (gelu) gelu_pass_avx512(y, outputs);
     }
     free(packed);
     free(padded);
@@ -328,22 +336,7 @@ amx_task_4bit(const uint8_t *w, const float *code, const float *absmax, const ui
             }
         }
     }
-    const int rows0 = rows < AMX_ROWS ? rows : AMX_ROWS;
-    const int mt0 = M < width ? (int)M : width;
-    _tile_stored(0, sums, 4 * width);
-    amx_store(sums, width, rows0, mt0, n0, 0, N, bias, y);
-    if (second) {
-        _tile_stored(2, sums, 4 * width);
-        amx_store(sums, width, rows - AMX_ROWS, mt0, n0 + AMX_ROWS, 0, N, bias, y);
-    }
-    if (two) {
-        _tile_stored(1, sums, 4 * width);
-        amx_store(sums, width, rows0, (int)(M - width), n0, width, N, bias, y);
-        if (second) {
-            _tile_stored(3, sums, 4 * width);
-            amx_store(sums, width, rows - AMX_ROWS, (int)(M - width), n0 + AMX_ROWS, width, N, bias, y);
-        }
-    }
+    amx_store_tiles(sums, width, rows, M, n0, 0, second, two, N, bias, y);
 }
 
 /* x (M x K bf16) with each block of 64 as its even values, then its odd ones */
@@ -399,11 +392,7 @@ neox_linear_4bit_amx(const uint16_t *x, const uint8_t *w, const float *code, con
                 }
             }
             _tile_release();
-            if (gelu) {
-#pragma omp for schedule(static)
-                for (int64_t i = 0; i < outputs; i += GELU_CHUNK)
-                    gelu_bf16_avx512(y + i, outputs - i < GELU_CHUNK ? outputs - i : GELU_CHUNK);
-            }
+            if (gelu) gelu_pass_avx512(y, outputs);
         }
         free(tile);
     }
