@@ -56,9 +56,13 @@ def start_server(folder: Path, port: int, batch: int, context: int, budget: str,
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+            health = httpx.get(f"http://127.0.0.1:{port}/health")
+            if health.status_code == 200:
                 return process
-        except httpx.TransportError:
+            if health.json().get("status") == "failed":  # the server answers, but its model will never load
+                process.kill()
+                raise SystemExit(f"the server could not load the model: {health.json().get('error')}")
+        except (httpx.TransportError, ValueError):  # not listening yet, or not JSON
             pass
         if process.poll() is not None:
             log.seek(0)
