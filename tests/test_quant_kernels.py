@@ -71,7 +71,10 @@ def layer_4bit(mode: str, double_quant: bool, dtype: torch.dtype, n: int, k: int
     return quant.quantize_linear(w, b, spec, "cpu")
 
 
-SHAPES_4BIT = [(1, 13, 64), (3, 33, 192), (4, 8, 128), (5, 64, 64), (17, 7, 320), (32, 130, 256), (1, 262, 128)]
+# the last two: rows of 21 and 32 blocks (the AVX512 loop decodes double-quantized scales 16 blocks at a time, and
+# takes blocks in pairs: 21 leaves a short run and a last odd block), and runs that cross a group of 256 blocks
+SHAPES_4BIT = [(1, 13, 64), (3, 33, 192), (4, 8, 128), (5, 64, 64), (17, 7, 320), (32, 130, 256), (1, 262, 128),
+               (2, 23, 1344), (3, 17, 2048)]
 
 
 @needs_kernel

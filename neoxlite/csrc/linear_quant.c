@@ -479,46 +479,100 @@ block8_avx2(const int8_t *x, const int8_t *w, int64_t K, int rows, int mt, int32
 /* ---------------------------------------------------------------- AVX512F + BW */
 __attribute__((target(AVX512_TARGET), always_inline)) static inline __m512 round_avx512(__m512 v, int dt) {
     if (dt == DT_BF16) {
+        /* u + 0x7fff, or + 0x8000 where bit 16 is set (ties to even): four ops, once per block */
         const __m512i u = _mm512_castps_si512(v);
-        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-        const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+        const __mmask16 odd = _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x10000));
+        const __m512i r = _mm512_mask_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd, u,
+                                                _mm512_set1_epi32(0x8000));
         return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32((int)0xffff0000u)));
     }
     if (dt == DT_F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     return v;
 }
 
-/* x: reordered in groups of 32; 16 packed bytes give 32 weights per step, one vpermps per 16 */
+/* one row's 64 weights of a block (32 packed bytes at p, table t) against the inputs xb (reordered in groups of
+ * 32): 16 packed bytes give 32 weights per step, one vpermps per 16 */
 __attribute__((target(AVX512_TARGET), always_inline)) static inline void
-block4_avx512(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
-              int64_t K, int rows, int mt, int dt, float *sums) {
+block4_row_avx512(const uint8_t *p, __m512 t, const float *xb, int64_t K, int mt, __m512 acc[QMAX_M]) {
+    UNROLL for (int c = 0; c < 2; ++c) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16 * c)));
+        const __m512 w_odd = _mm512_permutexvar_ps(v, t); /* reads bits 0-3 of each lane */
+        const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t);
+        UNROLL for (int m = 0; m < mt; ++m) {
+            acc[m] = _mm512_fmadd_ps(w_even, _mm512_loadu_ps(xb + m * K + 32 * c), acc[m]);
+            acc[m] = _mm512_fmadd_ps(w_odd, _mm512_loadu_ps(xb + m * K + 32 * c + 16), acc[m]);
+        }
+    }
+}
+
+/* a block's table: code * scale rounded to dt (the scale broadcast from memory: no shuffle-port op) */
+__attribute__((target(AVX512_TARGET), always_inline)) static inline __m512 block_table_avx512(__m512 code,
+                                                                                            const float *scale,
+                                                                                            int dt) {
+    return round_avx512(_mm512_mul_ps(code, _mm512_set1_ps(*scale)), dt);
+}
+
+#define SCALE_RUN 16 /* double-quantized scales decoded per row at a time */
+
+/* Double quantization: the scales of blocks sb .. sb + n - 1 (n <= 16) decoded as block_scale decodes each
+ * (code2[q] * absmax2[block / 256], then + offset), 16 at a time with two gathers, into out. */
+__attribute__((target(AVX512_TARGET), always_inline)) static inline void decode_scales_avx512(const scales_t *sc,
+                                                                                             int64_t sb, int n,
+                                                                                             float *out) {
+    const __mmask16 mask = n >= SCALE_RUN ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, sc->absmax8 + sb));
+    const __m512 c = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, q, sc->code2, 4);
+    /* each block's group of 256 relative to sb's: 0 or 1 */
+    const __m512i group = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32((int)(sb & 255)), lane), 8);
+    const __m512 a2 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, group, sc->absmax2 + (sb >> 8), 4);
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_mul_ps(c, a2), _mm512_set1_ps(sc->offset)));
+}
+
+/* Blocks two at a time (one prefetch per row per 64 bytes, no branch), and the scale format fixed per
+ * instantiation: the loop's scalar work (addresses, scale decoding) competes with the vector ops for issue slots.
+ * Each accumulator sums its products in the same order as one block at a time would. */
+__attribute__((target(AVX512_TARGET), always_inline)) static inline void
+block4_avx512_scales(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
+                     int64_t K, int rows, int mt, int dt, int dq, float *sums) {
     __m512 acc[QROWS][QMAX_M];
     for (int r = 0; r < QROWS; ++r)
         for (int m = 0; m < QMAX_M; ++m) acc[r][m] = _mm512_setzero_ps();
     const __m512 table = _mm512_loadu_ps(code);
-    const int64_t blocks = K / QBLOCK;
-    for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t blocks = K / QBLOCK, row_bytes = K / 2;
+    float decoded[QROWS][SCALE_RUN]; /* dq: the rows' scales of the current run of blocks */
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+        const uint8_t *wb = w + b * (QBLOCK / 2);
+        const float *xb = x + b * QBLOCK;
+        if (dq && b % SCALE_RUN == 0) {
+            const int n = blocks - b < SCALE_RUN ? (int)(blocks - b) : SCALE_RUN;
+            UNROLL for (int r = 0; r < rows; ++r) decode_scales_avx512(sc, first_block + r * blocks + b, n, decoded[r]);
+        }
         UNROLL for (int r = 0; r < rows; ++r) {
-            const uint8_t *p = w + (r * K + b * QBLOCK) / 2;
-            if ((b & 1) == 0) {
-                _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
-                _mm_prefetch((const char *)(p + QROWS * K / 2), _MM_HINT_T1);
-            }
-            const __m512 t = round_avx512(_mm512_mul_ps(table, _mm512_set1_ps(block_scale(sc, first_block + r * blocks + b))), dt);
-            UNROLL for (int c = 0; c < 2; ++c) {
-                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + 16 * c)));
-                const __m512 w_odd = _mm512_permutexvar_ps(v, t); /* reads bits 0-3 of each lane */
-                const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t);
-                const float *xb = x + b * QBLOCK + 32 * c;
-                UNROLL for (int m = 0; m < mt; ++m) {
-                    acc[r][m] = _mm512_fmadd_ps(w_even, _mm512_loadu_ps(xb + m * K), acc[r][m]);
-                    acc[r][m] = _mm512_fmadd_ps(w_odd, _mm512_loadu_ps(xb + m * K + 16), acc[r][m]);
-                }
-            }
+            const uint8_t *p = wb + r * row_bytes;
+            _mm_prefetch((const char *)p + QPREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + QROWS * row_bytes), _MM_HINT_T1);
+            const float *scale = dq ? decoded[r] + b % SCALE_RUN : sc->absmax + first_block + r * blocks + b;
+            block4_row_avx512(p, block_table_avx512(table, scale, dt), xb, K, mt, acc[r]);
+            block4_row_avx512(p + QBLOCK / 2, block_table_avx512(table, scale + 1, dt), xb + QBLOCK, K, mt, acc[r]);
         }
     }
+    if (b < blocks) /* an odd block count: the last one */
+        UNROLL for (int r = 0; r < rows; ++r) {
+            const float scale = block_scale(sc, first_block + r * blocks + b);
+            block4_row_avx512(w + b * (QBLOCK / 2) + r * row_bytes, block_table_avx512(table, &scale, dt),
+                              x + b * QBLOCK, K, mt, acc[r]);
+        }
     for (int r = 0; r < rows; ++r)
         for (int m = 0; m < mt; ++m) sums[r * QMAX_M + m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+__attribute__((target(AVX512_TARGET), always_inline)) static inline void
+block4_avx512(const float *x, const uint8_t *w, const float *code, const scales_t *sc, int64_t first_block,
+              int64_t K, int rows, int mt, int dt, float *sums) {
+    if (sc->absmax) block4_avx512_scales(x, w, code, sc, first_block, K, rows, mt, dt, 0, sums);
+    else block4_avx512_scales(x, w, code, sc, first_block, K, rows, mt, dt, 1, sums);
 }
 
 #define CALL4_AVX512(x, w, code, sc, table, fb, K, dt, sums, rows, mt)                                            \
