@@ -366,20 +366,24 @@ def _load() -> tuple[BF16Kernel | None, QuantKernel | None, str]:
     if has_amx and isa == ISA_AVX512BF16 and library.neox_has_amx():
         kernel = BF16Kernel(library, ISA_AMX, _MAX_ROWS[ISA_AVX512BF16])
     if has_amx:
-        rows, source = matrix_engine.crossover(f"bf16 {kernel.isa_name}", lambda: _time_bf16(kernel), _cache_dir())
-        rows_4bit, _ = matrix_engine.crossover(f"nf4 {quant.isa_name} tiles", lambda: _time_4bit(quant),
-                                               _cache_dir())
+        # measured per build of the kernels: a changed kernel (an upgrade) is timed again, not judged by old figures
+        build = path.stem.removeprefix("neoxlite-cpu-")
+
+        def measured(name: str, measure: Callable[[], dict[int, tuple[float, float]]]) -> tuple[int, str]:
+            return matrix_engine.crossover(f"{name}|kernels {build}", measure, _cache_dir())
+
+        rows, source = measured(f"bf16 {kernel.isa_name}", lambda: _time_bf16(kernel))
+        rows_4bit, _ = measured(f"nf4 {quant.isa_name} tiles", lambda: _time_4bit(quant))
         if kernel.isa == ISA_AMX and quant.isa == 2 and "amx_int8" in matrix_engine.cpu_flags():
             quant = dataclasses.replace(quant, amx_int8=True)
         int8_name = f"int8 {quant.isa_name}{' AMX-INT8' if quant.amx_int8 else ''} tiles"
-        rows_int8, _ = matrix_engine.crossover(int8_name, lambda: _time_int8(quant), _cache_dir())
+        rows_int8, _ = measured(int8_name, lambda: _time_int8(quant))
         kernel = dataclasses.replace(kernel, max_rows=rows)
         quant = dataclasses.replace(quant, max_rows=rows_int8, max_rows_4bit=rows_4bit)
         if kernel.isa == ISA_AMX and quant.isa == 2:
             amx_quant = dataclasses.replace(quant, amx_4bit=True, vector_rows_4bit=0)  # tiles at every row count
-            rows_amx, _ = matrix_engine.crossover("nf4 bf16 AMX tiles", lambda: _time_4bit(amx_quant), _cache_dir())
-            rows_vector, _ = matrix_engine.crossover("nf4 bf16 vector AMX", lambda: _time_4bit_engines(amx_quant),
-                                                     _cache_dir())
+            rows_amx, _ = measured("nf4 bf16 AMX tiles", lambda: _time_4bit(amx_quant))
+            rows_vector, _ = measured("nf4 bf16 vector AMX", lambda: _time_4bit_engines(amx_quant))
             quant = dataclasses.replace(amx_quant, max_rows_4bit_amx=rows_amx, vector_rows_4bit=rows_vector)
         above, crossover = "oneDNN (AMX) above", f"crossovers {source}"
     else:

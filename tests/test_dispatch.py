@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,6 +121,10 @@ def test_on_amx_many_rows_go_to_onednn_at_the_measured_crossover():
     assert 1 <= KERNEL.max_rows <= max(matrix_engine.AMX_CANDIDATE_ROWS)
     quant = neoxlite.cpu_kernels.quant_kernel()  # the quantized formats' crossovers, measured against the tiles
     assert 1 <= quant.max_rows_4bit <= 32 and 1 <= quant.max_rows <= max(matrix_engine.AMX_CANDIDATE_ROWS)
+    # cached per build of the kernels (another build is timed again)
+    build = Path(KERNEL.library._name).stem.removeprefix("neoxlite-cpu-")
+    saved = json.loads((neoxlite.cpu_kernels._cache_dir() / "crossover.json").read_text())
+    assert any(key.endswith(f"|bf16 {KERNEL.isa_name}|kernels {build}") for key in saved), list(saved)
     layer = Linear(2048, 512).to(torch.bfloat16).requires_grad_(False)
     x = torch.randn(KERNEL.max_rows + 1, 2048).bfloat16()
     with torch.no_grad():
