@@ -6,8 +6,9 @@
 For each format and layer shape (pythia-410m's MLP, 1024 -> 4096 and 4096 -> 1024, and 1.4b's 2048 -> 8192) it
 prints microseconds per call, the weight bytes read per second and the cycles spent per 64 weights of one weight
 row (at --ghz, the core's clock under load). Two figures per layer: "cold" cycles through copies of the weight
-that together are four times the L3 cache (so each call reads its weight from RAM, as a decode step does) and "hot"
-calls one copy again and again (the weight stays in cache: the kernel's own compute cost). Best of --repeats
+that together are four times the last-level cache (as sysfs reports it; within a quarter of the free memory), so
+each call reads its weight from RAM, as a decode step does, and "hot" calls one copy again and again (the weight
+stays in cache: the kernel's own compute cost). Best of --repeats
 passes. The codes and scales are random (the kernels' cost does not depend on their values); the 4-bit tables are
 bitsandbytes' own. Pin the process to one core and set the thread count to one for stable figures.
 """
@@ -17,8 +18,10 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import neoxlite.quant as quant
+import psutil
 import torch
 from neoxlite.quant import QuantSpec
 
@@ -26,7 +29,20 @@ from neoxlite.cpu_kernels import QuantKernel, kernel_status, quant_kernel
 
 SHAPES = [(1024, 4096), (4096, 1024), (2048, 8192)]  # (in_features, out_features)
 FORMATS = ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8")
-L3_BYTES = 32 << 20
+
+
+def last_level_cache_bytes(default: int = 32 << 20) -> int:
+    """The largest CPU cache this machine reports (Linux sysfs), else `default`: some servers report hundreds of MiB
+    of L3, and "cold" copies sized for 32 MiB would then be read from cache, not from RAM."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        try:
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        except (ValueError, IndexError, OSError):
+            continue
+    return max(sizes, default=default)
 
 
 def tables(mode: str, double_quant: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -80,7 +96,10 @@ def main() -> None:
     kernel = quant_kernel()
     if kernel is None:
         raise SystemExit(f"no quantized CPU kernel here: {kernel_status()}")
-    print(f"# {kernel.isa_name}, {args.threads} thread(s), {args.rows} row(s), bf16 compute, cycles at {args.ghz} GHz")
+    # four times the last-level cache, within a quarter of the free memory
+    cold_bytes = min(4 * last_level_cache_bytes(), psutil.virtual_memory().available // 4)
+    print(f"# {kernel.isa_name}, {args.threads} thread(s), {args.rows} row(s), bf16 compute, cycles at {args.ghz} GHz; "
+          f"cold: copies over {cold_bytes / 2**20:.0f} MiB")
     print(f"{'format':8} {'layer':>11} | {'cold us':>8} {'GB/s':>6} {'cyc/64':>6} | {'hot us':>8} {'GB/s':>6} "
           f"{'cyc/64':>6}")
     gen = torch.Generator().manual_seed(0)
@@ -88,7 +107,7 @@ def main() -> None:
         for k, n in SHAPES:
             x = torch.randn(args.rows, k, generator=gen).to(torch.bfloat16)
             first, nbytes = bind(kernel, fmt, k, n, gen)
-            copies = [first] + [bind(kernel, fmt, k, n, gen)[0] for _ in range(max(1, 4 * L3_BYTES // nbytes))]
+            copies = [first] + [bind(kernel, fmt, k, n, gen)[0] for _ in range(max(1, cold_bytes // nbytes))]
             cells = []
             for calls, repeats in ((copies, max(3, args.repeats // 4)), ([first] * 16, args.repeats)):
                 seconds = best_time(calls, x, repeats)
