@@ -34,13 +34,13 @@ FORMATS = ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8")
 def last_level_cache_bytes(default: int = 32 << 20) -> int:
     """The largest CPU cache this machine reports (Linux sysfs), else `default`: some servers report hundreds of MiB
     of L3, and "cold" copies sized for 32 MiB would then be read from cache, not from RAM."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     sizes = []
     for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = entry.read_text().strip()
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         try:
-            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
-        except (ValueError, IndexError, OSError):
+            text = entry.read_text().strip()  # e.g. "491520K"
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text))
+        except (OSError, ValueError):  # unreadable or not a size: that entry is skipped
             continue
     return max(sizes, default=default)
 
