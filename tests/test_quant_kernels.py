@@ -118,6 +118,30 @@ def test_4bit_weights_round_ties_to_even(isa, dtype):
     assert torch.equal(got, want.T)
 
 
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("mode", ["nf4", "fp4"])
+def test_4bit_weights_keep_subnormal_products(isa, mode):
+    """Scales whose products with the code are subnormal in fp32 (or at its edge), zero or huge, beside ordinary
+    ones (one block per weight row): each weight is PyTorch's bf16 rounding of table * scale, subnormal weights
+    included (bf16 conversion instructions, vcvtne2ps2bf16 for one, read subnormal inputs as zero and would differ).
+    The AMX tiles read subnormal bf16 as zero: there those weights come out zero."""
+    table = bnb.functional.get_4bit_type(mode, device="cpu").float()
+    tiny = torch.finfo(torch.float32).tiny
+    odd = [1e-39, 2.0**-140, tiny, tiny / table[table != 0].abs().min() * 1.01, 1e-30, 0.0, -0.0, 3e38, 1e-36]
+    gen = torch.Generator().manual_seed(1)
+    ordinary = (torch.rand(16 * 3, generator=gen) + 0.5).tolist()
+    absmax = torch.tensor(ordinary[:16] + odd + ordinary[16:23] + ordinary[23:], dtype=torch.float32)
+    codes = torch.randint(0, 256, (len(absmax) * 32,), dtype=torch.uint8, generator=gen)
+    x = torch.eye(64, dtype=torch.bfloat16)
+    got = kernel(isa).linear_4bit(x, codes, len(absmax), table, absmax, None, None)
+    index = torch.stack([codes >> 4, codes & 15], -1).reshape(len(absmax), 64).long()
+    want = (table[index] * absmax[:, None]).to(torch.bfloat16)  # (rows, 64): bitsandbytes' dequantized weight
+    subnormal = (want != 0) & (want.float().abs() < tiny)
+    assert subnormal.any()
+    assert torch.equal(got.T, want.masked_fill(subnormal, 0) if isa == AMX else want)
+
+
 def layer_int8(dtype: torch.dtype, n: int, k: int, bias: bool, threshold: float, seed: int):
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=gen) * 0.1).to(dtype)
