@@ -57,6 +57,16 @@ LOOP(vdpbf16ps, "avx512f,avx512bf16",
 LOOP(vpermps_fma, "avx512f", FOUR_PAIRS("vpermps %%zmm1, %%zmm2,"))
 LOOP(vpermw_fma, "avx512f,avx512bw", FOUR_PAIRS("vpermw %%zmm1, %%zmm2,"))
 LOOP(vpslld_fma, "avx512f", FOUR_PAIRS("vpslld $16, %%zmm1,"))
+/* the other way round: which ports the two-slot conversions and dot products occupy */
+#define FOUR_WITH(ins, other)                                                                                   \
+    ins " %%zmm16\n" other " %%zmm3\n" ins " %%zmm17\n" other " %%zmm4\n"                                        \
+    ins " %%zmm18\n" other " %%zmm5\n" ins " %%zmm19\n" other " %%zmm6\n"
+LOOP(dp_vpermps, "avx512f,avx512bf16", FOUR_WITH("vdpbf16ps %%zmm1, %%zmm2,", "vpermps %%zmm1, %%zmm2,"))
+LOOP(dp_vpslld, "avx512f,avx512bf16", FOUR_WITH("vdpbf16ps %%zmm1, %%zmm2,", "vpslld $16, %%zmm1,"))
+LOOP(cvt_vpermps, "avx512f,avx512bf16", FOUR_WITH("vcvtne2ps2bf16 %%zmm1, %%zmm2,", "vpermps %%zmm1, %%zmm2,"))
+LOOP(cvt_vpslld, "avx512f,avx512bf16", FOUR_WITH("vcvtne2ps2bf16 %%zmm1, %%zmm2,", "vpslld $16, %%zmm1,"))
+LOOP(vpermw_vpslld, "avx512f,avx512bw", FOUR_WITH("vpermw %%zmm1, %%zmm2,", "vpslld $16, %%zmm1,"))
+LOOP(vpermw_vpermps, "avx512f,avx512bw", FOUR_WITH("vpermw %%zmm1, %%zmm2,", "vpermps %%zmm1, %%zmm2,"))
 
 static double ticks(void (*loop)(long)) {
     loop(ITERATIONS / 20); /* warm up (and lift the clock) */
@@ -79,7 +89,7 @@ int main(void) {
         const char *name;
         int supported;
         void (*loop)(long);
-        int pairs; /* 1: four (instruction, FMA) pairs per iteration */
+        int pairs; /* 1: four pairs of instructions per iteration */
     } rows[] = {
         {"vfmadd231ps", f, fmas, 0},        {"vpermps", f, vpermps, 0},     {"vpermw", bw, vpermw, 0},
         {"vpshufb", bw, vpshufb, 0},        {"vpslld", f, vpslld, 0},       {"vpandd", f, vpandd, 0},
@@ -87,16 +97,19 @@ int main(void) {
         {"vpunpcklwd", bw, vpunpcklwd, 0},  {"vpmovzxbd", f, vpmovzxbd, 0}, {"vpmovzxbw", bw, vpmovzxbw, 0},
         {"vcvtne2ps2bf16", bf16, vcvtne2ps2bf16, 0}, {"vdpbf16ps", bf16, vdpbf16ps, 0},
         {"vpermps + FMA", f, vpermps_fma, 1}, {"vpermw + FMA", bw, vpermw_fma, 1}, {"vpslld + FMA", f, vpslld_fma, 1},
+        {"vdpbf16ps + vpermps", bf16, dp_vpermps, 1}, {"vdpbf16ps + vpslld", bf16, dp_vpslld, 1},
+        {"vcvtne2ps2bf16 + vpermps", bf16, cvt_vpermps, 1}, {"vcvtne2ps2bf16 + vpslld", bf16, cvt_vpslld, 1},
+        {"vpermw + vpslld", bw, vpermw_vpslld, 1}, {"vpermw + vpermps", bw, vpermw_vpermps, 1},
     };
     printf("# zmm instructions per core cycle (TSC ticks per cycle: %.3f)\n", cycle);
     for (unsigned i = 0; i < sizeof rows / sizeof rows[0]; ++i) {
         if (!rows[i].supported) {
-            printf("%-16s skipped: this CPU lacks it\n", rows[i].name);
+            printf("%-26s skipped: this CPU lacks it\n", rows[i].name);
             continue;
         }
         const double cycles = ticks(rows[i].loop) / cycle / ITERATIONS;
-        if (rows[i].pairs) printf("%-16s %.2f cycles per pair\n", rows[i].name, cycles / 4);
-        else printf("%-16s %.2f per cycle\n", rows[i].name, 8 / cycles);
+        if (rows[i].pairs) printf("%-26s %.2f cycles per pair\n", rows[i].name, cycles / 4);
+        else printf("%-26s %.2f per cycle\n", rows[i].name, 8 / cycles);
     }
     return 0;
 }

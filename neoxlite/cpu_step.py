@@ -75,11 +75,15 @@ def decode_step(layer: GPTNeoXLayer, kernel: BF16Kernel, x: torch.Tensor, rope: 
     (the same bits as the module path), called directly, without a module call, attribute lookup or check per
     operation (at batch 1 those cost about a tenth of a step)."""
     s: KernelStep = layer.__dict__[_CACHED][1][isinstance(kv[0], RowStep)]
-    fused = s.qkv(F.layer_norm(x, s.shape, *s.norm1))
-    attn = s.dense(s.attention.attend(fused, rope, None, kv))
+    normed1 = F.layer_norm(x, s.shape, *s.norm1)
+    # With the parallel residual both norms read x: the second runs now, beside the first. After a kernel call
+    # has streamed megabytes of weights through the caches, a small PyTorch op costs several times its warm time
+    # (its code and data come back from memory): two norms in a row pay that once.
+    normed = F.layer_norm(x, s.shape, *s.norm2) if s.parallel else None
+    attn = s.dense(s.attention.attend(s.qkv(normed1), rope, None, kv))
     if not s.parallel:
         x = x + attn
-    normed = F.layer_norm(x, s.shape, *s.norm2)
+        normed = F.layer_norm(x, s.shape, *s.norm2)
     hidden = s.up(normed) if s.act is None else s.act(s.up(normed))  # (GELU fused into s.up when exact)
     out = s.down(hidden)
     return out + attn + x if s.parallel else x + out  # the reference's order of bf16 roundings
