@@ -49,6 +49,9 @@ EVERY_ROW = 1 << 62
 _MAX_ROWS = {1: EVERY_ROW, 2: 32}
 # fp32 rows served by one pass over the weights; beyond that MKL's GEMM reads them once for all rows.
 MAX_ROWS_F32 = 4
+# A bound linear: call(x, out=None) -> x @ W.T + bias, written into `out` (an empty contiguous tensor of the
+# result's shape and dtype) when one is given.
+DecodeCall = Callable[..., torch.Tensor]
 _QUANT_ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512F/BW"}
 _QUANT_ISA_AMX_INT8 = 3  # neox_linear_int8's code for the AVX512 loops with AMX-INT8 tiles (neox_amx_int8_from)
 # Input rows up to which the quantized kernels serve a call (decode steps, small batches, the offload
@@ -85,52 +88,58 @@ class BF16Kernel:
         return ISA_AVX512BF16 if self.isa == ISA_AMX else self.isa
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               gelu: bool = False) -> torch.Tensor:
-        """x @ weight.T + bias for contiguous CPU tensors of one dtype. bf16: fp32 accumulation, one rounding to
-        bf16, and with `gelu` F.gelu of that bf16 result (PyTorch's own CPU formula) in the same call. fp32: GELU
-        applied after. Any number of rows; each row's result has the same bits whatever the others are."""
+               gelu: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T + bias for CPU tensors of one dtype (weight and bias contiguous). bf16: fp32 accumulation,
+        one rounding to bf16, and with `gelu` F.gelu of that bf16 result (PyTorch's own CPU formula) in the same
+        call. fp32: GELU applied after. Any number of rows; each row's result has the same bits whatever the others
+        are. `out`: an empty contiguous tensor of the result's shape and dtype to write into (see
+        neoxlite.cpu_step.decode_step for why)."""
         n, k = weight.shape
-        rows = x.reshape(-1, k).contiguous()
-        out = torch.empty((rows.shape[0], n), dtype=x.dtype)
+        x = x if x.is_contiguous() else x.contiguous()
+        rows = x.numel() // k
+        if out is None:
+            out = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
         bias_ptr = None if bias is None else bias.data_ptr()
         if x.dtype is torch.float32:
             # groups of MAX_ROWS_F32 rows (each row's sums in the same order whatever the group: same bits)
-            for start in range(0, rows.shape[0], MAX_ROWS_F32):
-                group = rows[start:start + MAX_ROWS_F32]
-                self.library.neox_linear_f32(self.vector_isa, group.data_ptr(), weight.data_ptr(), bias_ptr,
-                                             out[start:].data_ptr(), group.shape[0], n, k)
-            out = F.gelu(out) if gelu else out
-        else:
-            isa = self.isa if self.isa != ISA_AMX or k % AMX_K == 0 else self.vector_isa
-            _check(self.library.neox_linear_bf16(isa, rows.data_ptr(), weight.data_ptr(), bias_ptr,
-                                                 out.data_ptr(), rows.shape[0], n, k, int(gelu)))
-        return out.view(*x.shape[:-1], n)
+            for start in range(0, rows, MAX_ROWS_F32):
+                count = min(MAX_ROWS_F32, rows - start)
+                self.library.neox_linear_f32(self.vector_isa, x.data_ptr() + 4 * start * k, weight.data_ptr(),
+                                             bias_ptr, out.data_ptr() + 4 * start * n, count, n, k)
+            return F.gelu(out) if gelu else out
+        isa = self.isa if self.isa != ISA_AMX or k % AMX_K == 0 else self.vector_isa
+        _check(self.library.neox_linear_bf16(isa, x.data_ptr(), weight.data_ptr(), bias_ptr, out.data_ptr(), rows,
+                                             n, k, int(gelu)))
+        return out
 
     def decode_attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
-                         values: torch.Tensor, past: int, heads: int) -> torch.Tensor:
+                         values: torch.Tensor, past: int, heads: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step of NeoX attention without a mask: rotary on q and k, k and v written into the cache
-        at `past`, attention over positions 0..past. qkv (B, 1, heads * 3 * hs); cos, sin (B, 1, 1, rot);
-        keys, values (B, heads, capacity, hs), contiguous. Returns (B, 1, heads * hs)."""
-        return self._attention(qkv, cos, sin, keys, values, heads, past, None, None)
+        at `past`, attention over positions 0..past. qkv (B, 1, heads * 3 * hs); cos, sin (B, 1, 1, rot) or
+        (B, rot); keys, values (B, heads, capacity, hs), contiguous. Returns (B, 1, heads * hs), in `out` if given
+        (empty, contiguous, that shape, bf16)."""
+        return self._attention(qkv, cos, sin, keys, values, heads, past, None, None, out)
 
     def decode_attention_rows(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                               values: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                              heads: int) -> torch.Tensor:
+                              heads: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """decode_attention() for rows of independent sequences (continuous batching): row b writes position
         positions[b] of slot slots[b] and attends to that slot's positions 0..positions[b]. keys, values (slots,
         heads, capacity, hs); slots, positions (B,) int64, checked by the caller (neoxlite.cache.SlotCache.step)
         to lie inside the cache. Each row's result is the bits decode_attention gives it in a batch of one."""
         slots, positions = slots.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()
         assert slots.shape == positions.shape == (qkv.shape[0],)
-        return self._attention(qkv, cos, sin, keys, values, heads, 0, slots, positions)
+        return self._attention(qkv, cos, sin, keys, values, heads, 0, slots, positions, out)
 
     def _attention(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor,
                    values: torch.Tensor, heads: int, past: int, slots: torch.Tensor | None,
-                   positions: torch.Tensor | None) -> torch.Tensor:
+                   positions: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
         batch, capacity, hs = qkv.shape[0], keys.shape[2], keys.shape[3]
-        cos, sin = cos.reshape(batch, -1).contiguous(), sin.reshape(batch, -1).contiguous()
+        if cos.dim() != 2 or not cos.is_contiguous() or not sin.is_contiguous():
+            cos, sin = cos.reshape(batch, -1).contiguous(), sin.reshape(batch, -1).contiguous()
         qkv = qkv.contiguous()
-        out = torch.empty((batch, 1, heads * hs), dtype=torch.bfloat16)
+        if out is None:
+            out = torch.empty((batch, 1, heads * hs), dtype=torch.bfloat16)
         self.library.neox_decode_attention_bf16(
             qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[1], keys.data_ptr(), values.data_ptr(),
             out.data_ptr(), batch, heads, hs, cos.shape[1], capacity, past,
@@ -183,7 +192,7 @@ class QuantKernel:
     def bind_4bit(self, codes: torch.Tensor, out_features: int, table: torch.Tensor, absmax: torch.Tensor,
                   nested: tuple[torch.Tensor, torch.Tensor, float] | None, bias: torch.Tensor | None,
                   dtype: torch.dtype, gelu: bool = False, any_rows: bool = False
-                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+                  ) -> DecodeCall:
         """linear_4bit with everything but x fixed, for inputs of `dtype`: the weight's pointers are taken once
         (a decode step makes about a hundred calls; per call, Python's handling of the arguments cost as much
         as the kernel on a small layer). The returned call keeps the tensors alive."""
@@ -198,7 +207,7 @@ class QuantKernel:
         if any_rows:  # one engine whatever the batch: each row gets the bits it gets alone
             return tiles
         rows = self.vector_rows_4bit
-        return lambda x: vector(x) if x.numel() <= rows * x.shape[-1] else tiles(x)
+        return lambda x, out=None: vector(x, out) if x.numel() <= rows * x.shape[-1] else tiles(x, out)
 
     def linear_int8(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, threshold: float,
                     bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
@@ -221,7 +230,7 @@ class QuantKernel:
         _check(status)
 
     def bind_int8(self, weight: torch.Tensor, scales: torch.Tensor, threshold: float, bias: torch.Tensor | None,
-                  dtype: torch.dtype, gelu: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+                  dtype: torch.dtype, gelu: bool = False) -> DecodeCall:
         """linear_int8 with everything but x fixed, as bind_4bit."""
         n, k = weight.shape
         weights = (weight.data_ptr(), scales.data_ptr(), threshold, None if bias is None else bias.data_ptr())
@@ -231,14 +240,16 @@ class QuantKernel:
 
     @staticmethod
     def _bind(function: Callable[..., int], head: tuple, weights: tuple, tail: tuple, dtype: torch.dtype,
-              keep: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
+              keep: tuple) -> DecodeCall:
         """function(*head, x, *weights, y, rows, *tail): x (rows, K) in, y (rows, N) out, both `dtype`."""
         n, k = tail[0], tail[1]
 
-        def call(x: torch.Tensor, keep: tuple = keep) -> torch.Tensor:  # `keep`: the weight stays alive
+        def call(x: torch.Tensor, out: torch.Tensor | None = None, keep: tuple = keep) -> torch.Tensor:
+            # `out`: as BF16Kernel.linear's; `keep`: the weight stays alive
             assert x.dtype is dtype and x.shape[-1] == k, (x.dtype, x.shape, dtype, k)
             x = x if x.is_contiguous() else x.contiguous()
-            out = torch.empty((*x.shape[:-1], n), dtype=dtype)
+            if out is None:
+                out = torch.empty((*x.shape[:-1], n), dtype=dtype)
             status = function(*head, x.data_ptr(), *weights, out.data_ptr(), x.numel() // k, *tail)
             if status:
                 _check(status)

@@ -9,7 +9,6 @@ GPTNeoXAttention.attend asks `decode_attention` for the fused rotary + cache wri
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from neoxlite.cache import RowStep, StaticCache
-from neoxlite.cpu_kernels import BF16Kernel, bf16_kernel
+from neoxlite.cpu_kernels import BF16Kernel, DecodeCall, bf16_kernel
 from neoxlite.linear import DecodeLinear
 
 if TYPE_CHECKING:
@@ -27,9 +26,11 @@ _CACHED = "_kernel_step"  # the layer's __dict__ key: (parameter slots, {any_row
 
 
 def decode_attention(fused: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                     kv: tuple[StaticCache | RowStep, int], num_heads: int) -> torch.Tensor | None:
+                     kv: tuple[StaticCache | RowStep, int], num_heads: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor | None:
     """(B, 1, 3C) fused q/k/v -> (B, 1, C) attention output by the kernel (rotary, cache write and attention in one
-    call) where it computes this step (bf16 on the CPU, no autograd), else None."""
+    call) where it computes this step (bf16 on the CPU, no autograd), else None. rope: cos, sin (B, 1, 1, rot) or
+    (B, rot); `out`: an empty (B, 1, C) bf16 tensor for the result."""
     cache, layer_idx = kv
     keys, values = cache.keys[layer_idx], cache.values[layer_idx]
     if (fused.dtype != torch.bfloat16 or fused.device.type != "cpu" or keys.dtype != torch.bfloat16
@@ -42,8 +43,8 @@ def decode_attention(fused: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor
     cos, sin = rope
     if isinstance(cache, RowStep):
         return kernel.decode_attention_rows(fused, cos, sin, keys, values, cache.rows_tensor,
-                                            cache.positions_tensor, num_heads)
-    return kernel.decode_attention(fused, cos, sin, keys, values, cache.length, num_heads)
+                                            cache.positions_tensor, num_heads, out)
+    return kernel.decode_attention(fused, cos, sin, keys, values, cache.length, num_heads, out)
 
 
 def decode_kernel(layer: GPTNeoXLayer, x: torch.Tensor, kv: tuple[StaticCache | RowStep, int]) -> BF16Kernel | None:
@@ -75,17 +76,28 @@ def decode_step(layer: GPTNeoXLayer, kernel: BF16Kernel, x: torch.Tensor, rope: 
     (the same bits as the module path), called directly, without a module call, attribute lookup or check per
     operation (at batch 1 those cost about a tenth of a step)."""
     s: KernelStep = layer.__dict__[_CACHED][1][isinstance(kv[0], RowStep)]
+    # After a kernel call has streamed megabytes of weights through the caches, PyTorch's code and data come back
+    # from memory: its first op then costs several times its warm time (measured: torch.empty 18.6 against 2.7
+    # us, a layer norm 28 against 3.4 us), where a ctypes call into the kernels costs a few us. So the PyTorch
+    # ops of the step run together here, before the first kernel: the norms (with the parallel residual both read
+    # x), every kernel's output tensor and the rotary rows; the kernel calls between then run no PyTorch op.
     normed1 = F.layer_norm(x, s.shape, *s.norm1)
-    # With the parallel residual both norms read x: the second runs now, beside the first. After a kernel call
-    # has streamed megabytes of weights through the caches, a small PyTorch op costs several times its warm time
-    # (its code and data come back from memory): two norms in a row pay that once.
     normed = F.layer_norm(x, s.shape, *s.norm2) if s.parallel else None
-    attn = s.dense(s.attention.attend(s.qkv(normed1), rope, None, kv))
+    lead = x.shape[:-1]
+    qkv_out, attention_out, dense_out, up_out, down_out = (torch.empty((*lead, n), dtype=s.dtype) for n in s.widths)
+    cos, sin = rope
+    rows = (cos.reshape(x.shape[0], -1), sin.reshape(x.shape[0], -1))
+    fused = s.qkv(normed1, out=qkv_out)
+    attended = decode_attention(fused, rows, kv, s.heads, attention_out)
+    if attended is None:  # (fp32, or a cache the kernel does not read)
+        attended = s.attention.attend(fused, rope, None, kv)
+    attn = s.dense(attended, out=dense_out)
     if not s.parallel:
         x = x + attn
         normed = F.layer_norm(x, s.shape, *s.norm2)
-    hidden = s.up(normed) if s.act is None else s.act(s.up(normed))  # (GELU fused into s.up when exact)
-    out = s.down(hidden)
+    # (GELU fused into s.up when exact)
+    hidden = s.up(normed, out=up_out) if s.act is None else s.act(s.up(normed, out=up_out))
+    out = s.down(hidden, out=down_out)
     return out + attn + x if s.parallel else x + out  # the reference's order of bf16 roundings
 
 
@@ -102,10 +114,12 @@ class KernelStep:
     norm1: tuple[torch.Tensor, torch.Tensor, float]  # weight, bias, eps
     norm2: tuple[torch.Tensor, torch.Tensor, float]
     shape: tuple[int, ...]  # the norms' normalized_shape
-    qkv: Callable[[torch.Tensor], torch.Tensor]  # each linear's DecodeLinear.decode_call
-    dense: Callable[[torch.Tensor], torch.Tensor]
-    up: Callable[[torch.Tensor], torch.Tensor]  # with GELU when act is None
-    down: Callable[[torch.Tensor], torch.Tensor]
+    qkv: DecodeCall  # each linear's DecodeLinear.decode_call
+    dense: DecodeCall
+    up: DecodeCall  # with GELU when act is None
+    down: DecodeCall
+    widths: tuple[int, int, int, int, int]  # the outputs' widths: qkv, attention, dense, up, down
+    heads: int
     attention: GPTNeoXAttention  # its attend(): the decode kernel in bf16, PyTorch's ops otherwise
     dtype: torch.dtype
     parallel: bool
@@ -128,8 +142,10 @@ class KernelStep:
             return None
         qkv, dense, up, down = calls
         norm1, norm2 = ((n.weight, n.bias, n.eps) for n in norms)
-        return cls(norm1, norm2, tuple(norms[0].normalized_shape), qkv, dense, up, down, attention, dtype,
-                   layer.use_parallel_residual, None if mlp.exact_gelu else mlp.act)
+        widths = (linears[0].out_features, linears[1].in_features, *(m.out_features for m in linears[1:]))
+        return cls(norm1, norm2, tuple(norms[0].normalized_shape), qkv, dense, up, down, widths,
+                   attention.num_heads, attention, dtype, layer.use_parallel_residual,
+                   None if mlp.exact_gelu else mlp.act)
 
 
 def _parameter_slots(layer: GPTNeoXLayer) -> tuple[tuple[dict[str, Any], str, Any], ...]:

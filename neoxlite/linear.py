@@ -12,14 +12,13 @@ and devices, many rows as in a prefill, autograd) is nn.Linear's own forward.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neoxlite.cpu_kernels import BF16Kernel, bf16_kernel
+from neoxlite.cpu_kernels import BF16Kernel, DecodeCall, bf16_kernel
 
 
 @runtime_checkable
@@ -28,10 +27,10 @@ class DecodeLinear(Protocol):
     call: this Linear, and the quantized layers of neoxlite.quant."""
 
     def decode_call(self, dtype: torch.dtype, gelu: bool = False,
-                    any_rows: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """A function computing the layer (then F.gelu with `gelu`) on contiguous CPU inputs of `dtype` with as
-        many rows as the bf16 kernel serves, with the same bits as the layer's forward; None where a kernel does
-        not compute it. With `any_rows` (rows of independent sequences) one engine computes every batch size, so
+                    any_rows: bool = False) -> DecodeCall | None:
+        """A function call(x, out=None) computing the layer (then F.gelu with `gelu`) on contiguous CPU inputs of
+        `dtype` with as many rows as the bf16 kernel serves, with the same bits as the layer's forward, into `out`
+        when given (cpu_kernels.DecodeCall); None where a kernel does not compute it. With `any_rows` (rows of independent sequences) one engine computes every batch size, so
         each row gets the bits it gets alone."""
         ...
 
@@ -54,7 +53,7 @@ class Linear(nn.Linear):
                                                                                                   self.bias))
 
     def decode_call(self, dtype: torch.dtype, gelu: bool = False,
-                    any_rows: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+                    any_rows: bool = False) -> DecodeCall | None:
         """DecodeLinear.decode_call: the kernel on this layer's own parameters (one engine at every batch)."""
         kernel = bf16_kernel()
         if kernel is None or not self.kernel_ready() or self.weight.dtype is not dtype:

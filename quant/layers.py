@@ -24,7 +24,7 @@ from bitsandbytes.utils import unpack_tensor_to_dict
 from torch import nn
 
 from neoxlite import quant_matmul
-from neoxlite.cpu_kernels import QUANT_DTYPES, QuantKernel, quant_kernel
+from neoxlite.cpu_kernels import QUANT_DTYPES, DecodeCall, QuantKernel, quant_kernel
 
 from .spec import BLOCKSIZE_4BIT, QuantSpec
 
@@ -119,7 +119,7 @@ class Linear4bit(bnb.nn.Linear4bit):
         return F.gelu(out) if gelu else out
 
     def decode_call(self, dtype: torch.dtype, gelu: bool = False,
-                    any_rows: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+                    any_rows: bool = False) -> DecodeCall | None:
         """neoxlite.linear.DecodeLinear.decode_call: the kernel on this layer's packed weight, for inputs already in
         the compute dtype (as a model in that dtype gives them)."""
         kernel = quant_kernel()
@@ -219,7 +219,7 @@ class Linear8bit(bnb.nn.Linear8bitLt):
         return self._forward_cpu(kernel, x, gelu=True) if kernel is not None else F.gelu(super().forward(x))
 
     def decode_call(self, dtype: torch.dtype, gelu: bool = False,
-                    any_rows: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+                    any_rows: bool = False) -> DecodeCall | None:
         """neoxlite.linear.DecodeLinear.decode_call: the kernel on this layer's int8 weight (one engine at every
         batch, so `any_rows` changes nothing)."""
         kernel = quant_kernel()

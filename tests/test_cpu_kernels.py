@@ -333,3 +333,42 @@ def test_no_rows_give_an_empty_result(isa):
     w = torch.randn(16, 64).bfloat16()
     for gelu in (False, True):
         assert kernel.linear(torch.empty(0, 64).bfloat16(), w, None, gelu=gelu).shape == (0, 16)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_out_receives_the_result(isa, dtype):
+    """With `out` (as the decode step passes it, allocated before the kernel calls) the result is written there:
+    the same bits as a call that allocates, in the tensor given (fp32 with GELU: PyTorch's GELU after, a new
+    tensor). Every row count the engines split at."""
+    kernel = BF16Kernel(KERNEL.library, isa, KERNEL.max_rows)
+    gen = torch.Generator().manual_seed(isa)
+    w, b = torch.randn(48, 64, generator=gen).to(dtype), torch.randn(48, generator=gen).to(dtype)
+    for rows in (1, 5, 17):
+        x = torch.randn(rows, 1, 64, generator=gen).to(dtype)
+        for gelu in (False, True):
+            out = torch.empty(rows, 1, 48, dtype=dtype)
+            got = kernel.linear(x, w, b, gelu=gelu, out=out)
+            assert torch.equal(got, kernel.linear(x, w, b, gelu=gelu))
+            assert (got is out) == (dtype is torch.bfloat16 or not gelu)
+
+
+@needs_kernel
+def test_decode_attention_writes_into_out_and_takes_rotary_rows():
+    """decode_attention with `out` and cos/sin as (B, rot) rows (as the decode step passes them) gives the bits of
+    the call with (B, 1, 1, rot) and its own output, and writes the same cache."""
+    batch, heads, hs, rot, past = 2, 3, 64, 16, 5
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(batch, 1, heads * 3 * hs, generator=gen).bfloat16()
+    angle = torch.randn(batch, 1, 1, rot, generator=gen)
+    cos, sin = angle.cos().bfloat16(), angle.sin().bfloat16()
+    keys = torch.randn(batch, heads, past + 2, hs, generator=gen).bfloat16()
+    values = torch.randn(batch, heads, past + 2, hs, generator=gen).bfloat16()
+    keys2, values2 = keys.clone(), values.clone()
+    want = KERNEL.decode_attention(qkv, cos, sin, keys, values, past, heads)
+    out = torch.empty(batch, 1, heads * hs, dtype=torch.bfloat16)
+    got = KERNEL.decode_attention(qkv, cos.reshape(batch, -1), sin.reshape(batch, -1), keys2, values2, past, heads,
+                                  out)
+    assert got is out and torch.equal(got, want)
+    assert torch.equal(keys2, keys) and torch.equal(values2, values)

@@ -468,3 +468,22 @@ def test_no_rows_give_an_empty_result(isa):
     x = torch.empty(0, 128).bfloat16()
     assert kernel(isa).linear_4bit(x, *layer4._prepare_kernel(), layer4.bias.data).shape == (0, 32)
     assert kernel(isa).linear_int8(x, layer8.weight.data, scb, 6.0, layer8.bias.data).shape == (0, 32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+def test_bound_calls_write_into_out(isa):
+    """The bound calls the decode step makes (bind_4bit, bind_int8) write into `out` when given: the same bits as a
+    call that allocates, in the tensor given, at one row (the vector loops) and at several (AMX tiles, if any)."""
+    layer4, layer8 = layer_4bit("nf4", True, torch.bfloat16, 40, 128, True, 2), layer_int8(torch.bfloat16, 40, 128,
+                                                                                             True, 6.0, 2)
+    scb = layer8.weight.SCB if layer8.weight.SCB is not None else layer8.state.SCB
+    k = kernel(isa)
+    calls = (k.bind_4bit(*layer4._prepare_kernel(), layer4.bias.data, torch.bfloat16),
+             k.bind_int8(layer8.weight.data, scb, 6.0, layer8.bias.data.to(torch.bfloat16), torch.bfloat16))
+    for rows in (1, 6):
+        x = torch.randn(rows, 1, 128, generator=torch.Generator().manual_seed(rows)).bfloat16()
+        for call in calls:
+            out = torch.empty(rows, 1, 40, dtype=torch.bfloat16)
+            got = call(x, out=out)
+            assert got is out and torch.equal(got, call(x))
