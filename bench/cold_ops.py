@@ -1,0 +1,73 @@
+"""What a small operation costs right after a decode kernel call, against the same operation warm.
+
+    .venv/bin/python bench/cold_ops.py [--threads 2] [--calls 640]
+
+A decode step streams each layer's weights (megabytes) through the caches; the small operations between the
+kernel calls (a layer norm, a residual add, allocating the next output, the Python and ctypes code of the next
+call) then find their code and data evicted. For each operation this times one run right after an int8 kernel
+call on a 1024 -> 4096 weight (a different copy each time, so the weight comes from RAM as in decode) and a
+second run straight after the first (warm), and prints both means. neoxlite.cpu_step.decode_step is shaped by
+these figures: its PyTorch ops run together before the first kernel call, and the calls write into outputs
+allocated there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from neoxlite.cpu_kernels import kernel_status, quant_kernel
+
+WIDTH, OUT = 1024, 4096
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--calls", type=int, default=640, help="kernel calls (each followed by one cold run)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    kernel = quant_kernel()
+    if kernel is None:
+        raise SystemExit(f"no quantized CPU kernel here: {kernel_status()}")
+    gen = torch.Generator().manual_seed(0)
+
+    def int8_layer(n: int) -> Callable[..., torch.Tensor]:
+        weight = torch.randint(-127, 128, (n, WIDTH), dtype=torch.int8, generator=gen)
+        return kernel.bind_int8(weight, torch.rand(n, generator=gen) * 0.1, 6.0, None, torch.bfloat16)
+
+    streams = [int8_layer(OUT) for _ in range(64)]  # 256 MiB of weights: each call reads its copy from RAM
+    small = int8_layer(16)
+    x = torch.randn(1, WIDTH, generator=gen).to(torch.bfloat16)
+    row = torch.randn(1, 1, WIDTH, generator=gen).to(torch.bfloat16)
+    norm = (torch.ones(WIDTH, dtype=torch.bfloat16), torch.zeros(WIDTH, dtype=torch.bfloat16))
+    out = torch.empty(1, 16, dtype=torch.bfloat16)
+    operations: dict[str, Callable[[], object]] = {
+        "torch.empty (1, 1024) bf16": lambda: torch.empty((1, WIDTH), dtype=torch.bfloat16),
+        "F.layer_norm (1, 1, 1024) bf16": lambda: F.layer_norm(row, (WIDTH,), *norm, 1e-5),
+        "bf16 add (1, 1, 1024)": lambda: row + row,
+        "ctypes call of an empty C function": kernel.library.neox_amx_int8_from,
+        "bound int8 call 1024 -> 16": lambda: small(x),
+        "bound int8 call 1024 -> 16, out given": lambda: small(x, out=out),
+    }
+    print(f"# {args.threads} thread(s); microseconds, mean over {args.calls} runs after a kernel call on a "
+          f"{WIDTH} -> {OUT} int8 weight read from RAM")
+    print(f"{'operation':40} {'cold':>7} {'warm':>7}")
+    for name, operation in operations.items():
+        cold = warm = 0.0
+        for i in range(args.calls):
+            streams[i % len(streams)](x)
+            start = time.perf_counter()
+            operation()
+            middle = time.perf_counter()
+            operation()
+            cold, warm = cold + middle - start, warm + time.perf_counter() - middle
+        print(f"{name:40} {cold / args.calls * 1e6:7.1f} {warm / args.calls * 1e6:7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
