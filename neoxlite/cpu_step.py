@@ -9,7 +9,9 @@ GPTNeoXAttention.attend asks `decode_attention` for the fused rotary + cache wri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -77,14 +79,14 @@ def decode_step(layer: GPTNeoXLayer, kernel: BF16Kernel, x: torch.Tensor, rope: 
     operation (at batch 1 those cost about a tenth of a step)."""
     s: KernelStep = layer.__dict__[_CACHED][1][isinstance(kv[0], RowStep)]
     # After a kernel call has streamed megabytes of weights through the caches, PyTorch's code and data come back
-    # from memory: its first op then costs several times its warm time (measured: torch.empty 18.6 against 2.7
-    # us, a layer norm 28 against 3.4 us), where a ctypes call into the kernels costs a few us. So the PyTorch
-    # ops of the step run together here, before the first kernel: the norms (with the parallel residual both read
-    # x), every kernel's output tensor and the rotary rows; the kernel calls between then run no PyTorch op.
+    # from memory: its first op then costs several times its warm time (bench/cold_ops.py: torch.empty 17 against
+    # 2 us, a layer norm 34 against 5), where a ctypes call into the kernels costs a few us. So the PyTorch ops of
+    # the step run together here, before the first kernel: the norms (with the parallel residual both read x) and
+    # the rotary rows; the kernels write into outputs allocated once per thread at batch 1 (KernelStep.outputs),
+    # so the calls between run no PyTorch op.
     normed1 = F.layer_norm(x, s.shape, *s.norm1)
     normed = F.layer_norm(x, s.shape, *s.norm2) if s.parallel else None
-    lead = x.shape[:-1]
-    qkv_out, attention_out, dense_out, up_out, down_out = (torch.empty((*lead, n), dtype=s.dtype) for n in s.widths)
+    qkv_out, attention_out, dense_out, up_out, down_out = s.outputs(x.shape[0])
     cos, sin = rope
     rows = (cos.reshape(x.shape[0], -1), sin.reshape(x.shape[0], -1))
     fused = s.qkv(normed1, out=qkv_out)
@@ -124,6 +126,20 @@ class KernelStep:
     dtype: torch.dtype
     parallel: bool
     act: Any  # None: exact GELU, fused into the first MLP linear
+    # this thread's output tensors for one row (decode_step's results never alias them: the step ends in adds
+    # that allocate); dropped with the thread or the step
+    reused: threading.local = field(default_factory=threading.local, compare=False, repr=False)
+
+    def outputs(self, batch: int) -> Sequence[torch.Tensor]:
+        """Empty (batch, 1, width) tensors for the step's kernels (qkv, attention, dense, up, down). One row's
+        are allocated once per thread and reused: a decode step at batch 1 then allocates nothing before its
+        kernel calls."""
+        if batch != 1:
+            return [torch.empty((batch, 1, n), dtype=self.dtype) for n in self.widths]
+        reused = getattr(self.reused, "outputs", None)
+        if reused is None:
+            reused = self.reused.outputs = [torch.empty((1, 1, n), dtype=self.dtype) for n in self.widths]
+        return reused
 
     @classmethod
     def of(cls, layer: GPTNeoXLayer, any_rows: bool = False) -> KernelStep | None:

@@ -106,3 +106,27 @@ def test_direct_decode_step_follows_a_replaced_module(checkpoint):
     replacement.register_forward_hook(lambda *_: calls.append(1))
     model.generate(PROMPT, max_new_tokens=8, eos_token_id=[])
     assert len(calls) == 8  # the prefill and every decode step used the new module, none the cached tensors
+
+
+@pytest.mark.skipif(bf16_kernel() is None, reason="neoxlite's CPU kernel cannot run here")
+def test_threads_decoding_one_model_at_once_get_their_own_tokens(models):
+    """The direct step reuses its kernels' output tensors at batch 1, one set per thread: two threads decoding the
+    same model at the same time (the kernels release the GIL, so their steps interleave) each get the tokens they
+    get alone."""
+    import threading
+
+    ours, _, _ = models
+    prompts = [PROMPT[:1], PROMPT[1:]]
+    alone = [ours.generate(p, max_new_tokens=24, eos_token_id=[]) for p in prompts]
+    for _ in range(3):
+        results: list = [None, None]
+
+        def run(i: int, results: list = results) -> None:
+            results[i] = ours.generate(prompts[i], max_new_tokens=24, eos_token_id=[])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert all(torch.equal(got, want) for got, want in zip(results, alone, strict=True))
