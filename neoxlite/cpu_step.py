@@ -90,7 +90,7 @@ def decode_step(layer: GPTNeoXLayer, kernel: BF16Kernel, x: torch.Tensor, rope: 
     cos, sin = rope
     rows = (cos.reshape(x.shape[0], -1), sin.reshape(x.shape[0], -1))
     fused = s.qkv(normed1, out=qkv_out)
-    attended = decode_attention(fused, rows, kv, s.heads, attention_out)
+    attended = decode_attention(fused, rows, kv, s.attention.num_heads, attention_out)
     if attended is None:  # (fp32, or a cache the kernel does not read)
         attended = s.attention.attend(fused, rope, None, kv)
     attn = s.dense(attended, out=dense_out)
@@ -121,7 +121,6 @@ class KernelStep:
     up: DecodeCall  # with GELU when act is None
     down: DecodeCall
     widths: tuple[int, int, int, int, int]  # the outputs' widths: qkv, attention, dense, up, down
-    heads: int
     attention: GPTNeoXAttention  # its attend(): the decode kernel in bf16, PyTorch's ops otherwise
     dtype: torch.dtype
     parallel: bool
@@ -134,12 +133,13 @@ class KernelStep:
         """Empty (batch, 1, width) tensors for the step's kernels (qkv, attention, dense, up, down). One row's
         are allocated once per thread and reused: a decode step at batch 1 then allocates nothing before its
         kernel calls."""
-        if batch != 1:
-            return [torch.empty((batch, 1, n), dtype=self.dtype) for n in self.widths]
-        reused = getattr(self.reused, "outputs", None)
-        if reused is None:
-            reused = self.reused.outputs = [torch.empty((1, 1, n), dtype=self.dtype) for n in self.widths]
-        return reused
+        kept = getattr(self.reused, "outputs", None) if batch == 1 else None
+        if kept is not None:
+            return kept
+        fresh = [torch.empty((batch, 1, n), dtype=self.dtype) for n in self.widths]
+        if batch == 1:
+            self.reused.outputs = fresh
+        return fresh
 
     @classmethod
     def of(cls, layer: GPTNeoXLayer, any_rows: bool = False) -> KernelStep | None:
@@ -159,9 +159,8 @@ class KernelStep:
         qkv, dense, up, down = calls
         norm1, norm2 = ((n.weight, n.bias, n.eps) for n in norms)
         widths = (linears[0].out_features, linears[1].in_features, *(m.out_features for m in linears[1:]))
-        return cls(norm1, norm2, tuple(norms[0].normalized_shape), qkv, dense, up, down, widths,
-                   attention.num_heads, attention, dtype, layer.use_parallel_residual,
-                   None if mlp.exact_gelu else mlp.act)
+        return cls(norm1, norm2, tuple(norms[0].normalized_shape), qkv, dense, up, down, widths, attention, dtype,
+                   layer.use_parallel_residual, None if mlp.exact_gelu else mlp.act)
 
 
 def _parameter_slots(layer: GPTNeoXLayer) -> tuple[tuple[dict[str, Any], str, Any], ...]:

@@ -30,8 +30,8 @@ class DecodeLinear(Protocol):
                     any_rows: bool = False) -> DecodeCall | None:
         """A function call(x, out=None) computing the layer (then F.gelu with `gelu`) on contiguous CPU inputs of
         `dtype` with as many rows as the bf16 kernel serves, with the same bits as the layer's forward, into `out`
-        when given (cpu_kernels.DecodeCall); None where a kernel does not compute it. With `any_rows` (rows of independent sequences) one engine computes every batch size, so
-        each row gets the bits it gets alone."""
+        when given (cpu_kernels.DecodeCall); None where a kernel does not compute it. With `any_rows` (rows of
+        independent sequences) one engine computes every batch size, so each row gets the bits it gets alone."""
         ...
 
 
