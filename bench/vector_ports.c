@@ -17,9 +17,15 @@
 #define CLOBBERS "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm16", "xmm17", "xmm18", "xmm19", \
                  "xmm20", "xmm21", "xmm22", "xmm23", "k1", "memory"
 #define EIGHT(ins) ins "\n" ins "\n" ins "\n" ins "\n" ins "\n" ins "\n" ins "\n" ins "\n"
-#define FOUR_PAIRS(ins)                                                                                         \
-    ins " %%zmm3\n vfmadd231ps %%zmm1, %%zmm2, %%zmm16\n" ins " %%zmm4\n vfmadd231ps %%zmm1, %%zmm2, %%zmm17\n"   \
-    ins " %%zmm5\n vfmadd231ps %%zmm1, %%zmm2, %%zmm18\n" ins " %%zmm6\n vfmadd231ps %%zmm1, %%zmm2, %%zmm19\n"
+/* eight instructions into eight accumulators (an FMA's or a dot product's), zmm16-23 */
+#define EIGHT_SUMS(ins)                                                                                         \
+    ins " %%zmm16\n" ins " %%zmm17\n" ins " %%zmm18\n" ins " %%zmm19\n"                                            \
+    ins " %%zmm20\n" ins " %%zmm21\n" ins " %%zmm22\n" ins " %%zmm23\n"
+/* four pairs: `sum` into an accumulator (zmm16-19) beside `other` into a scratch register (zmm3-6) */
+#define FOUR_WITH(sum, other)                                                                                   \
+    sum " %%zmm16\n" other " %%zmm3\n" sum " %%zmm17\n" other " %%zmm4\n"                                        \
+    sum " %%zmm18\n" other " %%zmm5\n" sum " %%zmm19\n" other " %%zmm6\n"
+#define FMA "vfmadd231ps %%zmm1, %%zmm2,"
 #define LOOP(name, isa, body)                                                                                   \
     __attribute__((target(isa))) static void name(long n) {                                                  \
         for (long i = 0; i < n; ++i) __asm__ volatile(body ::: CLOBBERS);                                       \
@@ -32,11 +38,7 @@ static void scalar_chain(long n) { /* eight dependent 64-bit multiplies per iter
         __asm__ volatile(EIGHT("imulq %1, %0") : "+r"(v) : "r"(factor));
 }
 
-LOOP(fmas, "avx512f",
-     "vfmadd231ps %%zmm1, %%zmm2, %%zmm16\n vfmadd231ps %%zmm1, %%zmm2, %%zmm17\n"
-     "vfmadd231ps %%zmm1, %%zmm2, %%zmm18\n vfmadd231ps %%zmm1, %%zmm2, %%zmm19\n"
-     "vfmadd231ps %%zmm1, %%zmm2, %%zmm20\n vfmadd231ps %%zmm1, %%zmm2, %%zmm21\n"
-     "vfmadd231ps %%zmm1, %%zmm2, %%zmm22\n vfmadd231ps %%zmm1, %%zmm2, %%zmm23\n")
+LOOP(fmas, "avx512f", EIGHT_SUMS(FMA))
 LOOP(vpermps, "avx512f", EIGHT("vpermps %%zmm1, %%zmm2, %%zmm3"))
 LOOP(vpermw, "avx512f,avx512bw", EIGHT("vpermw %%zmm1, %%zmm2, %%zmm3"))
 LOOP(vpshufb, "avx512f,avx512bw", EIGHT("vpshufb %%zmm1, %%zmm2, %%zmm3"))
@@ -49,18 +51,11 @@ LOOP(vpunpcklwd, "avx512f,avx512bw", EIGHT("vpunpcklwd %%zmm1, %%zmm2, %%zmm3"))
 LOOP(vpmovzxbd, "avx512f", EIGHT("vpmovzxbd %%xmm1, %%zmm3"))
 LOOP(vpmovzxbw, "avx512f,avx512bw", EIGHT("vpmovzxbw %%ymm1, %%zmm3"))
 LOOP(vcvtne2ps2bf16, "avx512f,avx512bf16", EIGHT("vcvtne2ps2bf16 %%zmm1, %%zmm2, %%zmm3"))
-LOOP(vdpbf16ps, "avx512f,avx512bf16",
-     "vdpbf16ps %%zmm1, %%zmm2, %%zmm16\n vdpbf16ps %%zmm1, %%zmm2, %%zmm17\n"
-     "vdpbf16ps %%zmm1, %%zmm2, %%zmm18\n vdpbf16ps %%zmm1, %%zmm2, %%zmm19\n"
-     "vdpbf16ps %%zmm1, %%zmm2, %%zmm20\n vdpbf16ps %%zmm1, %%zmm2, %%zmm21\n"
-     "vdpbf16ps %%zmm1, %%zmm2, %%zmm22\n vdpbf16ps %%zmm1, %%zmm2, %%zmm23\n")
-LOOP(vpermps_fma, "avx512f", FOUR_PAIRS("vpermps %%zmm1, %%zmm2,"))
-LOOP(vpermw_fma, "avx512f,avx512bw", FOUR_PAIRS("vpermw %%zmm1, %%zmm2,"))
-LOOP(vpslld_fma, "avx512f", FOUR_PAIRS("vpslld $16, %%zmm1,"))
-/* the other way round: which ports the two-slot conversions and dot products occupy */
-#define FOUR_WITH(ins, other)                                                                                   \
-    ins " %%zmm16\n" other " %%zmm3\n" ins " %%zmm17\n" other " %%zmm4\n"                                        \
-    ins " %%zmm18\n" other " %%zmm5\n" ins " %%zmm19\n" other " %%zmm6\n"
+LOOP(vdpbf16ps, "avx512f,avx512bf16", EIGHT_SUMS("vdpbf16ps %%zmm1, %%zmm2,"))
+LOOP(vpermps_fma, "avx512f", FOUR_WITH(FMA, "vpermps %%zmm1, %%zmm2,"))
+LOOP(vpermw_fma, "avx512f,avx512bw", FOUR_WITH(FMA, "vpermw %%zmm1, %%zmm2,"))
+LOOP(vpslld_fma, "avx512f", FOUR_WITH(FMA, "vpslld $16, %%zmm1,"))
+/* which ports the two-slot conversions and dot products occupy */
 LOOP(dp_vpermps, "avx512f,avx512bf16", FOUR_WITH("vdpbf16ps %%zmm1, %%zmm2,", "vpermps %%zmm1, %%zmm2,"))
 LOOP(dp_vpslld, "avx512f,avx512bf16", FOUR_WITH("vdpbf16ps %%zmm1, %%zmm2,", "vpslld $16, %%zmm1,"))
 LOOP(cvt_vpermps, "avx512f,avx512bf16", FOUR_WITH("vcvtne2ps2bf16 %%zmm1, %%zmm2,", "vpermps %%zmm1, %%zmm2,"))
