@@ -3,7 +3,8 @@
 model.py holds the math; this module wraps a layer's decode step, as gpt-fast keeps `decode_one_token` apart
 from its model. It computes the same operations in the same order as the layer's forward() (so the same bits),
 but calls the kernels directly: at batch 1 each module call or attribute lookup is a measurable share of a step.
-GPTNeoXLayer.forward asks `decode_kernel` whether it applies and hands the step to `decode_step`;
+GPTNeoXLayer.forward asks `decode_kernel` whether it applies and hands the step to `decode_step`; a resident
+model's block loop asks `decode_plan` once per step for every layer and calls `decode_step` itself;
 GPTNeoXAttention.attend asks `decode_attention` for the fused rotary + cache write + attention kernel.
 """
 
@@ -70,6 +71,36 @@ def decode_kernel(layer: GPTNeoXLayer, x: torch.Tensor, kv: tuple[StaticCache | 
     # the bits it gets in a batch of one (what continuous batching promises); a batch otherwise up to where
     # the kernel beats PyTorch's matmul.
     return kernel if isinstance(kv[0], RowStep) or x.shape[0] <= kernel.rows_for(x.dtype) else None
+
+
+def decode_plan(layers: Sequence[GPTNeoXLayer], x: torch.Tensor, cache: StaticCache | RowStep
+                ) -> list[tuple[GPTNeoXLayer, BF16Kernel]] | None:
+    """decode_kernel() for every layer of a resident model at once, before the first one runs: (layer, kernel)
+    pairs for the block loop to hand to decode_step, or None unless every layer takes the direct step and calling
+    it as a module would run no hook (its own or a global forward hook).
+
+    Why: between two layers' kernel calls, the module call, the scheduler's fetch and decode_kernel's checks run
+    with their code and data pushed out of the caches by the weights, about 50 us a layer (a twentieth of an nf4
+    step at pythia-410m); run together here, before any kernel call, they cost a few. Nothing a check reads can
+    change during a step of a resident model (the offload scheduler, which rebinds tensors per layer, keeps the
+    per-layer check)."""
+    if x.shape[1] != 1 or _global_forward_hooks():
+        return None
+    plan = []
+    for i, layer in enumerate(layers):
+        if layer.training or layer._forward_hooks or layer._forward_pre_hooks:
+            return None
+        kernel = decode_kernel(layer, x, (cache, i))
+        if kernel is None:
+            return None
+        plan.append((layer, kernel))
+    return plan
+
+
+def _global_forward_hooks() -> bool:
+    """True where torch.nn.Module calls would run a global forward hook (or this torch keeps them elsewhere)."""
+    module = torch.nn.modules.module
+    return any(getattr(module, name, True) for name in ("_global_forward_hooks", "_global_forward_pre_hooks"))
 
 
 def decode_step(layer: GPTNeoXLayer, kernel: BF16Kernel, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],

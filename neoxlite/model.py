@@ -378,12 +378,20 @@ class GPTNeoXModel(GPTNeoXPreTrainedModel):
         block's output when asked. A StaticCache's `begin` says where this forward writes and what it reads; a
         RowStep says it per row."""
         hidden_states = [x] if output_hidden_states else None
-        for i in range(len(self.layers)):
-            layer = self.scheduler.fetch(i)
-            x = layer(x, rope, mask, (cache, i) if cache is not None else None)
-            self.scheduler.done(i)
-            if hidden_states is not None:
-                hidden_states.append(x)
+        # one new token of a resident model on the CPU kernels: the layers' checks made at once (cpu_step.decode_plan)
+        plan = (cpu_step.decode_plan(self.layers, x, cache)
+                if cache is not None and mask is None and not output_hidden_states
+                and isinstance(self.scheduler, ResidentScheduler) else None)
+        if plan is not None:
+            for i, (layer, kernel) in enumerate(plan):
+                x = cpu_step.decode_step(layer, kernel, x, rope, (cache, i))
+        else:
+            for i in range(len(self.layers)):
+                layer = self.scheduler.fetch(i)
+                x = layer(x, rope, mask, (cache, i) if cache is not None else None)
+                self.scheduler.done(i)
+                if hidden_states is not None:
+                    hidden_states.append(x)
         x = self.final_layer_norm(x.to(self.final_layer_norm.weight.device))
         if hidden_states is not None:
             hidden_states[-1] = x  # the reference reports the normed output as the last hidden state

@@ -62,18 +62,51 @@ def test_kernel_is_as_accurate_as_the_reference_and_greedy_tokens_are_its_choice
 @pytest.mark.skipif(bf16_kernel() is None, reason="neoxlite's CPU kernel cannot run here")
 def test_direct_decode_step_gives_the_module_path_bits(models, monkeypatch):
     """neoxlite.cpu_step.decode_step (kernel calls without module calls) against forward()'s module path, both with
-    the kernels: the same operations in the same order, so the same bits."""
+    the kernels: the same operations in the same order, so the same bits; whether the block loop plans every
+    layer's step at once (decode_plan) or each layer's forward() checks its own."""
     import neoxlite.cpu_step
 
     ours, _, _ = models
     direct = ours.generate(PROMPT, max_new_tokens=24, eos_token_id=[])
-    calls = []
-    step = neoxlite.cpu_step.decode_step
+    calls, plans = [], []
+    step, plan = neoxlite.cpu_step.decode_step, neoxlite.cpu_step.decode_plan
     monkeypatch.setattr(neoxlite.cpu_step, "decode_step", lambda *a: calls.append(1) or step(*a))
+    monkeypatch.setattr(neoxlite.cpu_step, "decode_plan", lambda *a: plans.append(plan(*a)) or plans[-1])
     assert torch.equal(ours.generate(PROMPT, max_new_tokens=24, eos_token_id=[]), direct)
     assert len(calls) == 23 * ours.config.num_hidden_layers  # every decode step of every layer took it
+    assert sum(p is not None for p in plans) == 23  # every decode step planned at once (the prefill did not)
+    monkeypatch.setattr(neoxlite.cpu_step, "decode_plan", lambda *a: None)  # each layer's forward() decides
+    assert torch.equal(ours.generate(PROMPT, max_new_tokens=24, eos_token_id=[]), direct)
+    assert len(calls) == 2 * 23 * ours.config.num_hidden_layers
     monkeypatch.setattr(neoxlite.cpu_step, "decode_kernel", lambda self, x, kv: None)
     assert torch.equal(ours.generate(PROMPT, max_new_tokens=24, eos_token_id=[]), direct)
+
+
+@pytest.mark.skipif(bf16_kernel() is None, reason="neoxlite's CPU kernel cannot run here")
+@pytest.mark.parametrize("scope", ["layer", "pre-layer", "global"])
+def test_forward_hooks_run_at_every_decode_step(checkpoint, scope):
+    """The planned block loop calls decode_step without the layers' module calls: where a forward hook is
+    registered (on a layer, or for every module) it steps aside, so the hook runs at every step, with the same
+    tokens."""
+    folder, _ = checkpoint(hidden_size=128, intermediate_size=512, vocab_size=512)
+    model = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, progress=False)
+    expected = model.generate(PROMPT, max_new_tokens=8, eos_token_id=[])
+    layer = model.gpt_neox.layers[1]
+    calls = []
+    if scope == "layer":
+        handle = layer.register_forward_hook(lambda *_: calls.append(1))
+    elif scope == "pre-layer":
+        handle = layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda module, *_: calls.append(1) if module is layer else None)
+    try:
+        assert torch.equal(model.generate(PROMPT, max_new_tokens=8, eos_token_id=[]), expected)
+    finally:
+        handle.remove()
+    assert len(calls) == 8  # the prefill and the seven decode steps
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=8, eos_token_id=[]), expected)
+    assert len(calls) == 8  # removed: not called again
 
 
 @pytest.mark.skipif(bf16_kernel() is None, reason="neoxlite's CPU kernel cannot run here")

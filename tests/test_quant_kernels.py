@@ -340,6 +340,9 @@ def test_direct_decode_step_runs_quantized_layers_with_the_module_path_bits(quan
     monkeypatch.setattr(neoxlite.cpu_step, "decode_step", lambda *a: calls.append(1) or step(*a))
     assert torch.equal(ours.generate(PROMPT[:1], max_new_tokens=8, eos_token_id=[]), direct)
     assert len(calls) == 7 * ours.config.num_hidden_layers
+    monkeypatch.setattr(neoxlite.cpu_step, "decode_plan", lambda *a: None)  # each layer's forward() decides
+    assert torch.equal(ours.generate(PROMPT[:1], max_new_tokens=8, eos_token_id=[]), direct)
+    assert len(calls) == 2 * 7 * ours.config.num_hidden_layers
     monkeypatch.setattr(neoxlite.cpu_step, "decode_kernel", lambda self, x, kv: None)
     assert torch.equal(ours.generate(PROMPT[:1], max_new_tokens=8, eos_token_id=[]), direct)
 
