@@ -76,19 +76,23 @@ def decode_kernel(layer: GPTNeoXLayer, x: torch.Tensor, kv: tuple[StaticCache | 
 def decode_plan(layers: Sequence[GPTNeoXLayer], x: torch.Tensor, cache: StaticCache | RowStep
                 ) -> list[tuple[GPTNeoXLayer, BF16Kernel]] | None:
     """decode_kernel() for every layer of a resident model at once, before the first one runs: (layer, kernel)
-    pairs for the block loop to hand to decode_step, or None unless every layer takes the direct step and calling
-    it as a module would run no hook (its own or a global forward hook).
+    pairs for the block loop to hand to decode_step, or None unless every layer is a GPTNeoXLayer with its own
+    forward() (not a replacement module or an override), takes the direct step, and calling it as a module would
+    run no hook (its own or a global forward hook).
 
     Why: between two layers' kernel calls, the module call, the scheduler's fetch and decode_kernel's checks run
     with their code and data pushed out of the caches by the weights, about 50 us a layer (a twentieth of an nf4
     step at pythia-410m); run together here, before any kernel call, they cost a few. Nothing a check reads can
     change during a step of a resident model (the offload scheduler, which rebinds tensors per layer, keeps the
     per-layer check)."""
+    from neoxlite.model import GPTNeoXLayer  # (model.py imports this module)
+
     if x.shape[1] != 1 or _global_forward_hooks():
         return None
     plan = []
     for i, layer in enumerate(layers):
-        if layer.training or layer._forward_hooks or layer._forward_pre_hooks:
+        if (type(layer).forward is not GPTNeoXLayer.forward or layer.training or layer._forward_hooks
+                or layer._forward_pre_hooks):
             return None
         kernel = decode_kernel(layer, x, (cache, i))
         if kernel is None:

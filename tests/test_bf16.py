@@ -110,6 +110,42 @@ def test_forward_hooks_run_at_every_decode_step(checkpoint, scope):
 
 
 @pytest.mark.skipif(bf16_kernel() is None, reason="neoxlite's CPU kernel cannot run here")
+def test_a_replaced_or_overridden_layer_runs_at_every_decode_step(checkpoint):
+    """A layer replaced by another module, or by a subclass with its own forward(), is called as a module at every
+    step (the planned loop steps aside), and the others still take the kernels."""
+    from neoxlite.model import GPTNeoXLayer
+
+    folder, _ = checkpoint(hidden_size=128, intermediate_size=512, vocab_size=512)
+    model = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, progress=False)
+    expected = model.generate(PROMPT, max_new_tokens=8, eos_token_id=[])
+    calls = []
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            calls.append(1)
+            return self.inner(*args)
+
+    class Counted(GPTNeoXLayer):
+        def forward(self, *args):
+            calls.append(1)
+            return super().forward(*args)
+
+    layers = model.gpt_neox.layers
+    original = layers[1]
+    layers[1] = Wrapper(original)
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=8, eos_token_id=[]), expected)
+    assert len(calls) == 8  # the prefill and the seven decode steps
+    original.__class__ = Counted
+    layers[1] = original
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=8, eos_token_id=[]), expected)
+    assert len(calls) == 16
+
+
+@pytest.mark.skipif(bf16_kernel() is None, reason="neoxlite's CPU kernel cannot run here")
 def test_direct_decode_step_follows_changed_weights(checkpoint):
     folder, _ = checkpoint(hidden_size=128, intermediate_size=512, vocab_size=512)
     model = GPTNeoXForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, progress=False)
