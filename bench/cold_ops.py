@@ -14,13 +14,16 @@ allocated there.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from neoxlite.cpu_kernels import kernel_status, quant_kernel
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quant_kernels import bind, kernel_or_exit  # noqa: E402
 
 WIDTH, OUT = 1024, 4096
 
@@ -30,18 +33,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--calls", type=int, default=640, help="kernel calls (each followed by one cold run)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    kernel = quant_kernel()
-    if kernel is None:
-        raise SystemExit(f"no quantized CPU kernel here: {kernel_status()}")
+    kernel = kernel_or_exit(args.threads)
     gen = torch.Generator().manual_seed(0)
-
-    def int8_layer(n: int) -> Callable[..., torch.Tensor]:
-        weight = torch.randint(-127, 128, (n, WIDTH), dtype=torch.int8, generator=gen)
-        return kernel.bind_int8(weight, torch.rand(n, generator=gen) * 0.1, 6.0, None, torch.bfloat16)
-
-    streams = [int8_layer(OUT) for _ in range(64)]  # 256 MiB of weights: each call reads its copy from RAM
-    small = int8_layer(16)
+    # 256 MiB of weights: each call reads its copy from RAM
+    streams = [bind(kernel, "int8", WIDTH, OUT, gen)[0] for _ in range(64)]
+    small = bind(kernel, "int8", WIDTH, 16, gen)[0]
     x = torch.randn(1, WIDTH, generator=gen).to(torch.bfloat16)
     row = torch.randn(1, 1, WIDTH, generator=gen).to(torch.bfloat16)
     norm = (torch.ones(WIDTH, dtype=torch.bfloat16), torch.zeros(WIDTH, dtype=torch.bfloat16))

@@ -71,6 +71,15 @@ def bind(kernel: QuantKernel, fmt: str, k: int, n: int, gen: torch.Generator) ->
     return kernel.bind_4bit(codes, n, table, absmax, None, None, torch.bfloat16), n * k // 2 + 4 * blocks
 
 
+def kernel_or_exit(threads: int) -> QuantKernel:
+    """The quantized kernels, with `threads` torch threads; exits with the reason where they cannot run here."""
+    torch.set_num_threads(threads)
+    kernel = quant_kernel()
+    if kernel is None:
+        raise SystemExit(f"no quantized CPU kernel here: {kernel_status()}")
+    return kernel
+
+
 def best_time(calls: list[Callable], x: torch.Tensor, repeats: int) -> float:
     """Seconds per call: the best pass over `calls` (one call each), divided by their number."""
     for call in calls:
@@ -92,10 +101,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=30, help="timed passes; the best is kept")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    kernel = quant_kernel()
-    if kernel is None:
-        raise SystemExit(f"no quantized CPU kernel here: {kernel_status()}")
+    kernel = kernel_or_exit(args.threads)
     # four times the last-level cache, within a quarter of the free memory
     cold_bytes = min(4 * last_level_cache_bytes(), psutil.virtual_memory().available // 4)
     print(f"# {kernel.isa_name}, {args.threads} thread(s), {args.rows} row(s), bf16 compute, cycles at {args.ghz} GHz; "
