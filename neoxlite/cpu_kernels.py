@@ -50,7 +50,7 @@ _MAX_ROWS = {1: EVERY_ROW, 2: 32}
 # fp32 rows served by one pass over the weights; beyond that MKL's GEMM reads them once for all rows.
 MAX_ROWS_F32 = 4
 # A bound linear: call(x, out=None) -> x @ W.T + bias, written into `out` (an empty contiguous tensor of the
-# result's shape and dtype) when one is given.
+# result's shape and dtype) when one is given; callers use the returned tensor (fp32 with GELU returns a new one).
 DecodeCall = Callable[..., torch.Tensor]
 _QUANT_ISA_NAMES = {1: "AVX2+FMA", 2: "AVX512F/BW"}
 _QUANT_ISA_AMX_INT8 = 3  # neox_linear_int8's code for the AVX512 loops with AMX-INT8 tiles (neox_amx_int8_from)
@@ -93,7 +93,7 @@ class BF16Kernel:
         one rounding to bf16, and with `gelu` F.gelu of that bf16 result (PyTorch's own CPU formula) in the same
         call. fp32: GELU applied after. Any number of rows; each row's result has the same bits whatever the others
         are. `out`: an empty contiguous tensor of the result's shape and dtype to write into (see
-        neoxlite.cpu_step.decode_step for why)."""
+        neoxlite.cpu_step.decode_step for why); fp32 with `gelu` returns GELU of it as a new tensor."""
         n, k = weight.shape
         x = x if x.is_contiguous() else x.contiguous()
         rows = x.numel() // k
