@@ -24,7 +24,8 @@ def _disk_error(path: Path, err: OSError) -> OSError:
     return err
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it for good)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -35,7 +36,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should read like any saved file
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; the result should read like any saved file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -56,13 +57,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def remove_orphans(dest: str | os.PathLike) -> list[Path]:
-    """Deletes what killed writes of the folder `dest` left beside it; returns what was removed.
+    """Deletes what killed writes of the folder `dest` left beside it; returns what was removed. A `dest` missing
+    beside its `.<name>.old` (a kill between an overwrite's two renames) is first restored from it.
 
     Only names atomic_folder generates for `dest` are looked at: `.<name>.<8 chars>.partial` folders and
     `.<name>.old` (the old `dest` between the two renames of an overwrite), and the same names generated for
     those in turn (an atomic write nested in another); each only when its lock is free (its writer is gone)."""
     dest = Path(dest)
     removed = []
+    old = dest.with_name(f".{dest.name}.old")
+    if not os.path.lexists(dest) and old.is_dir() and not old.is_symlink():
+        # killed between an overwrite's two renames: the old folder is the only complete one, so it goes back
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(old, dest)
     for path in sorted(dest.parent.iterdir()):
         if _made_for(path.name, dest.name) and _remove_if_unlocked(path):
             removed.append(path)
@@ -120,13 +127,18 @@ def atomic_folder(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[
     remove_orphans(dest)
     tmp, lock = _locked_temp_folder(dest)
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
         yield tmp
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(dest, old)
-            os.replace(tmp, dest)
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.replace(old, dest)  # the old folder back in its place (a kill here: remove_orphans does it)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dest)

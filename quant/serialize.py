@@ -42,6 +42,7 @@ def quantize_checkpoint(
     quantized model. dtype: the dtype of the layers kept in full precision and the one the weights are cast to
     before quantizing (default: SRC's). device: where quantization runs (default cpu; transformers quantizes on
     the device the model loads to, and the CUDA and CPU kernels may round differently)."""
+    from neoxlite.checkpoint import open_regular
     from neoxlite.config import GPTNeoXConfig
     from neoxlite.fileio import atomic_folder
     from neoxlite.hub import resolve
@@ -59,6 +60,10 @@ def quantize_checkpoint(
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; choose another destination or remove it first")
     _check_apart(folder, dst)
+    if overwrite and dst.is_dir() and any(dst.iterdir()) and not (dst / "config.json").is_file():
+        raise ValueError(f"{dst} is a folder but not a checkpoint (it has no config.json): --overwrite replaces "
+                         "a checkpoint folder whole and would delete everything in it; choose another DST")
+    extra_files = _extra_files(folder)  # checked before the long part
     config = GPTNeoXConfig.from_json_file(folder / "config.json")
     if config.quantization_config:
         raise ValueError(
@@ -90,10 +95,28 @@ def quantize_checkpoint(
                 raise OSError(errno.ENOSPC, f"no space left on the disk holding {dst} while writing the weights; "
                                             "free some space or choose another destination") from None
             raise
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and path.name not in _REWRITTEN and not path.name.endswith(_WEIGHT_SUFFIXES):
-                shutil.copyfile(path, tmp / path.name)
+        for name, path in extra_files.items():
+            with open(open_regular(path, "SRC file"), "rb") as source, open(tmp / name, "wb") as copy:
+                shutil.copyfileobj(source, copy)
     return model
+
+
+def _extra_files(folder: Path) -> dict[str, Path]:
+    """SRC's files that DST gets as they are (tokenizer, README, ...): name -> the file it is or links to. Only
+    files inside SRC, or for a hub snapshot in its repository's blobs, are copied: a link out of those is
+    refused (copying it would carry a file from elsewhere, a private key say, into DST)."""
+    base = folder.resolve()
+    roots = [base] + ([base.parent.parent / "blobs"] if base.parent.name == "snapshots" else [])
+    extra = {}
+    for path in sorted(folder.iterdir()):
+        if path.name in _REWRITTEN or path.name.endswith(_WEIGHT_SUFFIXES) or not path.is_file():
+            continue
+        target = path.resolve()
+        if not any(root in target.parents for root in roots):
+            raise ValueError(f"{path} is a link to {target}, outside the checkpoint folder {folder}; quantize copies "
+                             "only files that lie in SRC: put a copy of the file itself there, or remove the link")
+        extra[path.name] = target
+    return extra
 
 
 def _check_apart(src: Path, dst: Path) -> None:

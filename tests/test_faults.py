@@ -3,7 +3,8 @@
 A child process (a fork of the test, so no interpreter start-up per kill) counts the write's own steps (each
 chunk written, each fsync, rename and copy) and SIGKILLs itself at step N, for every N the uninterrupted
 write takes; a chunk at the kill point is half written first. Afterwards the output must be absent or complete
-and loadable, and the next run must clean what the killed one left.
+and loadable (an overwritten one: the old or the new, never absent), and the next run must clean what the killed
+one left.
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ def quantize_work(src: Path, dst: Path, quant: str, overwrite: bool) -> Callable
         saving.save_file = save_file
         killer.wrap(os, "replace")
         killer.wrap(os, "fsync")
-        killer.wrap(serialize.shutil, "copyfile")
+        killer.wrap(serialize.shutil, "copyfileobj")
         quantize_into(src, dst, quant, overwrite)
     return work
 
@@ -289,10 +290,12 @@ def test_quantize_killed_at_every_step_leaves_dst_absent_or_complete(source, tmp
             shutil.copytree(tmp_path / "ref-int8", dst)
 
     def check(n: int) -> None:
+        remove_orphans(dst)  # what the next run of `quantize ... q` does first (a lost dst comes back from .q.old)
         if dst.exists():  # complete: the old one (int8) or the new one (nf4), never a mix
             got = logits(dst)
             assert any(torch.equal(got, want) for want in expected.values()), f"kill at step {n}"
-        remove_orphans(dst)  # what the next run of `quantize ... q` does first
+        else:  # absent only when there was no old one
+            assert not overwrite, f"a kill at step {n} lost the old checkpoint"
         assert [p.name for p in out.iterdir()] in ([], ["q"]), f"leftovers after a kill at step {n}"
         fresh()
 
@@ -374,3 +377,78 @@ def test_quantize_simulated_full_disk(source, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="no space left on the disk holding") as info:
         quantize_into(source, tmp_path / "q", "int8")
     assert info.value.errno == errno.ENOSPC and list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ save_pretrained in place
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """Two models of one shape with different weights (the old checkpoint and the new one)."""
+    from helpers import make_checkpoint
+
+    from neoxlite import GPTNeoXForCausalLM
+
+    root = tmp_path_factory.mktemp("two-models")
+    for seed in (0, 1):
+        make_checkpoint(root / f"m{seed}", seed=seed)
+    return [GPTNeoXForCausalLM.from_pretrained(root / f"m{seed}", progress=False) for seed in (0, 1)]
+
+
+@pytest.mark.parametrize("old_shard,new_shard", [("100KB", "100KB"), ("2GiB", "100KB"), ("100KB", "2GiB")],
+                         ids=["sharded-over-sharded", "sharded-over-single", "single-over-sharded"])
+def test_save_pretrained_killed_at_every_step_leaves_old_or_new_weights(two_models, tmp_path, old_shard, new_shard):
+    """A save into a folder already holding a checkpoint, a tokenizer and a user's notes, killed at every step:
+    the folder always loads as the old model or the new one (never a mix, never nothing), the other files stay,
+    and the next save removes what the killed one left."""
+    import neoxlite.saving as saving
+
+    old, new = two_models
+    expected = [logits_of(old), logits_of(new)]
+    folder, reference = tmp_path / "ckpt", tmp_path / "reference"
+    old.save_pretrained(reference, max_shard_size=old_shard)
+    (reference / "tokenizer.json").write_text("{}")
+    (reference / "NOTES.md").write_text("mine")
+
+    def work(killer: KillAt) -> None:
+        real_save = saving.save_file
+
+        def save_file(tensors, path, metadata=None):
+            def half_written() -> None:
+                real_save(tensors, path, metadata=metadata)
+                os.truncate(path, os.path.getsize(path) // 2)
+            killer.step(half_written)
+            real_save(tensors, path, metadata=metadata)
+            killer.step()
+
+        saving.save_file = save_file
+        for name in ("replace", "fsync", "unlink"):
+            killer.wrap(os, name)
+        new.save_pretrained(folder, max_shard_size=new_shard)
+
+    def check(n: int) -> None:
+        got = logits_of(load_folder(folder))
+        assert any(torch.equal(got, want) for want in expected), f"kill at step {n}: neither model"
+        assert (folder / "NOTES.md").read_text() == "mine" and (folder / "tokenizer.json").exists()
+        saving._remove_dead_stages(folder)  # what the next save does first
+        assert not [p.name for p in folder.iterdir() if p.name.startswith(".")], f"leftovers after step {n}"
+        shutil.rmtree(folder)
+        shutil.copytree(reference, folder)
+
+    shutil.copytree(reference, folder)
+    every_kill_point(work, tmp_path, check)
+    new.save_pretrained(folder, max_shard_size=new_shard)  # uninterrupted: the new model, no old weight file left
+    assert torch.equal(logits_of(load_folder(folder)), expected[1])
+    index = folder / "model.safetensors.index.json"
+    wanted = {index.name, *json.loads(index.read_text())["weight_map"].values()} if index.exists() else {
+        "model.safetensors"}
+    assert {p.name for p in folder.iterdir() if "safetensors" in p.name} == wanted
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.arange(12)[None] % 96).logits
+
+
+def load_folder(folder: Path):
+    from neoxlite import GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM.from_pretrained(folder, progress=False)

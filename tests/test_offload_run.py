@@ -29,7 +29,7 @@ from neoxlite.offload.scheduler import (
     block_state,
     pack,
 )
-from neoxlite.offload.store import BlockStore
+from neoxlite.offload.store import BlockStore, list_stores
 
 CONFIG = dict(num_hidden_layers=6)
 PROMPTS = torch.tensor([[5, 17, 3, 44, 9, 12], [0, 0, 7, 8, 91, 2]])
@@ -324,6 +324,15 @@ def test_cli_plan_and_offload_commands(ckpt, tmp_path, capsys):
     assert "removed" in capsys.readouterr().out
     assert not list(tmp_path.glob("neoxlite-*")) and (tmp_path / "mine.txt").exists()
     assert main(["offload", "clear", "--offload-dir", str(tmp_path / "nope")]) == 2
+    # a user's folder named like a store stays; a store holding a user's file is kept and reported
+    (tmp_path / "neoxlite-notes").mkdir()
+    (tmp_path / "neoxlite-notes" / "thesis.tex").write_text("mine")
+    load(ckpt, torch.float32, cpu_memory=int(budget), offload_dir=tmp_path)
+    [(store, _)] = list_stores(tmp_path)
+    (store / "draft.txt").write_text("mine too")
+    assert main(["offload", "clear", "--offload-dir", str(tmp_path)]) == 0
+    assert f"kept {store}: it holds files neoxlite did not write (draft.txt)" in capsys.readouterr().out
+    assert (store / "draft.txt").exists() and (tmp_path / "neoxlite-notes" / "thesis.tex").exists()
 
 
 def test_generate_refuses_more_than_the_plan_reserved(ckpt):

@@ -209,14 +209,53 @@ def test_remove_deletes_only_neoxlite_stores(tmp_path):
     (tmp_path / "keep.txt").write_text("user file")
     stores = list_stores(tmp_path)
     assert len(stores) == 2 and all(n > 0 for _, n in stores)
-    removed = remove(tmp_path, fingerprint="a" * 64)
-    assert [p.name for p, _ in removed] == ["neoxlite-" + "a" * 16]
+    removal = remove(tmp_path, fingerprint="a" * 64)
+    assert [p.name for p, _ in removal.removed] == ["neoxlite-" + "a" * 16] and removal.kept == []
     remove(tmp_path)
     assert list_stores(tmp_path) == [] and (tmp_path / "keep.txt").exists()
     manifestless = tmp_path / "unrelated"
     manifestless.mkdir()
     remove(tmp_path)
     assert manifestless.exists()
+
+
+def test_a_folder_in_a_block_files_place_is_a_clear_error(tmp_path):
+    BlockStore(tmp_path, FP).write("layers.0", block_tensors())
+    path = BlockStore(tmp_path, FP).root / "layers.0.safetensors"
+    path.unlink()
+    path.mkdir()
+    (path / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="holds layers.0.safetensors, which is not a regular file"):
+        BlockStore(tmp_path, FP).has("layers.0")
+    assert (path / "keep.txt").exists()
+
+
+def test_remove_never_deletes_a_users_folder_or_files(tmp_path):
+    """Folders whose names merely start with the prefix are not stores; a store holding anything a store does not
+    write is kept whole (reported), and a link named like a store is not followed."""
+    notes = tmp_path / "neoxlite-notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("my work")
+    upper = tmp_path / ("neoxlite-" + "A" * 16)
+    upper.mkdir()
+    store = BlockStore(tmp_path, FP)
+    store.write("layers.0", block_tensors())
+    (store.root / "mine.txt").write_text("a user's file put in the store")
+    (store.root / "sub").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "data.bin").write_bytes(b"keep")
+    (tmp_path / ("neoxlite-" + "b" * 16)).symlink_to(elsewhere, target_is_directory=True)
+    assert [p for p, _ in list_stores(tmp_path)] == [store.root]
+    removal = remove(tmp_path)
+    assert removal.removed == [] and removal.kept == [(store.root, ["mine.txt", "sub"])]
+    assert (notes / "thesis.tex").read_text() == "my work" and upper.exists() and (elsewhere / "data.bin").exists()
+    assert (store.root / "manifest.json").exists() and (store.root / "layers.0.safetensors").exists()
+    (store.root / "mine.txt").unlink()
+    (store.root / "sub").rmdir()
+    removal = remove(tmp_path)
+    assert [p for p, _ in removal.removed] == [store.root] and not store.root.exists()
+    assert (notes / "thesis.tex").exists() and (elsewhere / "data.bin").exists()
 
 
 def test_manifest_records_layout(tmp_path):

@@ -90,7 +90,7 @@ def plan_checkpoint(model: str | os.PathLike, kw: dict[str, Any], links: Links |
     from neoxlite.checkpoint import Checkpoint
     from neoxlite.config import GPTNeoXConfig
     from neoxlite.hub import resolve
-    from neoxlite.loading import parse_dtype, stored_float_dtype
+    from neoxlite.loading import check_layer_count, parse_dtype, stored_float_dtype
     from neoxlite.model import GPTNeoXForCausalLM
     from neoxlite.offload.placement import Workload, plan_model, quantized_layer_names
     from neoxlite.quant.model import resolve_spec
@@ -100,6 +100,7 @@ def plan_checkpoint(model: str | os.PathLike, kw: dict[str, Any], links: Links |
     spec, prequantized = resolve_spec(config.quantization_config, quant=kw.get("quant"),
                                       compute_dtype=kw.get("compute_dtype"))
     ckpt = Checkpoint(folder)
+    check_layer_count(ckpt, config, folder)
     dtype = parse_dtype(kw.get("dtype")) or stored_float_dtype(ckpt)  # the loader's own rule
     try:  # not the loader's check: a plan for a GPU this machine lacks is what a buyer asks for
         device = torch.device(kw.get("device") or "cpu")
@@ -121,10 +122,19 @@ def plan_checkpoint(model: str | os.PathLike, kw: dict[str, Any], links: Links |
 def cmd_offload(args: argparse.Namespace) -> int:
     from neoxlite.offload.store import list_stores, remove
 
-    listing = args.action == "list"
-    stores = list_stores(args.offload_dir) if listing else remove(args.offload_dir)
-    for path, nbytes in stores:
-        print(f"{format_size(nbytes):>11}  {path}" if listing else f"removed {path} ({format_size(nbytes)})")
+    if args.action == "list":
+        stores = list_stores(args.offload_dir)
+        for path, nbytes in stores:
+            print(f"{format_size(nbytes):>11}  {path}")
+    else:
+        removal = remove(args.offload_dir)
+        for path, nbytes in removal.removed:
+            print(f"removed {path} ({format_size(nbytes)})")
+        for path, foreign in removal.kept:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            print(f"kept {path}: it holds files neoxlite did not write ({shown}); move them out, or delete the "
+                  "folder yourself if it is yours to delete")
+        stores = removal.removed + removal.kept
     if not stores:
         print(f"no neoxlite stores in {args.offload_dir}")
     return 0

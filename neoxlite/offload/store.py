@@ -316,6 +316,10 @@ class BlockStore:
             return False
         if block in self._checked:
             return True
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.lstat(entry.path).st_mode):  # a folder or link in its place is not ours to delete
+                raise ValueError(f"the offload store {self.root} holds {entry.path.name}, which is not a regular file "
+                                 "(a folder or a link put there?); move it out of the store and run again")
         # The CRC covers the file's own safetensors header, so a layout that agrees with it is the one written.
         if _file_crc32(entry.path, entry.file_bytes) == entry.crc32 and _header_agrees(entry):
             self._checked.add(block)
@@ -627,29 +631,67 @@ def _disk_error(err: OSError, offload_dir: Path, doing: str) -> OSError:
 
 
 # ------------------------------------------------------------------------------------------ housekeeping
+# A store folder's name: the prefix and 16 hex digits of a fingerprint (a user's "neoxlite-notes" is not one).
+_STORE_NAME = re.compile(re.escape(STORE_PREFIX) + r"[0-9a-f]{16}")
+
+
+def _written_by_store(entry: os.DirEntry) -> bool:
+    """Whether `entry` of a store folder is a file a BlockStore writes there (manifest, lock, block, temporary)."""
+    name = entry.name
+    known = (name in (MANIFEST, ".lock") or _TEMP_NAME.fullmatch(name) is not None
+             or (name.endswith(".safetensors") and BLOCK_NAME.fullmatch(name.removesuffix(".safetensors")) is not None))
+    return known and entry.is_file(follow_symlinks=False)
+
+
 def list_stores(offload_dir: str | os.PathLike) -> list[tuple[Path, int]]:
-    """(store folder, bytes on disk) for each neoxlite store in `offload_dir`."""
+    """(store folder, bytes on disk) for each neoxlite store in `offload_dir`: the folders named as BlockStore
+    names them (`neoxlite-` and 16 hex digits), links excluded."""
     path = Path(os.path.expanduser(os.fspath(offload_dir)))
     if not path.is_dir():
         raise ValueError(f"offload dir {path} does not exist or is not a directory")
     stores = []
-    for store in sorted(path.glob(f"{STORE_PREFIX}*")):
-        if store.is_dir() and not store.is_symlink():
-            stores.append((store, sum(f.stat().st_size for f in store.iterdir() if f.is_file())))
+    for store in sorted(path.iterdir()):
+        if _STORE_NAME.fullmatch(store.name) and store.is_dir() and not store.is_symlink():
+            with os.scandir(store) as entries:
+                nbytes = sum(e.stat(follow_symlinks=False).st_size for e in entries if e.is_file(follow_symlinks=False))
+            stores.append((store, nbytes))
     return stores
 
 
-def remove(offload_dir: str | os.PathLike, fingerprint: str | None = None) -> list[tuple[Path, int]]:
+@dataclass(frozen=True)
+class Removal:
+    """What remove() did: the stores deleted, (folder, bytes), and those kept, (folder, the foreign entries)."""
+
+    removed: list[tuple[Path, int]]
+    kept: list[tuple[Path, list[str]]]
+
+
+def remove(offload_dir: str | os.PathLike, fingerprint: str | None = None) -> Removal:
     """Deletes neoxlite's stores in `offload_dir` (only the one for `fingerprint` when given); other files stay.
 
-    Returns what was removed: (folder, bytes).
+    Only the files a store writes are deleted, then the emptied folder: a store folder holding anything else
+    (a file or folder someone put there) is kept whole and reported, never emptied.
     """
-    removed = []
+    removed, kept = [], []
     for store, nbytes in list_stores(offload_dir):
-        if fingerprint is None or store.name == f"{STORE_PREFIX}{fingerprint[:16]}":
-            shutil.rmtree(store)
-            removed.append((store, nbytes))
-    return removed
+        if fingerprint is not None and store.name != f"{STORE_PREFIX}{fingerprint[:16]}":
+            continue
+        with os.scandir(store) as scan:
+            entries = list(scan)
+        foreign = sorted(e.name for e in entries if not _written_by_store(e))
+        if foreign:
+            kept.append((store, foreign))
+            continue
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+        try:
+            store.rmdir()
+        except OSError:  # a process still using the store wrote a file meanwhile: the folder stays
+            kept.append((store, sorted(os.listdir(store))))
+            continue
+        removed.append((store, nbytes))
+    return Removal(removed, kept)
 
 
 def measure_read_bandwidth(paths: list[Path], limit: int = 1 << 30, *, cold: bool = True) -> float:
