@@ -39,10 +39,17 @@ def _section(card: str, title: str) -> str:
 
 
 def read_card(folder: Path) -> str:
+    """The checkpoint's README.md, "" when it has none that is a file inside it of at most MAX_CARD_BYTES."""
+    from neoxlite.checkpoint import read_metadata_file
+
     card = folder / "README.md"
     if not card.is_file() or card.stat().st_size > MAX_CARD_BYTES:
         return ""
-    return card.read_text(encoding="utf-8", errors="replace")
+    try:
+        raw = read_metadata_file(card, "model card")  # confined: a link to a file elsewhere is not shown
+    except ValueError:
+        return ""
+    return raw[:MAX_CARD_BYTES].decode("utf-8", errors="replace")
 
 
 def guide(folder: Path, id2label: dict[int, str] | None, task: str) -> HeadGuide:

@@ -7,7 +7,6 @@ heads), the GPT-NeoX checkpoints in the Hugging Face cache, and the ones the app
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,10 +87,13 @@ def cached_choices(cache_dir: str | os.PathLike | None = None) -> list[Choice]:
 
 
 def _model_type(config: Path) -> str | None:
+    from neoxlite.checkpoint import read_metadata_json
+
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):  # missing, unreadable or not a JSON object: not ours
+        data = read_metadata_json(config, "the config file")  # confined and size-checked like any load
+    except ValueError:  # missing, unreadable, a link outside the snapshot, or not JSON: not ours
         return None
+    return data.get("model_type") if isinstance(data, dict) else None
 
 
 def choices(started_with: list[str | os.PathLike] = (), cache_dir: str | os.PathLike | None = None) -> list[Choice]:

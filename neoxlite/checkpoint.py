@@ -8,6 +8,8 @@ Where a shard may live (`shard_path`):
   snapshot folder of the Hugging Face cache (`.../snapshots/REV`), inside that cache repository's `blobs`
   folder, where huggingface_hub's own symlinks point;
 - a regular file: never a device, FIFO, socket or folder (opened without blocking, checked on the open file).
+Metadata files (config.json, the tokenizer files, ...: `read_metadata_file`) are confined the same way but
+without the sibling folders: inside the folder that holds them, or the hub-cache repository's `blobs`.
 Each safetensors header is checked before any tensor is read (`_read_header`): a JSON object no larger than the
 file, known dtypes, shapes of non-negative ints, data_offsets within the data section, each span exactly
 numel * itemsize bytes, no two spans overlapping. Any violation is one ValueError naming the file.
@@ -19,6 +21,7 @@ import json
 import os
 import posixpath
 import re
+import reprlib
 import stat
 from collections import defaultdict
 from pathlib import Path
@@ -67,8 +70,16 @@ MAX_METADATA_BYTES = 256 * 2**20
 
 
 def read_metadata_file(path: Path, what: str) -> bytes:
-    """The bytes of a small metadata file (config.json and the like), read only when it is a regular file of
-    at most MAX_METADATA_BYTES; ValueError naming the file otherwise."""
+    """The bytes of a small metadata file (config.json and the like), read only when it resolves inside its
+    folder (as the module docstring says) and is a regular file of at most MAX_METADATA_BYTES; ValueError
+    naming the file otherwise."""
+    try:
+        base, target = path.parent.resolve(), path.resolve()
+    except (OSError, RuntimeError, UnicodeError) as err:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise ValueError(f"{what} {path} cannot be resolved ({err}); replace it with a plain file") from None
+    if not any(_within(target, root) for root in _own_roots(base)):
+        raise ValueError(f"{what} {path} links to {target}, outside the checkpoint folder {base}; metadata "
+                         "files may not be read from there, copy the file into the folder instead")
     fd = open_regular(path, what)
     with os.fdopen(fd, "rb") as file:
         size = os.fstat(file.fileno()).st_size
@@ -76,6 +87,17 @@ def read_metadata_file(path: Path, what: str) -> bytes:
             raise ValueError(f"{what} {path} is {size:,} bytes, more than any real one "
                              f"({MAX_METADATA_BYTES:,}); re-download or fix the file")
         return file.read(MAX_METADATA_BYTES + 1)
+
+
+def read_metadata_json(path: Path, what: str) -> Any:
+    """The JSON value of a metadata file read by read_metadata_file; ValueError naming the file when it is not
+    UTF-8 JSON (too deep or with a number too long to parse included)."""
+    raw = read_metadata_file(path, what)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ValueError(f"{path} is not valid JSON ({reason}); re-download or fix the file") from None
 
 
 def shard_path(folder: Path, name: Any, source: Path) -> Path:
@@ -89,7 +111,13 @@ def shard_path(folder: Path, name: Any, source: Path) -> Path:
                          "inside the checkpoint folder or a sibling folder")
     base = folder.resolve()
     lexical = Path(posixpath.normpath(posixpath.join(str(base), name)))
-    target = lexical.resolve()
+    try:
+        target = lexical.resolve()
+        target.exists()  # only probes the name: a name too long for the filesystem fails here, not later
+    except (OSError, RuntimeError, UnicodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+        raise ValueError(f"{source} names the shard {reprlib.repr(name)}, which cannot be a file name here "
+                         f"({reason}); re-download the index") from None
     roots = _shard_roots(base)
     if not any(_within(target, root) for root in roots) or not any(_within(lexical, root) for root in roots[:2]):
         raise ValueError(f"{source} names the shard {name!r}, which lies outside the checkpoint folder {base} and "
@@ -97,14 +125,20 @@ def shard_path(folder: Path, name: Any, source: Path) -> Path:
     return target
 
 
-def _shard_roots(base: Path) -> list[tuple[Path, int]]:
-    """(folder, parts needed below it): the checkpoint folder itself, any folder beside it (one part for the
-    sibling's name, one for the file) unless that would be the whole filesystem, and a hub-cache snapshot's blobs."""
+def _own_roots(base: Path) -> list[tuple[Path, int]]:
+    """(folder, parts needed below it): the checkpoint folder itself and a hub-cache snapshot's blobs."""
     roots = [(base, 1)]
-    if base.parent != Path(base.anchor):
-        roots.append((base.parent, 2))
     if base.parent.name == "snapshots":
         roots.append((base.parent.parent / "blobs", 1))
+    return roots
+
+
+def _shard_roots(base: Path) -> list[tuple[Path, int]]:
+    """_own_roots plus, second, any folder beside the checkpoint folder (one part for the sibling's name, one
+    for the file) unless that would be the whole filesystem."""
+    roots = _own_roots(base)
+    if base.parent != Path(base.anchor):
+        roots.insert(1, (base.parent, 2))
     return roots
 
 
@@ -286,8 +320,14 @@ def _check_entry(path: Path, key: str, info: Any, data_size: int) -> tuple[torch
     if not isinstance(name, str) or name not in _DTYPES:
         raise ValueError(f"{path}: tensor {key} has dtype {name!r}, which neoxlite cannot read")
     shape, offsets = info.get("shape"), info.get("data_offsets")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise ValueError(f"{path}: tensor {key} has shape {shape!r}, not a list of sizes; re-download it")
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**63 for d in shape):
+        raise ValueError(f"{path}: tensor {key} has shape {reprlib.repr(shape)}, not a list of sizes "
+                         "(integers from 0 to 2**63 - 1); re-download it")
+    extent = 1  # the product of the nonzero dims: torch's sizes and strides are int64, even when empty
+    for dim in shape:
+        extent *= max(dim, 1)
+    if extent >= 2**63:
+        raise ValueError(f"{path}: tensor {key} has shape {shape}, too large for any tensor; re-download it")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
         raise ValueError(f"{path}: tensor {key} has no valid data_offsets [start, end]; re-download it")
     start, end = offsets

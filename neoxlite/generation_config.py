@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,10 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_token_id(value: Any) -> bool:
+    return _is_int(value) and 0 <= value < 2**63  # torch holds ids as int64
 
 
 @dataclass
@@ -54,17 +60,18 @@ class GenerationConfig:
             raise ValueError(f"do_sample must be true or false, got {self.do_sample!r}")
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
-            if value is not None and not _is_number(value):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-        if self.top_k is not None and not _is_int(self.top_k):
-            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
+            # JSON files may say NaN or Infinity; a huge int is compared exactly, not converted
+            if value is not None and not (_is_number(value) and 0 <= value <= sys.float_info.max):
+                raise ValueError(f"{name} must be a finite number >= 0, got {reprlib.repr(value)}")
+        if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an integer >= 0, got {reprlib.repr(self.top_k)}")
         for name in ("bos_token_id", "pad_token_id"):
             value = getattr(self, name)
-            if value is not None and not _is_int(value):
-                raise ValueError(f"{name} must be an integer token id, got {value!r}")
+            if value is not None and not _is_token_id(value):
+                raise ValueError(f"{name} must be a token id (an integer >= 0), got {reprlib.repr(value)}")
         eos = self.eos_token_id
-        if eos is not None and not _is_int(eos) and not (isinstance(eos, list) and all(_is_int(i) for i in eos)):
-            raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos!r}")
+        if not (eos is None or _is_token_id(eos) or isinstance(eos, list) and all(map(_is_token_id, eos))):
+            raise ValueError(f"eos_token_id must be a token id or a list of them, got {reprlib.repr(eos)}")
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod
@@ -78,13 +85,10 @@ class GenerationConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> GenerationConfig:
+        from neoxlite.checkpoint import read_metadata_json
+
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); fix or delete the file") from None
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path} is not UTF-8 text ({err}); fix or delete the file") from None
+        data = read_metadata_json(path, "the generation config")  # confined, size-checked, parse errors named
         try:
             return cls.from_dict(data)
         except (ValueError, TypeError) as err:
@@ -96,7 +100,7 @@ class GenerationConfig:
         from neoxlite.hub import resolve
 
         path = resolve(path_or_id, revision=revision) / FILE_NAME
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"no {FILE_NAME} in {path.parent}")
         return cls.from_json_file(path)
 
@@ -115,6 +119,6 @@ class GenerationConfig:
 def read_generation_config(folder: str | os.PathLike) -> GenerationConfig | None:
     """The folder's generation_config.json, or None when it has none."""
     path = Path(folder) / FILE_NAME
-    if not path.is_file():
+    if not path.exists():  # present but not a regular file (a FIFO, a folder): refused by from_json_file
         return None
     return GenerationConfig.from_json_file(path)

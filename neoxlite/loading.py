@@ -115,6 +115,7 @@ def load_pretrained(
         device = "cuda"  # a GPU budget asks for the GPU, as transformers' max_memory does
     device = parse_device(device)
     ckpt = Checkpoint(folder)
+    check_layer_count(ckpt, config, folder)  # before building: the layer count decides the module tree
     if target_dtype is None:
         target_dtype = stored_float_dtype(ckpt)
 
@@ -215,6 +216,17 @@ def _check_fits(model: nn.Module, dtype: torch.dtype, spec: Any, prequantized: b
         raise ValueError(f"this model needs {need / 2**30:.1f} GiB of {'GPU memory' if on_gpu else 'RAM'}, you have "
                          f"{have / 2**30:.1f} GiB free; pass {flags} (cpu_memory=, offload_dir=) to keep part of it "
                          "on disk, or quantize it (--quant nf4)")
+
+
+def check_layer_count(ckpt: Checkpoint, config: GPTNeoXConfig, folder: Any) -> None:
+    """Refuses a config.json whose num_hidden_layers differs from the layers the weights hold: the model would
+    be built with layers that get no weights, or the weights of some layers would have no place."""
+    blocks = ckpt.keys_by_block()
+    found = max((int(b.removeprefix("layers.")) for b in blocks if b.startswith("layers.")), default=-1) + 1
+    if found != config.num_hidden_layers:
+        held = f"{found} layers (layers.0 to layers.{found - 1})" if found else "no layers"
+        raise ValueError(f"{folder}: config.json says num_hidden_layers={config.num_hidden_layers} but the "
+                         f"weights hold {held}; check that config.json belongs to these weights")
 
 
 def _set_param(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

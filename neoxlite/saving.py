@@ -16,6 +16,7 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -125,7 +126,19 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, max_shard_size:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file, not a folder; save_pretrained writes a checkpoint folder")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _save_in_place(folder, config, generation_config, items, shards)
+    except BaseException:
+        if created:  # a failed save into a new folder leaves no folder (rmdir: only while it is empty)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _save_in_place(folder: Path, config: Any, generation_config: Any, items: list[_Saved],
+                   shards: list[list[_Saved]]) -> None:
     _remove_dead_stages(folder)
     present = set(os.listdir(folder))
     names = [SINGLE] if len(shards) == 1 else _shard_names(len(shards), present)

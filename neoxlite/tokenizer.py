@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import reprlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +21,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Tokenizer, pre_tokenizers
 
+from neoxlite.checkpoint import read_metadata_file, read_metadata_json
 from neoxlite.fileio import atomic_write_text
 from neoxlite.hub import resolve
 
@@ -53,17 +54,60 @@ def _token_content(value: Any) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+def _is_token(value: Any) -> bool:
+    return isinstance(_token_content(value), str)
+
+
+def _is_chat_template(value: Any) -> bool:
+    """A template string, or named templates: {name: template} or [{"name": ..., "template": ...}, ...]."""
+    if isinstance(value, list):
+        return all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                   and isinstance(t.get("template"), str) for t in value)
+    if isinstance(value, dict):
+        return all(isinstance(t, str) for t in value.values())  # JSON keys are strings
+    return isinstance(value, str)
+
+
+# What each setting read from a config file must be (null always means "not set"), as (check, description).
+_SETTING_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{name: (_is_token, 'a token string or an object with a "content" string') for name in SPECIAL_TOKENS},
+    **{name: (lambda v: isinstance(v, list) and all(map(_is_token, v)), "a list of token strings")
+       for name in ("additional_special_tokens", "extra_special_tokens")},
+    **{name: (lambda v: isinstance(v, bool), "true or false")
+       for name in ("add_bos_token", "add_eos_token", "add_prefix_space")},
+    "model_max_length": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                         "a positive integer"),
+    **{name: (lambda v: v in ("left", "right"), '"left" or "right"')
+       for name in ("padding_side", "truncation_side")},
+    "chat_template": (_is_chat_template,
+                      'a template string or a list of {"name": ..., "template": ...} objects'),
+}
+
+
 def _read_json(path: Path) -> dict:
-    """A tokenizer config file as a dict ({} when absent); ValueError naming the file when it is not one."""
-    if not path.is_file():
+    """A tokenizer settings file as a dict ({} when absent), its settings checked; ValueError naming it."""
+    if not path.exists():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        data = None
+    data = read_metadata_json(path, "tokenizer file")
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a JSON object of tokenizer settings; re-download it")
+    for name, (check, wanted) in _SETTING_TYPES.items():
+        value = data.get(name)
+        # extra_special_tokens is a list in transformers 5.x; an object of named tokens there is not read
+        named = name == "extra_special_tokens" and isinstance(value, dict)
+        if value is not None and not check(value) and not named:
+            raise ValueError(f"{path}: {name} must be {wanted}, got {reprlib.repr(value)}; re-download or "
+                             "fix the file")
     return data
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A checkpoint's text file, read by read_metadata_file (confined, size-checked), decoded as UTF-8."""
+    try:
+        return read_metadata_file(path, what).decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = f"{err.reason} at byte {err.start}"
+        raise ValueError(f"{path} is not UTF-8 text ({where}); re-download it") from None
 
 
 @lru_cache(maxsize=16)
@@ -145,8 +189,9 @@ class GPTNeoXTokenizerFast:
             raise ValueError("pass exactly one of tokenizer_file= (a tokenizer.json path) or tokenizer_object= "
                              "(a tokenizers.Tokenizer)")
         if tokenizer_file is not None:
+            text = _read_text(Path(tokenizer_file), "tokenizer file")
             try:
-                self._tok = Tokenizer.from_file(str(tokenizer_file))
+                self._tok = Tokenizer.from_str(text)
             except Exception as err:  # the tokenizers library raises a bare Exception for every parse error
                 reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 raise ValueError(f"{tokenizer_file} is not a valid tokenizer.json ({reason}); re-download it") from None
@@ -179,16 +224,18 @@ class GPTNeoXTokenizerFast:
         """Loads a local folder or a hub id. `overrides` are constructor keywords that win over the files."""
         folder = resolve(path_or_id, revision=revision)
         tokenizer_file = folder / "tokenizer.json"
-        if not tokenizer_file.is_file():
+        if not tokenizer_file.exists():
             raise ValueError(f"{folder} has no tokenizer.json; neoxlite reads only the fast-tokenizer file "
                              f"(save one with transformers' tokenizer.save_pretrained)")
         config = _read_json(folder / "tokenizer_config.json")
         config.update(_read_json(folder / "special_tokens_map.json"))  # transformers lets this file win
         if "additional_special_tokens" not in config and isinstance(config.get("extra_special_tokens"), list):
             config["additional_special_tokens"] = config["extra_special_tokens"]  # transformers 5.x name
-        if (folder / "chat_template.jinja").is_file():  # transformers 5.x saves the template on its own
-            config["chat_template"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        kwargs = {key: config[key] for key in CONFIG_KEYS if key in config}
+        if (folder / "chat_template.jinja").exists():  # transformers 5.x saves the template on its own
+            config["chat_template"] = _read_text(folder / "chat_template.jinja", "chat template")
+        # null means "not set", except for a special token, where it means "none"
+        kwargs = {key: config[key] for key in CONFIG_KEYS
+                  if key in config and (config[key] is not None or key in SPECIAL_TOKENS)}
         for key in SPECIAL_TOKENS:
             if key in kwargs:
                 kwargs[key] = _token_content(kwargs[key])

@@ -13,6 +13,8 @@ model computes the same numbers as transformers + bitsandbytes with the same set
 from __future__ import annotations
 
 import functools
+import reprlib
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,6 +31,7 @@ from neoxlite.cpu_kernels import QUANT_DTYPES, DecodeCall, QuantKernel, quant_ke
 from .spec import BLOCKSIZE_4BIT, QuantSpec
 
 _NESTED_BLOCKSIZE = 256  # bitsandbytes quantizes the 4-bit block scales again in blocks of 256
+_BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' blockwise kernels accept
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # CPU int8 quantization runs over slices of rows holding about this many weights: bitsandbytes' CPU kernel makes
 # float32 temporaries of its whole input, which for a 2048x8192 layer would be ~130 MB on top of the weight.
@@ -489,30 +492,63 @@ def _check_keys(tensors: Mapping[str, torch.Tensor], spec: QuantSpec, name: str)
         raise _bad(name, f"{'; '.join(problems)} (quantization_config says {spec.describe()})")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _quant_info(tensors: Mapping[str, torch.Tensor], spec: QuantSpec, name: str) -> dict[str, Any]:
+    """The packed quant state's JSON (quant_type, blocksize, dtype, shape, nested_*), every field that
+    bitsandbytes' QuantState.from_dict reads checked for presence and type: it comes from the checkpoint."""
+    try:
+        info = unpack_tensor_to_dict(tensors[f"weight.quant_state.bitsandbytes__{spec.mode}"])
+    except (ValueError, RecursionError):  # not UTF-8 JSON (UnicodeDecodeError is a ValueError)
+        raise _bad(name, "the packed quant state is not valid JSON") from None
+    if not isinstance(info, dict):
+        raise _bad(name, f"the packed quant state is a JSON {type(info).__name__}, not an object")
+    if info.get("quant_type") != spec.mode:
+        raise _bad(name, f"quant state says quant_type={reprlib.repr(info.get('quant_type'))}, config says "
+                         f"{spec.mode!r}")
+    fields = {"quant_type", "blocksize", "dtype", "shape"}
+    if spec.double_quant:
+        fields |= {"nested_blocksize", "nested_dtype", "nested_offset"}
+    missing, unknown = sorted(fields - set(info)), sorted(set(info) - fields)
+    if missing or unknown:  # an unknown key could also replace a tensor (absmax, ...) in bitsandbytes' update
+        raise _bad(name, f"quant state lacks fields {missing} or has unknown ones {reprlib.repr(unknown)}")
+    dims = info["shape"]
+    if not (isinstance(dims, list) and len(dims) == 2 and all(_is_int(d) and 0 < d < 2**31 for d in dims)):
+        raise _bad(name, f"quant state has no 2-D weight shape ({reprlib.repr(dims)})")
+    for key in ("blocksize", "nested_blocksize") if spec.double_quant else ("blocksize",):
+        if not _is_int(info[key]) or info[key] not in _BNB_BLOCKSIZES:
+            raise _bad(name, f"quant state {key} is {reprlib.repr(info[key])}, not one bitsandbytes supports "
+                             f"({', '.join(map(str, _BNB_BLOCKSIZES))})")
+    for key in ("dtype", "nested_dtype") if spec.double_quant else ("dtype",):
+        if getattr(torch, str(info[key]), None) not in _FLOAT_DTYPES:
+            raise _bad(name, f"quant state {key} {reprlib.repr(info[key])} is not a float dtype")
+    offset = info.get("nested_offset", 0.0)
+    # NaN fails the comparison; a huge int is compared exactly, never converted
+    if not ((isinstance(offset, float) or _is_int(offset)) and abs(offset) <= sys.float_info.max):
+        raise _bad(name, f"quant state nested_offset {reprlib.repr(offset)} is not a finite number")
+    return info
+
+
 def _load_4bit(tensors: Mapping[str, torch.Tensor], spec: QuantSpec, device: torch.device, name: str, shape):
     weight = tensors["weight"]
-    info = unpack_tensor_to_dict(tensors[f"weight.quant_state.bitsandbytes__{spec.mode}"])
-    if info.get("quant_type") != spec.mode:
-        raise _bad(name, f"quant state says quant_type={info.get('quant_type')!r}, config says {spec.mode!r}")
-    if info.get("shape") is None or len(info["shape"]) != 2:
-        raise _bad(name, f"quant state has no 2-D weight shape ({info.get('shape')!r})")
+    info = _quant_info(tensors, spec, name)
     out_features, in_features = info["shape"]
     if shape is not None and (out_features, in_features) != tuple(shape):
         raise _bad(name, f"quant state shape {[out_features, in_features]} != layer shape {list(shape)}")
-    if getattr(torch, str(info.get("dtype")), None) not in _FLOAT_DTYPES:
-        raise _bad(name, f"quant state dtype {info.get('dtype')!r} is not a float dtype")
     if weight.dtype != spec.quant_storage:
         raise _bad(name, f"weight dtype {weight.dtype} != bnb_4bit_quant_storage {spec.quant_storage}")
     n = out_features * in_features
     if weight.numel() * weight.element_size() * 2 != n + n % 2:
         raise _bad(name, f"packed weight holds {weight.numel() * weight.element_size() * 2} values, expected {n}")
-    blocksize = info.get("blocksize")
+    blocksize = info["blocksize"]
     absmax = tensors["weight.absmax"]
-    if not isinstance(blocksize, int) or absmax.numel() != -(-n // blocksize):
-        raise _bad(name, f"{absmax.numel()} block scales for {n} values with blocksize {blocksize!r}")
+    if absmax.numel() != -(-n // blocksize):
+        raise _bad(name, f"{absmax.numel()} block scales for {n} values with blocksize {blocksize}")
     if spec.double_quant:
         nested = tensors["weight.nested_absmax"]
-        if absmax.dtype != torch.uint8 or nested.numel() != -(-absmax.numel() // info.get("nested_blocksize", 0)):
+        if absmax.dtype != torch.uint8 or nested.numel() != -(-absmax.numel() // info["nested_blocksize"]):
             raise _bad(name, "nested (double-quant) scales do not match the block scales")
     elif absmax.dtype != torch.float32:
         raise _bad(name, f"block scales are {absmax.dtype}, expected float32 without double quant")
