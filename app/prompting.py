@@ -129,5 +129,17 @@ def cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
     if cut >= 0:
         return text[:cut], True
-    hold = max((k for s in stop_strings for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    hold = max((_held(text, s) for s in stop_strings), default=0)
     return text[: len(text) - hold], False
+
+
+def _held(text: str, stop: str) -> int:
+    """The length of the longest end of `text` that begins `stop` (shorter than it): only the places in the last
+    len(stop) - 1 characters where stop's first character is are tried, so a long stop string costs little."""
+    tail = text[max(0, len(text) - len(stop) + 1):]
+    start = tail.find(stop[:1])
+    while start >= 0:
+        if stop.startswith(tail[start:]):
+            return len(tail) - start
+        start = tail.find(stop[:1], start + 1)
+    return 0

@@ -5,18 +5,20 @@ one chunk of one new prompt, runs one decode step over every running row (`model
 position in its own slot of a SlotCache, no padding), samples each row with its own settings and generator, streams
 the token to its request and retires the rows that are done. Every row gets the tokens it would get alone:
 prefill is the ordinary forward on the row's slot, the decode step computes each row as a batch of one would, and
-sampling follows `stream_generate` row by row.
+sampling follows `stream_generate` row by row. A request whose admission or choice of a token fails ends with an
+error Finish; the other rows run on.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import sys
 import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +61,8 @@ class Request:
 
     Events go to `sink` when given (called from the batcher's thread: keep it short), else to a queue that
     `events()` reads. The eos token ends the stream without being sent; a stop string's last token is sent.
+    Stop strings are matched in the generated text only, as OpenAI's API does (generate() follows transformers'
+    stop_strings instead, where a match may begin in the prompt).
     """
 
     prompt: Sequence[int]
@@ -70,6 +74,7 @@ class Request:
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logit of every token already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once per time a token was generated
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely tokens'
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # OpenAI's: token id -> added to its logit
     sink: Callable[[Event], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     _queue: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
@@ -103,6 +108,7 @@ class _Row:
     prefilled: int = 0  # prompt tokens already in the cache
     generated: int = 0
     counts: torch.Tensor | None = None  # (V,) times each token was generated, for OpenAI's penalties
+    bias: torch.Tensor | None = None  # (V,) the request's logit_bias
 
     @property
     def prompt_len(self) -> int:
@@ -114,14 +120,14 @@ class _Row:
 
     @property
     def seen(self) -> torch.Tensor:
-        """(1, tokens so far) ids: prompt and generated, for the repetition penalty and stop strings."""
+        """(1, tokens so far) ids: prompt and generated, for the repetition penalty."""
         return self.buffer[:, :self.length]
 
     @property
     def plain_greedy(self) -> bool:
         """Greedy with nothing that changes the logits first: picked with the other such rows in one argmax."""
         sampling = self.request.sampling
-        return not sampling.do_sample and sampling.repetition_penalty == 1.0 and self.counts is None
+        return sampling.greedy and sampling.repetition_penalty == 1.0 and self.counts is None and self.bias is None
 
     def append(self, token_id: int) -> None:
         self.buffer[0, self.length] = token_id
@@ -183,6 +189,9 @@ class Batcher:
             raise ValueError("this batcher was closed (its model was unloaded); submit to the new one")
         if request.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need the tokenizer: pass it to Batcher(model, tokenizer)")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= token < vocab or not math.isfinite(bias) for token, bias in request.logit_bias.items()):
+            raise ValueError(f"logit_bias maps token ids in [0, {vocab}) to finite numbers, got {request.logit_bias}")
         try:
             self._waiting.put_nowait(request)
         except queue.Full:
@@ -238,7 +247,10 @@ class Batcher:
         with torch.inference_mode():
             prefilling = next((r for r in self._rows if r.prefilled < r.prompt_len), None)
             if prefilling is not None:
-                self._prefill(prefilling)
+                try:
+                    self._prefill(prefilling)
+                except Exception as error:  # noqa: BLE001 - one prompt's forward (e.g. out of memory) fails it alone
+                    self._fail(prefilling, error)
             decoding = [r for r in self._rows if r.prefilled == r.prompt_len and r.generated > 0]
             if decoding:
                 self._step(decoding)
@@ -253,14 +265,27 @@ class Batcher:
             if request.cancelled.is_set():
                 request.emit(Finish("cancelled", len(request.prompt), 0))
                 continue
-            generator = (torch.Generator(device="cpu").manual_seed(request.seed)
-                         if request.seed is not None else None)
-            budget = min(request.max_new_tokens, self.max_context - len(request.prompt))
-            buffer = torch.empty(1, len(request.prompt) + budget, dtype=torch.long, device=self.model.device)
-            buffer[0, :len(request.prompt)] = torch.tensor(list(request.prompt), dtype=torch.long)
-            counts = (torch.zeros(self.model.config.vocab_size, device=self.model.device)
-                      if request.presence_penalty or request.frequency_penalty else None)
-            self._rows.append(_Row(request, self._free.pop(0), budget, generator, buffer, counts=counts))
+            try:
+                self._rows.append(self._new_row(request, self._free[0]))
+            except Exception as error:  # noqa: BLE001 - a request that cannot start ends alone, with its error
+                traceback.print_exc(file=sys.stderr)
+                request.emit(Finish("error", len(request.prompt), 0, f"{type(error).__name__}: {error}"))
+                continue
+            self._free.pop(0)
+
+    def _new_row(self, request: Request, slot: int) -> _Row:
+        generator = torch.Generator(device="cpu").manual_seed(request.seed) if request.seed is not None else None
+        budget = min(request.max_new_tokens, self.max_context - len(request.prompt))
+        device, vocab = self.model.device, self.model.config.vocab_size
+        buffer = torch.empty(1, len(request.prompt) + budget, dtype=torch.long, device=device)
+        buffer[0, :len(request.prompt)] = torch.tensor(list(request.prompt), dtype=torch.long)
+        counts = torch.zeros(vocab, device=device) if request.presence_penalty or request.frequency_penalty else None
+        bias = None
+        if request.logit_bias:
+            bias = torch.zeros(vocab, device=device)
+            bias[torch.tensor(list(request.logit_bias), dtype=torch.long, device=device)] = torch.tensor(
+                list(request.logit_bias.values()), dtype=torch.float, device=device)
+        return _Row(request, slot, budget, generator, buffer, counts=counts, bias=bias)
 
     def _prefill(self, row: _Row) -> None:
         """The next chunk of the row's prompt into its slot; after the last, its first token."""
@@ -281,7 +306,14 @@ class Batcher:
         """Each row's next token from its row of (B, V) logits, as stream_generate picks it for a batch of one:
         plain greedy rows in one argmax, the others row by row with their own settings and generators."""
         logits = logits.to(self.model.device)
-        chosen = self._choose(rows, logits)
+        choices = self._choose(rows, logits)
+        kept = [b for b, choice in enumerate(choices) if not isinstance(choice, Exception)]
+        if len(kept) < len(rows):  # the rows whose choice failed end with their error; the others go on
+            for row, choice in zip(rows, choices, strict=True):
+                if isinstance(choice, Exception):
+                    self._fail(row, choice)
+            rows, logits = [rows[b] for b in kept], logits[kept]
+        chosen = [int(choices[b]) for b in kept]
         wanted = [b for b, row in enumerate(rows) if row.request.logprobs is not None]
         with_logprobs = dict(zip(wanted, self._with_logprobs(logits[wanted], [rows[b] for b in wanted],
                                                              [chosen[b] for b in wanted]), strict=True))
@@ -294,7 +326,9 @@ class Batcher:
                 self._retire(row, "stop", counted=row.generated - 1)
                 continue
             request.emit(with_logprobs.get(b) or Token(token_id))
-            if request.stop_strings and bool(_hit_stop(self.tokenizer, row.seen, list(request.stop_strings))[0]):
+            # the generated tokens only: a match may not begin in the prompt
+            generated = row.buffer[:, row.prompt_len:row.length]
+            if request.stop_strings and bool(_hit_stop(self.tokenizer, generated, list(request.stop_strings))[0]):
                 self._retire(row, "stop")
             elif row.generated >= row.budget:
                 self._retire(row, "length")
@@ -303,24 +337,31 @@ class Batcher:
             self._recent.popleft()
 
     @staticmethod
-    def _choose(rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """The next token id of each row."""
-        chosen = [0] * len(rows)
+    def _choose(rows: list[_Row], logits: torch.Tensor) -> list[int | Exception]:
+        """The next token id of each row, or the error choosing it raised (that row's alone)."""
+        chosen: dict[int, int | Exception] = {}
         greedy = [b for b, row in enumerate(rows) if row.plain_greedy]
         if greedy:  # the same checks and argmax as next_tokens, for all of them at once
-            picks = SamplingSettings().next_tokens(logits[greedy], logits.new_empty(len(greedy), 0, dtype=torch.long),
-                                                   None)
-            for b, token_id in zip(greedy, picks.tolist(), strict=True):
-                chosen[b] = token_id
+            try:
+                picks = SamplingSettings().next_tokens(logits[greedy], logits.new_empty(len(greedy), 0,
+                                                                                        dtype=torch.long), None)
+                chosen.update(zip(greedy, picks.tolist(), strict=True))
+            except ValueError:  # a row's logits are not finite: row by row below, so that row alone fails
+                pass
         for b, row in enumerate(rows):
-            if row.plain_greedy:
+            if b in chosen:
                 continue
             request, scores = row.request, logits[b:b + 1]
-            if row.counts is not None:  # OpenAI's penalties, on the tokens generated so far
-                scores = scores.float() - (request.frequency_penalty * row.counts
-                                           + request.presence_penalty * (row.counts > 0))
-            chosen[b] = int(request.sampling.next_tokens(scores, row.seen, row.generator)[0])
-        return chosen
+            try:
+                if row.bias is not None:
+                    scores = scores.float() + row.bias
+                if row.counts is not None:  # OpenAI's penalties, on the tokens generated so far
+                    scores = scores.float() - (request.frequency_penalty * row.counts
+                                               + request.presence_penalty * (row.counts > 0))
+                chosen[b] = int(request.sampling.next_tokens(scores, row.seen, row.generator)[0])
+            except Exception as error:  # noqa: BLE001 - ends this row with the error, the batch runs on
+                chosen[b] = error
+        return [chosen[b] for b in range(len(rows))]
 
     @staticmethod
     def _with_logprobs(logits: torch.Tensor, rows: list[_Row], chosen: list[int]) -> list[Token]:
@@ -337,10 +378,15 @@ class Batcher:
                                                      values[i][:row.request.logprobs], strict=True)))
                 for i, (row, token_id) in enumerate(zip(rows, chosen, strict=True))]
 
-    def _retire(self, row: _Row, reason: str, counted: int | None = None) -> None:
+    def _fail(self, row: _Row, error: Exception) -> None:
+        """Ends one row with `error` (its traceback to stderr); the others run on."""
+        traceback.print_exception(error, file=sys.stderr)
+        self._retire(row, "error", error=f"{type(error).__name__}: {error}")
+
+    def _retire(self, row: _Row, reason: str, counted: int | None = None, error: str = "") -> None:
         self._rows.remove(row)
         self._free.append(row.slot)
-        self._finish(row, reason, counted=counted)
+        self._finish(row, reason, error, counted)
 
     @staticmethod
     def _finish(row: _Row, reason: str, error: str = "", counted: int | None = None) -> None:

@@ -29,6 +29,10 @@ class _Unset:
 UNSET: Any = _Unset()
 # transformers' global defaults (GenerationConfig._get_default_generation_params) for what neoxlite implements.
 GLOBAL_DEFAULTS: dict[str, Any] = dict(do_sample=False, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0)
+# Sampling below this temperature picks the most likely token, as greedy does (vLLM's threshold too): that is the
+# limit sampling tends to, while logits / such a temperature can overflow float32 to inf (1e-300 even rounds to 0),
+# whose softmax is NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -40,6 +44,11 @@ class SamplingSettings:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the most likely token is picked: not sampling, or sampling so cold that it comes to the same."""
+        return not self.do_sample or self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def __post_init__(self) -> None:
         # None turns a setting off, as it does in transformers (no warper, no penalty).
@@ -73,7 +82,7 @@ class SamplingSettings:
             picked = scores.gather(1, seen)
             picked = torch.where(picked < 0, picked * self.repetition_penalty, picked / self.repetition_penalty)
             scores = scores.scatter(1, seen, picked)
-        if not self.do_sample:
+        if self.greedy:
             return scores.argmax(-1)
         if self.temperature != 1.0:
             scores = scores / self.temperature
@@ -274,7 +283,8 @@ class GenerationMixin:
         Each setting comes, as in transformers, from the keyword when given, else from `generation_config`
         (when passed), else from the model's `generation_config` (the checkpoint's generation_config.json),
         else transformers' default: greedy; sampling keeps the 50 most likely tokens unless top_k says
-        otherwise (0 or None: off); with neither max_length nor max_new_tokens, 20 new tokens. None for
+        otherwise (0 or None: off), and a temperature below GREEDY_BELOW_TEMPERATURE (1e-5) is greedy; with neither
+        max_length nor max_new_tokens, 20 new tokens. None for
         max_length, max_new_tokens, eos_token_id or pad_token_id means not given. Without a
         generation_config.json, eos and pad come from the model config. cuda_graphs: replay the decode step as a
         captured CUDA graph where it applies (resident CUDA models; default on, NEOXLITE_CUDA_GRAPHS=0 turns it off).

@@ -213,3 +213,62 @@ def test_quantized_rows_get_the_tokens_they_get_alone_in_the_batcher(ckpt, mode,
     assert max(drain(batcher, requests)) > 1
     assert [tokens_of(r)[0] for r in requests] == solo
     assert (True in bound) is (mode == "nf4")
+
+
+class _Broken(SamplingSettings):
+    """Settings whose choice raises, as a bug or a bad value would on the batcher's thread."""
+
+    def next_tokens(self, logits, seen, generator):
+        raise RuntimeError("this row's sampling broke")
+
+
+def test_one_requests_failure_ends_that_request_alone(ckpt, monkeypatch):
+    """A seed torch refuses (at admission), a token id outside the vocabulary (at prefill), a sampler that raises and
+    non-finite logits in one row (at a decode step) each end their own request with an error Finish; the rows
+    beside them get the tokens they get alone."""
+    model = load(ckpt, torch.float32)
+    batcher = Batcher(model, max_batch_size=4, max_context=64, start=False)
+    bad_seed = Request([5, 6], 4, SamplingSettings(do_sample=True), seed=2**64)
+    bad_token = Request([5, model.config.vocab_size + 3], 4)
+    broken = Request([7, 8], 4, _Broken(do_sample=True))
+    real = model.decode_rows
+    poisoned = Request([9, 10], 4)
+
+    def decode_rows(tokens, step):  # NaN logits for `poisoned`'s row only, decoded beside good[0]
+        logits = real(tokens, step)
+        rows = [r.request for r in batcher._rows if r.prefilled == r.prompt_len and r.generated > 0]
+        if poisoned in rows:
+            logits[rows.index(poisoned)] = float("nan")
+        return logits
+
+    monkeypatch.setattr(model, "decode_rows", decode_rows)
+    good = [request(i, PROMPTS[i], 8, eos=-1) for i in range(2)]
+    drain(batcher, [good[0], bad_seed, bad_token, broken, poisoned, good[1]])
+    for req, why in ((bad_seed, "Overflow"), (bad_token, "index"), (broken, "broke"), (poisoned, "non-finite")):
+        finish = list(req.events())[-1]
+        assert finish.reason == "error" and why in finish.error, (why, finish)
+    for i, req in enumerate(good):
+        assert tokens_of(req)[0] == alone(model, i, PROMPTS[i], 8, eos=-1), i
+
+
+def test_stop_strings_match_the_generated_text_only(ckpt):
+    """OpenAI's rule: a stop string that begins in the prompt and ends in the reply does not stop it."""
+
+    class Chars:  # token id i is the character chr(32 + i % 90)
+        @staticmethod
+        def batch_decode(rows):
+            return ["".join(chr(32 + i % 90) for i in row) for row in rows]
+
+    model = load(ckpt, torch.float32)
+    prompt = [5, 17, 3, 44]
+    free = alone(model, 0, prompt, 8, eos=-1)
+    spanning = Chars.batch_decode([[prompt[-1], free[0]]])[0]
+    assert spanning not in Chars.batch_decode([free])[0]
+    inside = Chars.batch_decode([free[2:4]])[0]
+    batcher = Batcher(model, Chars(), max_batch_size=2, max_context=64, start=False)
+    runs = [request(0, prompt, 8, eos=-1) for _ in range(2)]
+    runs[0].stop_strings, runs[1].stop_strings = [spanning], [inside]
+    drain(batcher, runs)
+    assert tokens_of(runs[0]) == (free, Finish("length", 4, 8))
+    cut = Chars.batch_decode([free])[0].find(inside) + len(inside)  # a token per character
+    assert tokens_of(runs[1]) == (free[:cut], Finish("stop", 4, cut))

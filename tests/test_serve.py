@@ -19,9 +19,13 @@ import torch
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from neoxlite.app.prompting import cut_at_stop  # noqa: E402
+
 from neoxlite.api import load  # noqa: E402
 from neoxlite.batching import Batcher  # noqa: E402
 from neoxlite.batching import Request as BatchRequest  # noqa: E402
+from neoxlite.generation import GREEDY_BELOW_TEMPERATURE  # noqa: E402
+from neoxlite.serve import api as serve_api  # noqa: E402
 from neoxlite.serve.api import Server, create_app, own_batcher  # noqa: E402
 
 NAME = "demo"
@@ -74,7 +78,7 @@ def error_of(response: httpx.Response, status: int) -> dict:
 
 
 def completion(client, **kwargs):
-    return client.completions.create(model=NAME, prompt=PROMPT, **{"max_tokens": 12, "temperature": 0, **kwargs})
+    return client.completions.create(model=NAME, **{"prompt": PROMPT, "max_tokens": 12, "temperature": 0, **kwargs})
 
 
 def streamed(client, chat: bool = False, **kwargs) -> tuple[str, list]:
@@ -215,7 +219,7 @@ def test_bad_requests_get_openai_errors(served, client):
     assert error_of(post("/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}],
                                                "logprobs": True}), 400)["param"] == "logprobs"
     assert error_of(post("/completions", {**base, "max_tokens": 512}), 400)["code"] == "context_length_exceeded"
-    huge = post("/completions", {**base, "prompt": "word " * 2_000_000})
+    huge = post("/completions", {**base, "prompt": "word " * 200_000})
     assert error_of(huge, 400)["code"] == "context_length_exceeded"
     assert error_of(post("/completions", {**base, "model": "gpt-4"}), 404)["code"] == "model_not_found"
     assert error_of(httpx.get(url + "/nothing-here"), 404)
@@ -224,6 +228,114 @@ def test_bad_requests_get_openai_errors(served, client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt=PROMPT)
     assert completion(client).choices[0].text  # the server keeps answering
+
+
+def raw_post(url: str, path: str, body: str) -> httpx.Response:
+    return httpx.post(url + "/v1" + path, content=body.encode(), headers={"content-type": "application/json"},
+                      timeout=30)
+
+
+def test_bad_values_get_400s_naming_the_field_never_500s(served, client):
+    """What used to answer 500 with a traceback: a chat message too long for the context, lone surrogates,
+    numbers with hundreds of digits, seeds torch refuses, JSON nested too deeply; and a token-id prompt too long
+    for the context was blamed on max_tokens."""
+    url = served[0]
+    chat = lambda content: json.dumps({"model": NAME, "max_tokens": 4,  # noqa: E731
+                                       "messages": [{"role": "user", "content": content}]})
+    cases = [
+        ("/chat/completions", chat("word " * 200_000), "messages", "context_length_exceeded"),
+        ("/chat/completions", chat("hi").replace("hi", "hi \\ud800"), "messages", "invalid_unicode"),
+        ("/completions", json.dumps({"model": NAME, "prompt": "hi"}).replace('"hi"', '"hi \\ud800"'), "prompt",
+         "invalid_unicode"),
+        ("/completions", f'{{"model": "{NAME}", "prompt": "hi", "temperature": 1{"0" * 400}}}', "temperature", None),
+        ("/completions", f'{{"model": "{NAME}", "prompt": "hi", "top_p": 1{"0" * 400}}}', "top_p", None),
+        ("/completions", f'{{"model": "{NAME}", "prompt": "hi", "presence_penalty": -1{"0" * 400}}}',
+         "presence_penalty", None),
+        ("/completions", json.dumps({"model": NAME, "prompt": "hi", "seed": 2**64}), "seed", None),
+        ("/completions", json.dumps({"model": NAME, "prompt": "hi", "seed": -2**63 - 1}), "seed", None),
+        ("/completions", json.dumps({"model": NAME, "prompt": "hi", "stop": "ab" * 501}), "stop", None),
+        ("/completions", json.dumps({"model": NAME, "prompt": [5] * 600}), "prompt", "context_length_exceeded"),
+        ("/completions", "[" * 30_000 + "]" * 30_000, None, None),
+    ]
+    for path, body, param, code in cases:
+        error = error_of(raw_post(url, path, body), 400)
+        assert (error["param"], error["code"]) == (param, code), (body[:80], error)
+    assert "1000 characters" in error_of(raw_post(url, "/completions", cases[8][1]), 400)["message"]
+    assert "[-2**63, 2**64 - 1]" in error_of(raw_post(url, "/completions", cases[6][1]), 400)["message"]
+    # a lone surrogate quoted back in an error message is escaped, not a failure to encode the answer
+    unknown = raw_post(url, "/completions", '{"model": "x\\ud800", "prompt": "hi"}')
+    assert error_of(unknown, 404)["param"] == "model"
+    within = completion(client, seed=2**64 - 1, temperature=1.0).choices[0].text  # the largest seed torch takes
+    assert within == completion(client, seed=-1, temperature=1.0).choices[0].text  # the same seed to torch
+
+
+def test_bodies_past_the_limit_answer_413(served):
+    url = served[0] + "/v1/completions"
+    big = json.dumps({"model": NAME, "prompt": "word " * 1_000_000})
+    assert len(big) > serve_api.MAX_BODY_BYTES
+    assert error_of(httpx.post(url, content=big, headers={"content-type": "application/json"}), 413)
+    chunked = httpx.post(url, content=iter([big.encode()[i:i + 2**20] for i in range(0, len(big), 2**20)]),
+                         headers={"content-type": "application/json"})
+    assert error_of(chunked, 413)["code"] == "request_too_large"
+
+
+def test_a_tiny_temperature_is_greedy_there_and_in_generate(served, client):
+    """1e-300 used to make logits / temperature inf, NaN probabilities, and a sampler error that failed every
+    running row; below GREEDY_BELOW_TEMPERATURE sampling is greedy, in the server and in generate() alike."""
+    server = served[1]
+    greedy = completion(client, max_tokens=12).choices[0].text
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # beside a greedy row, which must not be disturbed
+        beside = pool.submit(lambda: streamed(client, prompt=PROMPT, max_tokens=12, temperature=0)[0])
+        assert completion(client, max_tokens=12, temperature=1e-300, seed=3).choices[0].text == greedy
+        assert beside.result() == greedy
+    assert completion(client, max_tokens=12, temperature=GREEDY_BELOW_TEMPERATURE / 2).choices[0].text == greedy
+    ids = torch.tensor([server.tokenizer.encode(PROMPT)])
+    plain = server.model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(server.model.generate(ids, max_new_tokens=12, do_sample=True, temperature=1e-300, seed=3),
+                       plain)
+
+
+def test_stop_strings_are_matched_in_the_completion_only(served, client):
+    """A stop string that begins in the prompt ("Hello\n") and ends in the completion does not stop it."""
+    free = completion(client, prompt="Hello\n", max_tokens=8).choices[0]
+    spanning = "\n" + free.text[:1]
+    assert spanning not in free.text and free.finish_reason == "length"
+    stopped = completion(client, prompt="Hello\n", max_tokens=8, stop=spanning).choices[0]
+    assert (stopped.text, stopped.finish_reason) == (free.text, "length")
+
+
+def test_cut_at_stop_holds_back_the_start_of_a_stop_string():
+    import random
+
+    def naive(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            return text[:cut], True
+        hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return text[:len(text) - hold], False
+
+    rng = random.Random(0)
+    for _ in range(5000):
+        text = "".join(rng.choice("ab\n") for _ in range(rng.randint(0, 10)))
+        stops = tuple("".join(rng.choice("ab\n") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3)))
+        assert cut_at_stop(text, stops) == naive(text, stops), (text, stops)
+
+
+def test_logit_bias_bans_and_forces_tokens(served, client):
+    url, server = served
+    plain = completion(client, max_tokens=6, logprobs=0).choices[0]
+    first = server.tokenizer.encode(plain.logprobs.tokens[0])[0]
+    banned = completion(client, max_tokens=6, logprobs=0, logit_bias={str(first): -100}).choices[0]
+    assert server.tokenizer.encode(banned.logprobs.tokens[0])[0] != first
+    forced = completion(client, max_tokens=6, logit_bias={"42": 100})
+    assert forced.choices[0].text == server.tokenizer.decode([42] * 6)
+    sampled = completion(client, max_tokens=6, temperature=1.0, seed=1, logit_bias={"42": 100})
+    assert sampled.choices[0].text == forced.choices[0].text
+    assert completion(client, max_tokens=6).choices[0].text == plain.text  # the bias was that request's only
+    vocab = server.model.config.vocab_size
+    for bias in ("not an object", {"x": 1}, {"-1": 1}, {"5": 101}, {"5": "1"}, {"5": True}, {str(vocab): 1}):
+        response = httpx.post(url + "/v1/completions", json={"model": NAME, "prompt": PROMPT, "logit_bias": bias})
+        assert error_of(response, 400)["param"] == "logit_bias", bias
 
 
 def test_full_queue_answers_429(served):
@@ -324,6 +436,34 @@ def test_serve_ui_serves_the_api_and_the_app_on_one_port_with_one_batcher():
         reply = client.chat.completions.create(model="neoxlite-demo", max_tokens=8,
                                                messages=[{"role": "user", "content": "Hello"}])
         assert reply.usage.completion_tokens >= 1
+    finally:
+        stop(process)
+
+
+def test_serve_ui_with_an_api_key_keeps_the_app_behind_it():
+    """With --api-key the app at /ui (the page, its Gradio API: chat, and unload, which would take the keyed /v1
+    API down) needs the key too: as the password of the browser's login prompt, or as a Bearer token."""
+    gradio_client = pytest.importorskip("gradio_client")
+    port = free_port()
+    process, _ = console(f"neoxlite serve --ui --api-key {KEY} --port {port}")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(process, url)
+        for path in ("/ui", "/ui/", "/ui/config", "/ui/gradio_api/info"):
+            refused = httpx.get(url + path)
+            assert error_of(refused, 401)["code"] == "invalid_api_key", path
+            assert refused.headers["www-authenticate"].startswith("Basic"), path  # the browser's login prompt
+        unload = httpx.post(url + "/ui/gradio_api/call/unload", json={"data": ["chat"]})
+        assert unload.status_code == 401
+        with pytest.raises(gradio_client.exceptions.AuthenticationError):
+            gradio_client.Client(url + "/ui/", verbose=False)
+        assert httpx.get(url + "/ui/", auth=("anyone", "wrong")).status_code == 401
+        assert httpx.get(url + "/ui/", auth=("anyone", KEY), follow_redirects=True).status_code == 200
+        app = gradio_client.Client(url + "/ui/", verbose=False, headers={"Authorization": f"Bearer {KEY}"})
+        assert app.predict("Hello", temperature=0, max_new_tokens=8, api_name="/chat")
+        keyed = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        reply = keyed.completions.create(model="neoxlite-demo", prompt=PROMPT, max_tokens=4)
+        assert reply.choices[0].text  # the model is still there
     finally:
         stop(process)
 

@@ -10,6 +10,7 @@ not, cancels its request: the batcher frees its row at the next step.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import hmac
 import json
@@ -23,8 +24,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from neoxlite.app.prompting import cut_at_stop, render
 from neoxlite.app.prompting import stop_strings as chat_stop_strings
@@ -32,6 +34,9 @@ from neoxlite.batching import Batcher, Event, Finish, QueueFull, Token, eos_toke
 from neoxlite.batching import Request as BatchRequest
 from neoxlite.limits import check_text_fits
 from neoxlite.serve.requests import ApiError, Generation, parse
+
+# A generation request's body past this is refused (413) unread: a prompt that long fits no context anyway.
+MAX_BODY_BYTES = 4 * 2**20
 
 
 class Server:
@@ -93,13 +98,12 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="neoxlite", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, error: ApiError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status)
+    async def api_error(_: Request, error: ApiError) -> Response:
+        return _error_response(error)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(ApiError(error.status_code, str(error.detail), code=None).body(),
-                            status_code=error.status_code)
+    async def http_error(_: Request, error: StarletteHTTPException) -> Response:
+        return _error_response(ApiError(error.status_code, str(error.detail), code=None))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -128,13 +132,52 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
+def _error_response(error: ApiError, headers: dict[str, str] | None = None) -> Response:
+    # ASCII JSON: a message that quotes the request's text may hold a lone surrogate, which UTF-8 cannot encode
+    return Response(json.dumps(error.body()), error.status, headers, media_type="application/json")
+
+
 def _authorize(server: Server, request: Request) -> None:
-    if server.api_key is None:
-        return
-    given = request.headers.get("authorization", "")
-    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), server.api_key.encode()):
+    if server.api_key is not None and not _key_given(request.headers.get("authorization", ""), server.api_key):
         raise ApiError(401, "missing or wrong API key: send the key given to --api-key as 'Authorization: Bearer KEY'",
                        code="invalid_api_key")
+
+
+def _key_given(authorization: str, key: str) -> bool:
+    """Whether an Authorization header carries `key`: as a Bearer token, or as the password of HTTP Basic auth
+    (what a browser sends after its login prompt; any user name)."""
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(given, validate=True).decode().partition(":")[2]
+        except ValueError:
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+class KeyRequired:
+    """ASGI middleware: every request under `prefix` (the app with `serve --ui`, its page and its Gradio API) must
+    carry the API key, as a Bearer token or as the password of the browser's login prompt (HTTP Basic)."""
+
+    def __init__(self, app: ASGIApp, prefix: str, key: str) -> None:
+        self.app, self.prefix, self.key = app, prefix.rstrip("/"), key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        guarded = scope["type"] in ("http", "websocket") and (path == self.prefix or path.startswith(self.prefix + "/"))
+        given = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"), "")
+        if not guarded or _key_given(given, self.key):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            error = ApiError(401, f"{self.prefix} needs the server's API key: log in with any user name and the key "
+                                  "given to --api-key as password, or send 'Authorization: Bearer KEY'",
+                             code="invalid_api_key")
+            await _error_response(error, {"WWW-Authenticate": 'Basic realm="neoxlite", charset="UTF-8"'})(
+                scope, receive, send)
 
 
 def _ready(server: Server) -> Batcher:
@@ -155,13 +198,20 @@ async def _generate(server: Server, request: Request, chat: bool) -> Any:
     _authorize(server, request)
     batcher = _ready(server)
     try:
-        body = json.loads(await request.body())
+        body = json.loads(await _body(request))
     except ValueError as error:
         raise ApiError(400, f"the request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON here: it nests arrays or objects too deeply") from None
     generation = parse(body, chat)
     if generation.model != server.name:
         raise ApiError(404, f"the model '{generation.model}' does not exist here; this server serves '{server.name}'",
                        "model", "model_not_found")
+    vocab_size = batcher.model.config.vocab_size
+    outside = [i for i in generation.logit_bias if not i < vocab_size]
+    if outside:
+        raise ApiError(400, f"logit_bias names token id {outside[0]}, but this model's token ids lie in "
+                            f"[0, {vocab_size})", "logit_bias")
     prompt_ids, stops = _prompt(batcher, generation, chat)
     room = batcher.max_context - len(prompt_ids)
     max_tokens = generation.max_tokens if generation.max_tokens is not None else room
@@ -176,7 +226,7 @@ async def _generate(server: Server, request: Request, chat: bool) -> Any:
     eos_ids = eos_token_ids(batcher.model, batcher.tokenizer)
     job = BatchRequest(prompt_ids, max_tokens, generation.sampling, generation.seed, eos_ids, stops,
                        generation.presence_penalty, generation.frequency_penalty, generation.logprobs,
-                       sink=server.mailbox.sink(events))
+                       generation.logit_bias, sink=server.mailbox.sink(events))
     try:
         batcher.submit(job)
     except QueueFull as error:
@@ -196,6 +246,21 @@ async def _generate(server: Server, request: Request, chat: bool) -> Any:
     if event.reason == "error":
         raise ApiError(500, f"generation failed: {event.error}", kind="server_error")
     return reply.whole()
+
+
+async def _body(request: Request) -> bytes:
+    """The request's body, refused (413) once it passes MAX_BODY_BYTES, before the rest is read."""
+    too_large = ApiError(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB; send a shorter prompt "
+                              "(no model's context holds that much text)", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
+    return bytes(body)
 
 
 async def _cancel_on_disconnect(request: Request, job: BatchRequest) -> None:
@@ -237,32 +302,37 @@ class _Mailbox:
 def _prompt(batcher: Batcher, generation: Generation, chat: bool) -> tuple[list[int], list[str]]:
     """The prompt's token ids (text refused from its length before tokenizing) and the stop strings."""
     tokenizer, context, vocab_size = batcher.tokenizer, batcher.max_context, batcher.model.config.vocab_size
+    param = "messages" if chat else "prompt"
     stops = list(generation.stop)
-    if chat:
-        system = "\n".join(m["content"] for m in generation.messages if m["role"] == "system")
-        turns = [m for m in generation.messages if m["role"] != "system"]
-        for m in generation.messages:
-            check_text_fits(m["content"], tokenizer, context, "message")
-        text = render(tokenizer, system, turns, "chat")
-        stops += [s for s in chat_stop_strings(tokenizer) if s not in stops]  # the end of the assistant's turn
-    elif isinstance(generation.prompt, str):
-        text = generation.prompt
-    else:
+    if isinstance(generation.prompt, list):  # token ids
         ids = generation.prompt
         if any(not 0 <= i < vocab_size for i in ids):
             raise ApiError(400, f"prompt token ids must lie in [0, {vocab_size})", "prompt")
-        return ids, stops
-    try:
-        check_text_fits(text, tokenizer, context, "prompt")
-    except ValueError as error:
-        raise ApiError(400, str(error), "messages" if chat else "prompt", "context_length_exceeded") from None
-    ids = tokenizer.encode(text)
-    if not ids:
-        raise ApiError(400, "the prompt is empty after tokenizing", "prompt")
+    else:
+        if chat:
+            for m in generation.messages:
+                _fits(m["content"], tokenizer, context, "message", param)
+            system = "\n".join(m["content"] for m in generation.messages if m["role"] == "system")
+            text = render(tokenizer, system, [m for m in generation.messages if m["role"] != "system"], "chat")
+            stops += [s for s in chat_stop_strings(tokenizer) if s not in stops]  # the end of the assistant's turn
+        else:
+            text = generation.prompt
+        _fits(text, tokenizer, context, "prompt", param)
+        ids = tokenizer.encode(text)
+        if not ids:
+            raise ApiError(400, "the prompt is empty after tokenizing", param)
     if len(ids) >= context:
         raise ApiError(400, f"the prompt takes {len(ids)} tokens; this model's context holds {context}, with room "
-                            "for at least one new token", "messages" if chat else "prompt", "context_length_exceeded")
+                            "for at least one new token", param, "context_length_exceeded")
     return ids, stops
+
+
+def _fits(text: str, tokenizer: Any, context: int, what: str, param: str) -> None:
+    """Refuses text too long for the context from its length, before tokenizing it."""
+    try:
+        check_text_fits(text, tokenizer, context, what)
+    except ValueError as error:
+        raise ApiError(400, str(error), param, "context_length_exceeded") from None
 
 
 class _Reply:

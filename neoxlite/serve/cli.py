@@ -26,12 +26,14 @@ def register(subparsers: Any) -> None:
                         help=f"address to listen on (default: {DEFAULT_HOST}, this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     parser.add_argument("--api-key", default=None, metavar="KEY",
-                        help="require 'Authorization: Bearer KEY' on every /v1 request (default: no key)")
+                        help="require 'Authorization: Bearer KEY' on every /v1 request, and with --ui on the app "
+                             f"at {UI_PATH} too: the browser asks to log in, any user name and KEY as password "
+                             "(default: no key)")
     parser.add_argument("--max-waiting", type=int, default=64, metavar="N",
                         help="requests queued beyond the running batch before answering 429 (default: 64)")
     parser.add_argument("--ui", action="store_true",
                         help=f"also serve the Gradio app at {UI_PATH} on the same port, its chat batched with the "
-                             "API's requests on the same model")
+                             "API's requests on the same model (behind --api-key when given)")
     add_load_options(parser)  # --max-batch-size also sets how many requests are decoded together
     parser.set_defaults(func=run)
 
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from neoxlite.api import load
-    from neoxlite.serve.api import Server, create_app, own_batcher
+    from neoxlite.serve.api import KeyRequired, Server, create_app, own_batcher
 
     kwargs = load_kwargs(args)
     batch = kwargs.setdefault("max_batch_size", DEFAULT_BATCH)
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(server)
         engine = mount(app, UI_PATH, args.model, **kwargs)
         engine.max_waiting = args.max_waiting  # before the batcher is made (at server.start_loading)
+        if args.api_key is not None:  # the page and its Gradio API can chat and unload the model: the same key
+            app.add_middleware(KeyRequired, prefix=UI_PATH, key=args.api_key)
     else:
         batcher = own_batcher(lambda: load(args.model, **kwargs), max_batch_size=batch,
                               max_context=kwargs.get("max_context"), max_waiting=args.max_waiting)

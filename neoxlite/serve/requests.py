@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from neoxlite.generation import SamplingSettings
+from neoxlite.generation import GREEDY_BELOW_TEMPERATURE, SamplingSettings
+
+# A stop string longer than this is refused: each is looked for at every token, on the server's event loop.
+MAX_STOP_CHARS = 1000
+SEEDS = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 class ApiError(Exception):
@@ -35,6 +39,31 @@ def _get(body: dict[str, Any], name: str, types: type | tuple[type, ...], defaul
     return value
 
 
+def _number(body: dict[str, Any], name: str, default: float, low: float, high: float, closed_low: bool = True,
+            note: str = "") -> float:
+    """body[name] as a float within [low, high] ((low, high] with closed_low=False)."""
+    value = _get(body, name, (int, float), default)
+    bounds = f"{'[' if closed_low else '('}{low:g}, {high:g}]{note}"
+    try:
+        number = float(value)
+    except OverflowError:  # an integer with hundreds of digits
+        raise ApiError(400, f"{name} must be within {bounds}, got an integer of {len(str(abs(value)))} digits",
+                       name) from None
+    if not (low <= number if closed_low else low < number) or not number <= high:
+        raise ApiError(400, f"{name} must be within {bounds}, got {number:g}", name)
+    return number
+
+
+def _text(text: str, what: str, param: str) -> str:
+    """`text` when it is valid Unicode: JSON's \\ud800 escapes can make lone surrogates, which no tokenizer reads."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ApiError(400, f"{what} is not valid Unicode: a lone surrogate ({text[error.start]!r}) at character "
+                            f"{error.start}; send well-formed UTF-8 text", param, "invalid_unicode") from None
+    return text
+
+
 def _type_words(types: type | tuple[type, ...]) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
              dict: "an object"}
@@ -60,6 +89,7 @@ class Generation:
     presence_penalty: float
     frequency_penalty: float
     logprobs: int | None
+    logit_bias: dict[int, float]
     prompt: Any = None  # completions: a string or token ids
     messages: list[dict[str, str]] = field(default_factory=list)  # chat
 
@@ -82,21 +112,21 @@ def parse(body: Any, chat: bool) -> Generation:
     max_tokens = _get(body, "max_tokens", int, max_tokens if chat else 16)
     if max_tokens is not None and max_tokens < 1:
         raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
-    temperature = float(_get(body, "temperature", (int, float), 1.0))
-    if not 0 <= temperature <= 2:
-        raise ApiError(400, f"temperature must be within [0, 2] (0: greedy), got {temperature}", "temperature")
-    top_p = float(_get(body, "top_p", (int, float), 1.0))
-    if not 0 < top_p <= 1:
-        raise ApiError(400, f"top_p must be within (0, 1], got {top_p}", "top_p")
-    penalties = {}
-    for name in ("presence_penalty", "frequency_penalty"):
-        penalties[name] = float(_get(body, name, (int, float), 0.0))
-        if not -2 <= penalties[name] <= 2:
-            raise ApiError(400, f"{name} must be within [-2, 2], got {penalties[name]}", name)
+    temperature = _number(body, "temperature", 1.0, 0, 2,
+                          note=f" (0, or below {GREEDY_BELOW_TEMPERATURE:g}: greedy)")
+    top_p = _number(body, "top_p", 1.0, 0, 1, closed_low=False)
+    penalties = {name: _number(body, name, 0.0, -2, 2) for name in ("presence_penalty", "frequency_penalty")}
     stop = _get(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, "stop must be a non-empty string or a list of up to 4 of them", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ApiError(400, f"a stop string may be at most {MAX_STOP_CHARS} characters long, got one of "
+                            f"{max(len(s) for s in stop)}", "stop")
+    stop = [_text(s, "a stop string", "stop") for s in stop]
+    seed = _get(body, "seed", int)
+    if seed is not None and not SEEDS[0] <= seed <= SEEDS[1]:
+        raise ApiError(400, f"seed must be an integer within [-2**63, 2**64 - 1], got {seed}", "seed")
     stream = _get(body, "stream", bool, False)
     options = _get(body, "stream_options", dict, {})
     include_usage = _get(options, "include_usage", bool, False, "a boolean (stream_options.include_usage)")
@@ -104,8 +134,9 @@ def parse(body: Any, chat: bool) -> Generation:
     # temperature 0 is greedy; OpenAI's sampling has no top-k
     sampling = (SamplingSettings(do_sample=True, temperature=temperature, top_k=None, top_p=top_p)
                 if temperature > 0 else SamplingSettings())
-    generation = Generation(model, max_tokens, sampling, _get(body, "seed", int), stop, stream, include_usage,
-                            penalties["presence_penalty"], penalties["frequency_penalty"], logprobs)
+    generation = Generation(model, max_tokens, sampling, seed, stop, stream, include_usage,
+                            penalties["presence_penalty"], penalties["frequency_penalty"], logprobs,
+                            _logit_bias(body))
     if chat:
         generation.messages = _messages(body)
     else:
@@ -124,12 +155,29 @@ def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
     return logprobs
 
 
+def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias within [-100, 100]}; the ids are checked against the vocabulary later."""
+    bias = _get(body, "logit_bias", dict, {})
+    out = {}
+    for key in bias:
+        token = key if isinstance(key, str) else str(key) if type(key) is int else ""  # JSON's keys are strings
+        if not (token.isascii() and token.isdigit() and len(token) <= 12):
+            raise ApiError(400, f"logit_bias keys must be token ids (non-negative integers as strings), got {key!r}",
+                           "logit_bias")
+        value = bias[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise ApiError(400, f"logit_bias[{key!r}] must be a number within [-100, 100], got {value!r:.40}",
+                           "logit_bias")
+        out[int(token)] = float(value)
+    return out
+
+
 def _prompt(body: dict[str, Any]) -> str | list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one prompt
     if isinstance(prompt, str) and prompt:
-        return prompt
+        return _text(prompt, "the prompt", "prompt")
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt
     raise ApiError(400, "'prompt' must be a non-empty string or array of token ids (one prompt per request)",
@@ -155,5 +203,5 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string, got {json_type(content)}", "messages")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _text(content, f"messages[{i}].content", "messages")})
     return out
