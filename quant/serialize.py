@@ -60,6 +60,8 @@ def quantize_checkpoint(
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; choose another destination or remove it first")
     _check_apart(folder, dst)
+    if os.path.lexists(dst) and not dst.is_dir():
+        raise ValueError(f"{dst} exists and is not a folder; DST is the folder the quantized checkpoint goes to")
     if overwrite and dst.is_dir() and any(dst.iterdir()) and not (dst / "config.json").is_file():
         raise ValueError(f"{dst} is a folder but not a checkpoint (it has no config.json): --overwrite replaces "
                          "a checkpoint folder whole and would delete everything in it; choose another DST")

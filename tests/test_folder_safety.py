@@ -92,6 +92,9 @@ def test_quantize_overwrite_replaces_only_a_checkpoint_folder(source, tmp_path):
     with pytest.raises(ValueError, match="not a checkpoint .*--overwrite replaces a checkpoint folder whole"):
         quantize_checkpoint(source, home, quant="int8", overwrite=True, progress=False)
     assert (home / "thesis.tex").read_text() == "mine"
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        quantize_checkpoint(source, home / "thesis.tex", quant="int8", overwrite=True, progress=False)
+    assert (home / "thesis.tex").read_text() == "mine"
     quantize_checkpoint(source, tmp_path / "q", quant="int8", progress=False)
     quantize_checkpoint(source, tmp_path / "q", quant="nf4", overwrite=True, progress=False)  # a checkpoint: replaced
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
