@@ -37,9 +37,12 @@ def to_markdown(system: str, history: list[Message], title: str = "Chat") -> str
 def from_json(text: str | bytes, source: str = "the chat file") -> tuple[str, list[Message]]:
     """(system prompt, history) from an OpenAI messages list; ValueError naming what is wrong otherwise."""
     if len(text) > MAX_CHAT_BYTES:
-        raise ValueError(f"{source} is {len(text):,} bytes; a chat file is at most {MAX_CHAT_BYTES:,}")
+        raise ValueError(f"{source} is over {MAX_CHAT_BYTES:,} bytes: too large for a chat file")
     try:
         data: Any = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{source} is not a chat: its JSON is nested too deeply; export a chat first to see "
+                         "the format") from None
     except ValueError as e:
         raise ValueError(f"{source} is not JSON ({e}); export a chat first to see the format") from None
     if isinstance(data, dict) and "messages" in data:
@@ -50,6 +53,11 @@ def from_json(text: str | bytes, source: str = "the chat file") -> tuple[str, li
     for i, m in enumerate(data):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (*ROLES, "system"):
             raise ValueError(f'{source}: message {i} is not {{"role": "system"|"user"|"assistant", "content": text}}')
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"{source}: message {i} holds a lone surrogate (character {err.start}), which is not "
+                             "text; fix or re-export the file") from None
         if m["role"] == "system":
             if history:
                 raise ValueError(f"{source}: message {i} is a system message after the conversation started")

@@ -56,8 +56,10 @@ def launch(model: str | Path | None = None, heads: Sequence[str | Path] = (), *,
     from neoxlite.app.ui import CSS
 
     _, demo = _build(model, heads, **load)
+    # show_error: a value Gradio itself refuses (a string for a slider, from an API client) is named too, as
+    # mount() does, instead of "the app raised an exception"
     _, url, _ = demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
-                            quiet=not block, css=CSS)
+                            quiet=not block, css=CSS, show_error=True)
     print(f"neoxlite app on {url}", file=sys.stderr)
     if block:
         try:

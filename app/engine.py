@@ -23,7 +23,7 @@ from neoxlite.app import prompting
 
 from neoxlite.config import GPTNeoXConfig
 from neoxlite.generation import context_limit
-from neoxlite.limits import check_text_fits
+from neoxlite.limits import check_text_fits, max_text_bytes
 from neoxlite.options import DEFAULT_SAMPLING, sampling_kwargs
 
 # architecture (config.json) -> task, in the order the tabs appear
@@ -40,6 +40,22 @@ TASK_TITLES = {
     "answer": "Question answering",
 }
 MAX_ANSWER_TOKENS = 64  # longest answer span the QA head may pick
+MAX_SEED = 2**63 - 1  # the random generators take a signed 64-bit seed
+
+
+def check_text(text: Any, what: str, required: bool = True) -> str:
+    """`text` when it is text someone typed: ValueError naming `what` for a lone surrogate (half of a UTF-16
+    pair, which no UTF-8 text holds), for what is not text, and when `required`, for nothing (None, blanks)."""
+    if required and (not isinstance(text, str) or not text.strip()):
+        raise ValueError(f"Enter the {what} first.")
+    if not isinstance(text, str):
+        raise TypeError(f"the {what} must be text, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"the {what} is not valid Unicode: character {err.start} is a lone surrogate "
+                         f"({text[err.start]!r}); retype or paste it again") from None
+    return text
 
 
 @dataclass
@@ -93,6 +109,8 @@ class Sampling:
 
     def generate_kwargs(self) -> dict[str, Any]:
         """generate()/stream_text() keywords, validated by the same code as the CLI's flags."""
+        if self.seed is not None and self.seed > MAX_SEED:
+            raise ValueError(f"seed {self.seed} is too large: use 0 to {MAX_SEED}, or -1 for a random seed")
         values = vars(self) | {"seed": self.seed if self.seed is not None and self.seed >= 0 else None}
         return sampling_kwargs(values)
 
@@ -298,12 +316,17 @@ class Engine:
 
     def chat_prompt(self, system: str, history: list[prompting.Message], message: str,
                     sampling: Sampling, style: str = "chat") -> prompting.Prompt:
+        check_text(message, "message")
+        for i, m in enumerate(history):
+            check_text(m["content"], f"message {i + 1} of the chat", required=False)
         _, tokenizer = self._get("chat")
+        limit = self.context_length("chat")
         for text, what in ((system, "system prompt"), (message, "message")):  # refused before tokenizing
-            check_text_fits(text, tokenizer, self.context_length("chat"), what)
+            check_text(text, what, required=False)
+            check_text_fits(text, tokenizer, limit, what)
         return prompting.build_prompt(tokenizer, system, history, message,
-                                      max_new_tokens=int(sampling.max_new_tokens),
-                                      context_length=self.context_length("chat"), style=style)
+                                      max_new_tokens=int(sampling.max_new_tokens), context_length=limit,
+                                      style=style, max_text_bytes=max_text_bytes(tokenizer, limit))
 
     def stream_reply(self, prompt: prompting.Prompt, sampling: Sampling) -> Iterator[Partial]:
         """Yields the reply so far after each new piece of text, stop strings cut; the last one is final. Replies
@@ -341,12 +364,29 @@ class Engine:
             request.cancel()  # a reply abandoned by its reader (Stop, a closed tab) frees its row
         yield Partial(reply.text, reply.tokens, reply.seconds, done=True)
 
-    def chat_tokens(self, system: str, history: list[prompting.Message], style: str = "chat") -> tuple[list[int], int]:
-        """(tokens of each message, tokens the conversation takes as the next prompt) for the context meter."""
+    def chat_tokens(self, system: str, history: list[prompting.Message],
+                    style: str = "chat") -> tuple[list[int | None], int | None]:
+        """(tokens of each message, tokens the conversation takes as the next prompt) for the context meter.
+
+        Only the newest messages whose text could still fit in the context are tokenized: an older message's
+        count is None, and so is the total when any is left out (the conversation is longer than the context).
+        """
         _, tokenizer = self._get("chat")
-        counts = [len(tokenizer.encode(m["content"])) for m in history]
-        used = len(tokenizer.encode(prompting.render(tokenizer, system, history, style))) if history else 0
-        return counts, used
+        sizes = [prompting.utf8_size(m["content"]) for m in history]
+        room = max_text_bytes(tokenizer, self.context_length("chat")) - prompting.utf8_size(system)
+        first = len(history)
+        while first > 0 and sizes[first - 1] <= room:
+            first -= 1
+            room -= sizes[first]
+        if room < 0 or first > 0:
+            return [None] * first + [self._count(tokenizer, m["content"]) for m in history[first:]], None
+        counts: list[int | None] = [self._count(tokenizer, m["content"]) for m in history]
+        rendered = prompting.render(tokenizer, system, history, style) if history else ""
+        return counts, self._count(tokenizer, rendered) if history else 0
+
+    @staticmethod
+    def _count(tokenizer: Any, text: str) -> int:
+        return len(tokenizer.encode(text.encode("utf-8", "replace").decode("utf-8")))  # a lone surrogate: "?"
 
     def chat_batcher(self) -> Any:
         """The Batcher that runs every chat reply (the page's and, with `neoxlite serve --ui`, the API's), made for
@@ -369,8 +409,7 @@ class Engine:
     # --- heads ------------------------------------------------------------------------------------------
 
     def _encode(self, task: str, text: str, what: str, special: bool = True) -> tuple[torch.nn.Module, Any, list[int]]:
-        if not text.strip():
-            raise ValueError(f"Enter the {what} first.")
+        check_text(text, what)
         model, tokenizer = self._get(task)
         check_text_fits(text, tokenizer, self.context_length(task), what)  # refused before tokenizing
         ids = tokenizer.encode(text, add_special_tokens=special)
@@ -405,8 +444,7 @@ class Engine:
         tokens of the context, each encoded alone without special tokens. The span is searched in the
         context tokens only.
         """
-        if not question.strip():
-            raise ValueError("Enter a question first.")
+        check_text(question, "question")
         model, tokenizer, ctx_ids = self._encode("answer", context, "context", special=False)
         check_text_fits(question, tokenizer, self.context_length("answer"), "question")
         q_ids = tokenizer.encode(question.strip() + "\n", add_special_tokens=False)

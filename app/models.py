@@ -67,23 +67,36 @@ def demo_choices() -> list[Choice]:
 def cached_choices(cache_dir: str | os.PathLike | None = None) -> list[Choice]:
     """GPT-NeoX checkpoints in the Hugging Face cache (their newest revision), by repository id.
 
-    Reads only each snapshot's config.json; a cache that does not exist yet offers nothing.
+    Reads only the cache's folder listings and each newest snapshot's config.json. The cache is untrusted: an
+    entry that cannot be read (a link loop, a file where a folder belongs, no snapshot) is left out, never the
+    rest; a cache that does not exist (or is not a folder) offers nothing.
     """
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
+    from huggingface_hub.constants import HF_HUB_CACHE
 
+    root = Path(os.path.expanduser(str(cache_dir if cache_dir is not None else HF_HUB_CACHE)))
     try:
-        cache = scan_cache_dir(cache_dir)
-    except CacheNotFound:
+        with os.scandir(root) as scan:
+            repos = [e for e in scan if e.name.startswith("models--") and e.is_dir(follow_symlinks=False)]
+    except OSError:  # missing, not a folder, unreadable
         return []
     found = []
-    for repo in sorted(cache.repos, key=lambda r: r.repo_id.lower()):
-        if repo.repo_type != "model" or not repo.revisions:
-            continue
-        newest = max(repo.revisions, key=lambda r: r.last_modified)
-        if _model_type(newest.snapshot_path / "config.json") == GPT_NEOX:
-            found.append(Choice(repo.repo_id, repo.repo_id, "hub cache"))
-    return found
+    for entry in repos:
+        repo_id = entry.name[len("models--"):].replace("--", "/")
+        snapshot = _newest_snapshot(Path(entry.path) / "snapshots")
+        if repo_id and snapshot is not None and _model_type(snapshot / "config.json") == GPT_NEOX:
+            found.append(Choice(repo_id, repo_id, "hub cache"))
+    return sorted(found, key=lambda c: c.name.lower())
+
+
+def _newest_snapshot(snapshots: Path) -> Path | None:
+    """The most recently written revision folder in a cached repository's snapshots/, None when there is none."""
+    try:
+        with os.scandir(snapshots) as scan:
+            revisions = [(e.stat(follow_symlinks=False).st_mtime, e.path) for e in scan
+                         if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return None
+    return Path(max(revisions)[1]) if revisions else None
 
 
 def _model_type(config: Path) -> str | None:

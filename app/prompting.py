@@ -85,11 +85,15 @@ def _turn_starts(history: list[Message]) -> list[int]:
 
 
 def build_prompt(tokenizer: Any, system: str, history: list[Message], message: str, *,
-                 max_new_tokens: int, context_length: int, style: str = "chat") -> Prompt:
+                 max_new_tokens: int, context_length: int, style: str = "chat",
+                 max_text_bytes: int | None = None) -> Prompt:
     """The longest recent part of `history` that, with `message` and the reply budget, fits the context.
 
     Keeps `max_new_tokens` for the reply when it can; with no history left and still too little room, the
     reply budget shrinks. Raises ValueError when the message by itself does not leave room for one token.
+    `max_text_bytes` (neoxlite.limits.max_text_bytes for the context): history beyond that many UTF-8 bytes
+    cannot fit and is left out before anything is tokenized. The turn to start from is found by bisection, so a
+    long history costs a few tokenizations, not one per turn.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -97,11 +101,23 @@ def build_prompt(tokenizer: Any, system: str, history: list[Message], message: s
         raise ValueError(f"prompt style {style!r} is not one of {', '.join(STYLES)}")
     stop = stop_strings(tokenizer) if style == "chat" else ()
     ask = [{"role": "user", "content": message}]
-    for start in _turn_starts(history):
+    starts = _turn_starts(history)
+    lo, hi = _first_within(history, starts, system, message, max_text_bytes), len(starts) - 1
+
+    def measure(start: int) -> tuple[str, int]:
         text = render(tokenizer, system, history[start:] + ask, style)
-        n_tokens = len(tokenizer.encode(text))
+        return text, len(tokenizer.encode(text))
+
+    fitted: tuple[int, str, int] | None = None
+    while lo < hi:  # the first start that fits (less history never takes more tokens); the last one if none does
+        mid = (lo + hi) // 2
+        text, n_tokens = measure(starts[mid])
         if n_tokens + max_new_tokens <= context_length:
-            break
+            hi, fitted = mid, (mid, text, n_tokens)
+        else:
+            lo = mid + 1
+    start = starts[lo]
+    text, n_tokens = fitted[1:] if fitted is not None and fitted[0] == lo else measure(start)
     room = context_length - n_tokens
     if room < 1:
         raise ValueError(
@@ -119,6 +135,25 @@ def build_prompt(tokenizer: Any, system: str, history: list[Message], message: s
                   f"(prompt: {n_tokens} tokens).")
     return Prompt(text=text, n_tokens=n_tokens, max_new_tokens=min(max_new_tokens, room),
                   dropped_messages=start, stop_strings=stop, notice=notice, style=style)
+
+
+def utf8_size(text: str) -> int:
+    """UTF-8 bytes of `text`, a lone surrogate counted as the 3 bytes it would take."""
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _first_within(history: list[Message], starts: list[int], system: str, message: str,
+                  max_text_bytes: int | None) -> int:
+    """The index in `starts` of the first turn from which the prompt's text is at most `max_text_bytes` (each
+    message's text, stripped as rendered, is in the prompt); history before it needs more tokens than the context
+    holds. 0 when there is no limit."""
+    if max_text_bytes is None:
+        return 0
+    room = max_text_bytes - utf8_size(system.strip()) - utf8_size(message.strip())
+    suffix = [0] * (len(history) + 1)  # suffix[i]: bytes of history[i:]
+    for i in range(len(history) - 1, -1, -1):
+        suffix[i] = suffix[i + 1] + utf8_size(history[i]["content"].strip())
+    return next(k for k, start in enumerate(starts) if suffix[start] <= room or start == len(history))
 
 
 def cut_at_stop(text: str, stop_strings: tuple[str, ...]) -> tuple[str, bool]:

@@ -180,9 +180,12 @@ def meter_html(engine: Engine, system: str, history: list[Message], style: str) 
         return '<div class="meter">Context: no chat model loaded yet</div>'
     counts, used = engine.chat_tokens(system, history, style)
     limit = engine.context_length("chat")
-    share = min(used / limit, 1.0)
-    each = " · ".join(f"{'you' if m['role'] == 'user' else 'model'} {n}" for m, n in zip(history, counts, strict=True))
-    return (f'<div class="meter"><span>Context: {used:,} of {limit:,} tokens</span>'
+    share = 1.0 if used is None else min(used / limit, 1.0)
+    each = " · ".join(f"{'you' if m['role'] == 'user' else 'model'} {'-' if n is None else n}"
+                      for m, n in zip(history, counts, strict=True))
+    total = (f"more than {limit:,} tokens (the oldest messages are left out of the next prompt)" if used is None
+             else f"{used:,} of {limit:,} tokens")
+    return (f'<div class="meter"><span>Context: {total}</span>'
             f'<div class="bar"><div class="fill" style="width:{100 * share:.1f}%"></div></div>'
             f'<span class="counts">{("tokens per message: " + each) if each else ""}</span></div>')
 
@@ -278,7 +281,7 @@ def _chat_tab(engine: Engine, page: Page, demo: gr.Blocks) -> None:
             clear = gr.Button("Clear", size="sm", elem_id="chat-clear")
             export_json = gr.Button("Export JSON", size="sm", elem_id="chat-export-json")
             export_md = gr.Button("Export Markdown", size="sm", elem_id="chat-export-md")
-            import_json = gr.UploadButton("Import JSON", size="sm", file_types=[".json"], type="binary",
+            import_json = gr.UploadButton("Import JSON", size="sm", file_types=[".json"], type="filepath",
                                           elem_id="chat-import")
         exported = gr.File(label="Exported chat", visible=False, elem_id="chat-exported", interactive=False)
         d = Sampling()  # the CLI's defaults
@@ -307,12 +310,21 @@ def _chat_tab(engine: Engine, page: Page, demo: gr.Blocks) -> None:
             return gr.Chatbot(shown(past, how), render_markdown=how != "Raw text",
                               elem_classes=["raw"] if how == "Raw text" else [])
 
-        def take_message(text: str, past: list[Message], how: str):
+        # True while a reply streams in this tab: a second one started meanwhile would have its message overwritten
+        # by the first reply's updates (lost, the input box already cleared), so it is refused until Stop or the end
+        streaming = gr.State(False)
+
+        def not_streaming(replying: bool) -> None:
+            if replying:
+                raise gr.Error("A reply is still coming: wait for it or press Stop, then send again.")
+
+        def take_message(text: str, past: list[Message], how: str, replying: bool):
+            not_streaming(replying)
             if not text.strip():
                 gr.Warning("Type a message first.")
-                return gr.skip(), gr.skip(), gr.skip()
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
             past = past + [{"role": "user", "content": text}]
-            return "", past, shown(past, how)
+            return "", past, shown(past, how), True
 
         @user_errors
         def reply(past: list[Message], how: str, system_prompt: str, temperature: float, top_p: float,
@@ -332,22 +344,24 @@ def _chat_tab(engine: Engine, page: Page, demo: gr.Blocks) -> None:
                 answer["content"] = part.text or ("" if not part.done else "(the model ended its reply at once)")
                 yield shown(updated, how), updated, prompt.notice, part.status
 
-        def drop_last_reply(past: list[Message], how: str):
+        def drop_last_reply(past: list[Message], how: str, replying: bool):
+            not_streaming(replying)
             while past and past[-1]["role"] == "assistant":
                 past = past[:-1]
             if not past:
                 raise gr.Error("Nothing to regenerate yet: send a message first.")
-            return past, shown(past, how)
+            return past, shown(past, how), True
 
-        def edit_message(past: list[Message], how: str, edit: gr.EditData):
+        def edit_message(past: list[Message], how: str, replying: bool, edit: gr.EditData):
             """An edited user message replaces the original and everything after it; the reply follows."""
+            not_streaming(replying)
             index = edit.index if isinstance(edit.index, int) else edit.index[0]
             value = edit.value if isinstance(edit.value, str) else edit.value.get("text", "")
             if not 0 <= index < len(past) or past[index]["role"] != "user":
                 raise gr.Error("Only your own messages can be edited.")
             text = _unfenced(value) if how == "Python code" else value
             past = past[:index] + [{"role": "user", "content": text}]
-            return past, shown(past, how)
+            return past, shown(past, how), True
 
         @user_errors
         def update_meter(past: list[Message], system_prompt: str, prompt_format: str) -> str:
@@ -357,19 +371,20 @@ def _chat_tab(engine: Engine, page: Page, demo: gr.Blocks) -> None:
         meter_io = {"fn": update_meter, "inputs": [history, system, style], "outputs": meter,
                     "show_progress": "hidden", **PRIVATE}
         replying = []
-        for trigger, first, inputs in ((message.submit, take_message, [message, history, view]),
-                                       (send.click, take_message, [message, history, view]),
-                                       (regenerate.click, drop_last_reply, [history, view]),
-                                       (chatbot.edit, edit_message, [history, view])):
-            outputs = [message, history, chatbot] if first is take_message else [history, chatbot]
+        for trigger, first, inputs in ((message.submit, take_message, [message, history, view, streaming]),
+                                       (send.click, take_message, [message, history, view, streaming]),
+                                       (regenerate.click, drop_last_reply, [history, view, streaming]),
+                                       (chatbot.edit, edit_message, [history, view, streaming])):
+            outputs = ([message, history, chatbot] if first is take_message else [history, chatbot]) + [streaming]
             event = trigger(first, inputs, outputs, **PRIVATE).success(**reply_io, **CHAT_QUEUE, **PRIVATE)
             replying.append(event)
-            event.then(**meter_io)
-        stop.click(lambda: "Stopped.", None, status, queue=False, cancels=replying, **PRIVATE).then(**meter_io)
-        clear.click(lambda: ([], [], "", ""), None, [history, chatbot, notice, status], queue=False,
+            event.then(lambda: False, None, streaming, queue=False, **PRIVATE).then(**meter_io)
+        stop.click(lambda: ("Stopped.", False), None, [status, streaming], queue=False, cancels=replying,
+                   **PRIVATE).then(**meter_io)
+        clear.click(lambda: ([], [], "", "", False), None, [history, chatbot, notice, status, streaming], queue=False,
                     cancels=replying, **PRIVATE).then(**meter_io)
-        chatbot.clear(lambda: ([], "", ""), None, [history, notice, status], queue=False, cancels=replying,
-                      **PRIVATE).then(**meter_io)
+        chatbot.clear(lambda: ([], "", "", False), None, [history, notice, status, streaming], queue=False,
+                      cancels=replying, **PRIVATE).then(**meter_io)
         view.change(show, [history, view], chatbot, show_progress="hidden", **PRIVATE)
         # "continue" treats the chat as one document (the demo writes Python): show it as code; a choice stays
         style.change(lambda fmt: "Python code" if fmt == "continue" else "Markdown", style, view, **PRIVATE)
@@ -385,8 +400,10 @@ def _chat_tab(engine: Engine, page: Page, demo: gr.Blocks) -> None:
         _chat_api(engine, settings)
 
 
+@user_errors
 def _export(past: list[Message], system_prompt: str, kind: str):
-    """The chat as a file to download: JSON (OpenAI messages) or Markdown."""
+    """The chat as a file to download: JSON (OpenAI messages) or Markdown, written whole (a temporary file
+    renamed into place). A lone surrogate, which UTF-8 cannot hold, is written as U+FFFD."""
     if not past:
         raise gr.Error("Nothing to export yet: send a message first.")
     folder = Path(tempfile.mkdtemp(prefix="neoxlite-chat-"))
@@ -394,14 +411,20 @@ def _export(past: list[Message], system_prompt: str, kind: str):
         path, text = folder / "chat.json", chats.to_json(system_prompt, past)
     else:
         path, text = folder / "chat.md", chats.to_markdown(system_prompt, past)
-    path.write_text(text, encoding="utf-8")
+    partial = folder / f".{path.name}.partial"
+    partial.write_bytes(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8"))
+    partial.replace(path)
     return gr.File(str(path), visible=True)
 
 
 @user_errors
-def _import_chat(data: bytes, how: str):
-    """A chat from a JSON file (OpenAI messages): history, its view, the system prompt, and a cleared status."""
-    system_prompt, past = chats.from_json(data)
+def _import_chat(upload: str | None, how: str):
+    """A chat from a JSON file (OpenAI messages): history, its view, the system prompt, and a cleared status.
+    The upload is read only up to the largest chat file, so a huge one costs no memory."""
+    if not isinstance(upload, str):
+        raise ValueError("no chat file came with the upload: choose a .json file exported from this app")
+    with open(upload, "rb") as file:
+        system_prompt, past = chats.from_json(file.read(chats.MAX_CHAT_BYTES + 1))
     return past, shown(past, how), system_prompt, ""
 
 
@@ -416,7 +439,7 @@ def _chat_api(engine: Engine, settings: list[gr.components.Component]) -> None:
              top_k: float, max_new_tokens: float, repetition_penalty: float, seed: float | None,
              prompt_format: str):
         """Streams the reply to `message`; the exchange joins this session's history when it completes."""
-        if not message.strip():
+        if not isinstance(message, str) or not message.strip():
             raise ValueError("message is empty: send some text")
         sampling = _sampling(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
         prompt = engine.chat_prompt(system_prompt, past, message, sampling, prompt_format)

@@ -157,6 +157,15 @@ def test_user_errors_come_back_as_messages(url):
         c.predict("   ", api_name="/classify")
     with pytest.raises(gradio_client.exceptions.AppError, match="context holds 256"):
         c.predict("word " * 400, **GREEDY, api_name="/chat")
+    with pytest.raises(gradio_client.exceptions.AppError, match="message is empty"):
+        c.predict(None, **GREEDY, api_name="/chat")  # an API client's null, named like an empty message
+    with pytest.raises(gradio_client.exceptions.AppError, match="Enter the text first"):
+        c.predict(None, api_name="/classify")
+    with pytest.raises(gradio_client.exceptions.AppError, match="seed .* is too large"):
+        c.predict("hi", **GREEDY, seed=2**64, api_name="/chat")
+    refused = r"Could not preprocess input component at index 3 \(a `slider`"
+    with pytest.raises(gradio_client.exceptions.AppError, match=refused):
+        c.predict("hi", temperature="hot", api_name="/chat")  # refused by Gradio itself, and named (show_error)
 
 
 def test_memory_panel_shows_blocks_and_usage(url):
