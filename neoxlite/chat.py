@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from neoxlite.fileio import atomic_write_text
+from neoxlite.limits import check_text, check_text_fits
 from neoxlite.options import sampling_kwargs
 
 try:  # gives input() line editing and history; absent on some builds (Windows)
@@ -94,6 +95,11 @@ class Chat:
                 return 0
             if not message:
                 continue
+            try:
+                check_text(message, "the message")  # bytes that are not UTF-8 (a non-UTF-8 terminal)
+            except ValueError as err:
+                self.note(f"error: {err}; not sent")
+                continue
             if message.startswith("/"):
                 if self.command(message) == "bye":
                     return 0
@@ -103,6 +109,8 @@ class Chat:
             except KeyboardInterrupt:  # before the reply began (reply() itself keeps a partial reply)
                 print(file=sys.stderr)
                 self.note("stopped")
+            except ValueError as err:  # e.g. a message too long for the context: say so, keep the conversation
+                self.note(f"error: {' '.join(str(err).split())}")
 
     # ------------------------------------------------------------------ commands
     def command(self, line: str) -> str | None:
@@ -178,6 +186,8 @@ class Chat:
         from neoxlite.generation import context_limit, stream_tokens_as_text
 
         sampling = sampling_kwargs(self.settings, getattr(self.model, "generation_config", None))
+        # refused from its length alone: tokenizing megabytes takes seconds to find it does not fit
+        check_text_fits(message, self.tokenizer, context_limit(self.model.config), "message")
         prompt = build_prompt(self.tokenizer, self.system, self.history, message,
                               max_new_tokens=sampling["max_new_tokens"], context_length=context_limit(self.model.config))
         if prompt.notice:

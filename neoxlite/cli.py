@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from neoxlite.limits import check_text
 from neoxlite.options import (
     add_load_options,
     add_model_option,
@@ -104,36 +105,66 @@ def read_prompt(args: argparse.Namespace) -> str:
     if args.file is not None and args.prompt is not None:
         raise ValueError("give the prompt once: PROMPT, - (stdin) or --file PATH")
     if args.file is not None:
-        return Path(args.file).read_text(encoding="utf-8")
-    if args.prompt == "-":
-        return sys.stdin.read()
-    if args.prompt is None:
+        if not args.file:
+            raise ValueError("--file needs a path: --file PATH")
+        try:
+            prompt = decode_utf8(Path(args.file).read_bytes(), f"--file {args.file}")
+        except OSError as err:
+            raise OSError(f"--file {args.file}: cannot read it: {err.strerror or err}") from None
+    elif args.prompt == "-":
+        if sys.stdin is None:  # started with stdin closed (`<&-`)
+            raise ValueError("PROMPT is - but stdin is closed; pipe the prompt in, or give PROMPT or --file PATH")
+        prompt = decode_utf8(sys.stdin.buffer.read(), "stdin")
+    elif args.prompt is None:
         raise ValueError("no prompt: give PROMPT, - to read it from stdin, or --file PATH")
-    return args.prompt
+    else:
+        prompt = check_text(args.prompt, "PROMPT")
+    if not prompt:
+        raise ValueError("the prompt is empty: give some text to continue")
+    return prompt
 
 
-def capped_new_tokens(requested: int, prompt_tokens: int, context: int) -> int:
+def decode_utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                         "convert it to UTF-8, e.g. with iconv") from None
+
+
+def capped_new_tokens(requested: int, prompt_tokens: int, context: int, what: str = "the model's") -> int:
     """max_new_tokens cut to what the context leaves after the prompt, said on stderr when it cuts."""
     room = context - prompt_tokens
     if 0 < room < requested:
         print(f"[--max-new-tokens {requested} capped at {room}: the prompt's {prompt_tokens} tokens and the reply "
-              f"share the model's {context}-token context]", file=sys.stderr)
+              f"share {what} {context}-token context]", file=sys.stderr)
         return room
     return requested
+
+
+def reply_context(model: Any) -> tuple[int, str]:
+    """The tokens prompt and reply may take together: the model's context, or less when the memory plan reserved
+    less (--max-context with budgets), and how to name it."""
+    from neoxlite.generation import context_limit
+
+    context = context_limit(model.config)
+    reserved = getattr(model, "offload_workload", None)
+    if reserved is not None and reserved[1] < context:
+        return reserved[1], "the --max-context reserved"
+    return context, "the model's"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     sampling_kwargs(args)  # bad flags fail before the prompt is read and the model loads
     prompt = read_prompt(args)
     model, tokenizer = load_for_cli(args)
-    from neoxlite.generation import context_limit, stream_tokens_as_text
+    from neoxlite.generation import stream_tokens_as_text
 
     # Flags the user gave, then the checkpoint's generation_config.json, then the CLI's defaults.
     sampling = sampling_kwargs(args, getattr(model, "generation_config", None))
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids
     prompt_tokens = int(input_ids.shape[-1])
-    sampling["max_new_tokens"] = capped_new_tokens(sampling["max_new_tokens"], prompt_tokens,
-                                                   context_limit(model.config))
+    sampling["max_new_tokens"] = capped_new_tokens(sampling["max_new_tokens"], prompt_tokens, *reply_context(model))
     stream = not args.json
     if stream and args.echo:
         sys.stdout.write(prompt)
@@ -160,6 +191,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from neoxlite.chat import Chat
 
     sampling_kwargs(args)  # bad flags fail before the load
+    check_text(args.system, "--system")
     given = {k: v for k, v in vars(args).items() if k in Chat.SETTINGS and v is not None}
     model, tokenizer = load_for_cli(args)
     return Chat(model, tokenizer, system=args.system, settings=given).run()

@@ -52,7 +52,15 @@ class SamplingSettings:
 
     def __post_init__(self) -> None:
         # None turns a setting off, as it does in transformers (no warper, no penalty).
+        if isinstance(self.do_sample, (str, bytes)):  # bool("no") is True
+            raise TypeError(f"do_sample must be True or False, got {self.do_sample!r}")
         self.do_sample = bool(self.do_sample)
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _real(name, value))
+        if self.top_k is not None:
+            self.top_k = _integer("top_k", self.top_k)
         self.temperature = 1.0 if self.temperature is None else self.temperature
         self.repetition_penalty = 1.0 if self.repetition_penalty is None else self.repetition_penalty
         for name in ("temperature", "top_p", "repetition_penalty"):
@@ -118,14 +126,101 @@ def non_finite_error(dtype: torch.dtype) -> ValueError:
                       f"NaN/inf or overflow in {dtype}; check the checkpoint, or load it in float32 (--dtype float32)")
 
 
-def _as_list(ids: int | Sequence[int] | torch.Tensor | None) -> list[int]:
+def _as_list(ids: int | Sequence[int] | torch.Tensor | None, name: str = "eos_token_id") -> list[int]:
     if ids is None:
         return []
     if isinstance(ids, torch.Tensor):
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype is torch.bool:
+            raise TypeError(f"{name} must hold integer token ids, got a tensor of {ids.dtype}")
         return [int(i) for i in ids.flatten()]
-    if isinstance(ids, int):
-        return [ids]
-    return [int(i) for i in ids]
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) and not hasattr(ids, "__index__"):
+        raise TypeError(f"{name} must be a token id (int) or a list of them, got {ids!r}")
+    return [_integer(name, i) for i in (ids if isinstance(ids, Sequence) else [ids])]
+
+
+def _integer(name: str, value: Any) -> int:
+    """`value` as an int (an int, a numpy or 0-dim tensor integer); a float, str or bool-like text is refused."""
+    if isinstance(value, (str, bytes, float)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        return int(value.__index__())
+    except (AttributeError, TypeError, RuntimeError):
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+
+
+def _real(name: str, value: Any) -> float:
+    """`value` as a float (int, float, numpy or 0-dim tensor number); text and other objects are refused."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+
+
+# torch.Generator.manual_seed takes a seed in [-2**63, 2**64): below or above it fails with "Overflow when
+# unpacking long long", which names neither the argument nor the range.
+SEED_RANGE = (-2**63, 2**64 - 1)
+
+
+def check_seed(seed: Any) -> int:
+    """`seed` as an int, refused (naming the range) when torch's generator cannot take it."""
+    seed = _integer("seed", seed)
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ValueError(f"seed must be an integer within [-2**63, 2**64 - 1] (what torch takes), got {seed}")
+    return seed
+
+
+def _check_inputs(input_ids: Any, attention_mask: Any, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, P) token ids and their (B, P) attention mask (or None), refused with the argument named when they cannot
+    be: a wrong type, dtype or shape, no tokens, ids outside the vocabulary."""
+    input_ids = _as_tensor("input_ids", input_ids)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, tokens) or (tokens,), got {tuple(input_ids.shape)}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype is torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}; use "
+                         "tokenizer(text, return_tensors='pt').input_ids")
+    if input_ids.numel() == 0:
+        raise ValueError("input_ids must be a non-empty tensor of token ids (got no tokens), e.g. "
+                         "tokenizer(text, return_tensors='pt').input_ids")
+    input_ids = input_ids.long()
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"input_ids hold token id {low if low < 0 else high} but the model's vocabulary has ids "
+                         f"0 to {vocab_size - 1}; use the tokenizer that belongs to this model")
+    if attention_mask is None:
+        return input_ids, None
+    attention_mask = _as_tensor("attention_mask", attention_mask)
+    if attention_mask.dim() == 1:
+        attention_mask = attention_mask[None]
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                         f"{tuple(input_ids.shape)}; pass the mask the tokenizer returned with these ids")
+    return input_ids, attention_mask
+
+
+def _as_tensor(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, (str, bytes)) or value is None:
+        raise TypeError(f"{name} must be a tensor (or nested list) of token ids, got {value!r:.60}")
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be a tensor (or nested list of equal-length rows) of ints: {err}") from None
+
+
+def _check_stops(stop_strings: Any, tokenizer: Any) -> list[str]:
+    stops = [stop_strings] if isinstance(stop_strings, str) else stop_strings
+    if stops is not None and (isinstance(stops, bytes) or not isinstance(stops, (list, tuple))
+                              or not all(isinstance(s, str) for s in stops)):
+        raise TypeError(f"stop_strings must be a str or a list of str, got {stop_strings!r:.80}")
+    stops = list(stops or [])
+    if stops and tokenizer is None:
+        raise ValueError("stop_strings needs the tokenizer to read the text: pass tokenizer=... to generate()")
+    if stops and not callable(getattr(tokenizer, "batch_decode", None)):
+        raise TypeError(f"tokenizer must be a tokenizer (with batch_decode), got {tokenizer!r:.60}")
+    return stops
 
 
 def context_limit(config: Any) -> int:
@@ -314,19 +409,23 @@ class GenerationMixin:
                                     pick("top_k", top_k), pick("top_p", top_p),
                                     pick("repetition_penalty", repetition_penalty))
         length_given = max_length is not None
+        if max_new_tokens is not None and _integer("max_new_tokens", max_new_tokens) < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         max_new_tokens = pick("max_new_tokens", max_new_tokens)  # given or configured, it wins over max_length
         max_length = pick("max_length", max_length)
-        eos_token_id = pick("eos_token_id", eos_token_id)
+        max_new_tokens = None if max_new_tokens is None else _integer("max_new_tokens", max_new_tokens)
+        max_length = None if max_length is None else _integer("max_length", max_length)
+        eos_ids = _as_list(pick("eos_token_id", eos_token_id), "eos_token_id")
         pad_token_id = pick("pad_token_id", pad_token_id)
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.numel() == 0:
-            raise ValueError("input_ids must be a non-empty tensor of token ids, e.g. tokenizer(text, return_tensors='pt').input_ids")
+        if pad_token_id is not None and not -2**63 <= _integer("pad_token_id", pad_token_id) < 2**63:
+            raise ValueError(f"pad_token_id must be a token id, got {pad_token_id}")
+        stops = _check_stops(stop_strings, tokenizer)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {generator!r:.60}; or pass seed=N")
+        if generator is None and seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(check_seed(seed))
+        input_ids, attention_mask = _check_inputs(input_ids, attention_mask, config.vocab_size)
         B, prompt_len = input_ids.shape
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size:
-            raise ValueError(f"input_ids hold token id {int(input_ids.max())} (or a negative one) but the model's "
-                             f"vocabulary has {config.vocab_size} ids; use the tokenizer that belongs to this model")
         limit = context_limit(config)
         if prompt_len > limit:
             raise ValueError(
@@ -352,14 +451,8 @@ class GenerationMixin:
             )
         if max_new_tokens <= 0:
             return
-        eos_ids = _as_list(eos_token_id)
         if pad_token_id is None:
             pad_token_id = eos_ids[0] if eos_ids else 0
-        stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
-        if stops and tokenizer is None:
-            raise ValueError("stop_strings needs the tokenizer to read the text: pass tokenizer=... to generate()")
-        if generator is None and seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
 
         device = self.device
         input_ids = input_ids.to(device)
@@ -400,9 +493,7 @@ class GenerationMixin:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         """Prompt plus new tokens, (B, prompt + new), as transformers' generate returns them."""
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
+        input_ids, attention_mask = _check_inputs(input_ids, attention_mask, self.config.vocab_size)
         steps = list(self.stream_generate(input_ids, attention_mask, **kwargs))
         new = torch.stack(steps, 1).to(input_ids.device) if steps else input_ids[:, :0]
         return torch.cat([input_ids, new], dim=1)

@@ -33,3 +33,16 @@ def check_text_fits(text: str, tokenizer: Any, context_tokens: int, what: str = 
     if size > limit:
         raise ValueError(f"the {what} is too long: {size:,} bytes, while this model's context of "
                          f"{context_tokens:,} tokens holds at most {limit:,} bytes of text; shorten it")
+
+
+def check_text(text: str, where: str) -> str:
+    """`text` from argv or a terminal, refused when it holds bytes that are not UTF-8 (Python keeps them as lone
+    surrogates, which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raw = text[err.start].encode("utf-8", "surrogateescape") if 0xDC80 <= ord(text[err.start]) <= 0xDCFF else b""
+        byte = f"byte 0x{raw[0]:02x}" if raw else f"character U+{ord(text[err.start]):04X}"
+        raise ValueError(f"{where} is not valid UTF-8 text ({byte} at character {err.start}); use a UTF-8 "
+                         "terminal/locale or convert the text to UTF-8") from None
+    return text

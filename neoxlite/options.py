@@ -90,7 +90,10 @@ def flag_names(message: str, parser: argparse.ArgumentParser) -> str:
             continue
         message = re.sub(rf"(?<![\w.\-/]){keyword}(?!\w)(=?)", lambda m, f=flag: f + (" " if m.group(1) else ""),
                          message)
-    return re.sub(r"(--[\w-]+) ?/ \1\b", r"\1", message)  # "offload_dir= / --offload-dir" said it twice
+    message = re.sub(r"(--[\w-]+) */ *\1\b", r"\1", message)  # "offload_dir= / --offload-dir" said it twice
+    # "max_context=9 (--max-context)" became "--max-context 9 (--max-context)": drop a hint that only repeats flags
+    return re.sub(r" \((--[\w-]+(?:/--[\w-]+)*)\)", lambda m: "" if all(
+        message.count(f) > 1 for f in m.group(1).split("/")) else m.group(0), message)
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -147,10 +150,11 @@ def sampling_kwargs(args: argparse.Namespace | dict[str, Any], generation_config
         top_p = values["top_p"] if "top_p" in values else configured("top_p")
         kwargs.update(temperature=temperature, top_k=int(top_k or 0),  # 0: off
                       top_p=float(top_p if top_p is not None else 1.0))
+    from neoxlite.generation import SamplingSettings, check_seed
+
     seed = values.get("seed")
     if seed is not None and seed != "":
-        kwargs["seed"] = int(seed)
-    from neoxlite.generation import SamplingSettings
+        kwargs["seed"] = check_seed(int(seed))  # refused now, not after the load, when torch cannot take it
 
     # generate()'s own checks, run now so that a bad value fails before the model loads
     SamplingSettings(**{k: kwargs[k] for k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")

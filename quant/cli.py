@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -44,6 +45,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .model import format_block_table
     from .serialize import quantize_checkpoint
 
+    if not math.isfinite(args.int8_threshold):  # json.dumps would write NaN/Infinity, which is not JSON
+        raise ValueError(f"--int8-threshold must be a finite number (0 turns outlier handling off), "
+                         f"got {args.int8_threshold}")
+    if args.skip_modules is not None and not all(name.strip() for name in args.skip_modules):
+        # "" is a part of every layer's name: it would keep the whole model unquantized
+        raise ValueError(f"--skip-modules takes layer names, got an empty one in {args.skip_modules}")
     start = time.perf_counter()
     model = quantize_checkpoint(
         args.src,

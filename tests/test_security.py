@@ -404,7 +404,7 @@ def test_tokenizer_larger_than_the_model_is_refused_at_load(tmp_path):
     with pytest.raises(ValueError, match="tokens but the model's vocabulary has 100"):
         load(folder)
     model = neoxlite.GPTNeoXForCausalLM.from_pretrained(folder)  # the model alone loads; ids past it are refused
-    with pytest.raises(ValueError, match="vocabulary has 100 ids"):
+    with pytest.raises(ValueError, match="token id 500 but the model.s vocabulary has ids 0 to 99"):
         model.generate(torch.tensor([[5, 500]]), max_new_tokens=2)
 
 

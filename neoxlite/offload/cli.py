@@ -63,6 +63,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
                              "for one")
         print(f"[no CUDA device here: planning for one with --gpu-memory {kw['gpu_memory']}, its host link at "
               f"{(args.pcie_gbps or Links.pcie / 1e9):.3g} GB/s (--pcie-gbps)]", file=sys.stderr)
+    for flag in ("disk", "pcie", "cpu", "gpu"):
+        value = getattr(args, f"{flag}_gbps")
+        if value is not None and not 0 < value < float("inf"):  # refuses NaN too
+            raise ValueError(f"--{flag}-gbps must be a positive number of GB/s, got {value}")
     overrides = {name: getattr(args, f"{flag}_gbps") * 1e9 for name, flag in
                  (("disk", "disk"), ("pcie", "pcie"), ("cpu_memory", "cpu"), ("gpu_memory", "gpu"))
                  if getattr(args, f"{flag}_gbps") is not None}
@@ -122,6 +126,8 @@ def plan_checkpoint(model: str | os.PathLike, kw: dict[str, Any], links: Links |
 def cmd_offload(args: argparse.Namespace) -> int:
     from neoxlite.offload.store import list_stores, remove
 
+    if not args.offload_dir.strip():  # "" would be the current folder
+        raise ValueError("--offload-dir is empty; give the offload folder, e.g. --offload-dir ~/.cache/neoxlite/offload")
     if args.action == "list":
         stores = list_stores(args.offload_dir)
         for path, nbytes in stores:
