@@ -8,9 +8,10 @@ off unless tokenizer_config.json turned it on; 4.44 and older turned it on), so 
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import reprlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -279,12 +280,12 @@ class GPTNeoXTokenizerFast:
     def convert_ids_to_tokens(self, ids: int | list[int] | torch.Tensor,
                               skip_special_tokens: bool = False) -> str | None | list[str | None]:
         if isinstance(ids, int):
-            return self._tok.id_to_token(ids)
+            return self._tok.id_to_token(_as_ids(ids)[0])
         special = set(self.all_special_ids) if skip_special_tokens else set()
         return [self._tok.id_to_token(i) for i in _as_ids(ids) if i not in special]
 
     def tokenize(self, text: str) -> list[str]:
-        return self._tok.encode(text, add_special_tokens=False).tokens
+        return self._tok.encode(_encodable([text])[0], add_special_tokens=False).tokens
 
     # ----- encoding -----
     def __call__(
@@ -313,7 +314,7 @@ class GPTNeoXTokenizerFast:
         head = [self._required_id("bos_token", "add_bos_token")] if add_special_tokens and self.add_bos_token else []
         tail = [self._required_id("eos_token", "add_eos_token")] if add_special_tokens and self.add_eos_token else []
 
-        rows = [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        rows = [e.ids for e in self._tok.encode_batch(_encodable(texts), add_special_tokens=False)]
         if truncate:
             room = max((self.model_max_length if max_length is None else max_length) - len(head) - len(tail), 0)
             side = _side(self.truncation_side, "truncation_side")
@@ -439,16 +440,46 @@ class GPTNeoXTokenizerFast:
                 f"special_tokens={self.special_tokens_map}, padding_side={self.padding_side!r})")
 
 
+def _encodable(texts: list[str]) -> list[str]:
+    """`texts`, refused with a ValueError when one holds a lone surrogate (not Unicode text: the tokenizers library
+    would fail with a TypeError that does not say so); a type other than str is a TypeError."""
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {reprlib.repr(text)} ({type(text).__name__})")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"text holds a lone surrogate {text[err.start]!r} at character {err.start}, which is "
+                             "not Unicode text; remove it or decode the source with errors='replace'") from None
+    return texts
+
+
 def _as_ids(ids: int | Sequence[int] | torch.Tensor) -> list[int]:
-    if isinstance(ids, int):
-        return [ids]
+    """One sequence of token ids as a list of ints, checked: integers from 0 to below 2**32 (the tokenizers
+    library's range; ids past the vocabulary decode to nothing, as in transformers)."""
     if isinstance(ids, torch.Tensor):
         if ids.dim() == 2 and ids.shape[0] == 1:
             ids = ids[0]
         if ids.dim() > 1:
             raise ValueError(f"decode takes one sequence, got a tensor of shape {tuple(ids.shape)}; "
                              f"use batch_decode for a batch")
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"token ids must be integers, got a tensor of {ids.dtype}")
+        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < 2**32):
+            raise ValueError(f"token ids run from {int(ids.min())} to {int(ids.max())}; a token id is an integer "
+                             "from 0, below 2**32")
         return ids.reshape(-1).tolist()
+    elif isinstance(ids, numbers.Integral):
+        ids = [ids]
+    elif isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"token ids must be an int, a sequence of ints or a tensor, got {reprlib.repr(ids)}")
+    else:
+        ids = list(ids)
+    for i in ids:
+        if not isinstance(i, numbers.Integral) or isinstance(i, bool):
+            raise TypeError(f"token ids must be integers, got {reprlib.repr(i)} ({type(i).__name__})")
+        if not 0 <= i < 2**32:
+            raise ValueError(f"{reprlib.repr(i)} is not a token id (an integer from 0, below 2**32)")
     return [int(i) for i in ids]
 
 

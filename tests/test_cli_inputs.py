@@ -174,3 +174,30 @@ def test_from_pretrained_refuses_a_bad_name_and_never_loads_the_cwd(name, error,
         with pytest.raises(error, match=match):
             cls.from_pretrained(name)
     assert os.getcwd() == DEMO
+
+
+# ------------------------------------------------------------------------------------------ the tokenizer's inputs
+@pytest.mark.parametrize("ids,error,message", [
+    ([-1], ValueError, "-1 is not a token id"), ([10**30], ValueError, "is not a token id"),
+    ([1.5], TypeError, "must be integers, got 1.5"), ([True], TypeError, "got True"),
+    (torch.tensor([1.0]), TypeError, "tensor of torch.float32"), (torch.tensor([3, -2]), ValueError, "from -2 to 3"),
+    ("abc", TypeError, "an int, a sequence of ints or a tensor"),
+])
+def test_decode_refuses_what_is_not_a_token_id(ids, error, message):
+    from neoxlite.api import load_demo
+
+    _, tokenizer = load_demo(progress=False)
+    with pytest.raises(error, match=message):
+        tokenizer.decode(ids)
+    assert tokenizer.decode([len(tokenizer) + 5]) == ""  # past the vocabulary: nothing, as in transformers
+
+
+@pytest.mark.parametrize("text", ["a\ud800b", ["ok", "x\udfff"]])
+def test_text_with_a_lone_surrogate_is_one_clear_error(text):
+    from neoxlite.api import load_demo
+
+    _, tokenizer = load_demo(progress=False)
+    with pytest.raises(ValueError, match="lone surrogate .* at character 1, which is not Unicode text"):
+        tokenizer(text)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tokenizer.tokenize("\ud800")
