@@ -11,6 +11,8 @@ from typing import Any
 
 from neoxlite.app.prompting import Message
 
+from neoxlite.limits import lone_surrogate
+
 ROLES = ("user", "assistant")
 MAX_CHAT_BYTES = 16 * 2**20  # a chat file larger than this is not a chat
 
@@ -53,11 +55,10 @@ def from_json(text: str | bytes, source: str = "the chat file") -> tuple[str, li
     for i, m in enumerate(data):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (*ROLES, "system"):
             raise ValueError(f'{source}: message {i} is not {{"role": "system"|"user"|"assistant", "content": text}}')
-        try:
-            m["content"].encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise ValueError(f"{source}: message {i} holds a lone surrogate (character {err.start}), which is not "
-                             "text; fix or re-export the file") from None
+        at = lone_surrogate(m["content"])
+        if at is not None:
+            raise ValueError(f"{source}: message {i} holds a lone surrogate (character {at}), which is not "
+                             "text; fix or re-export the file")
         if m["role"] == "system":
             if history:
                 raise ValueError(f"{source}: message {i} is a system message after the conversation started")

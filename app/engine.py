@@ -23,7 +23,7 @@ from neoxlite.app import prompting
 
 from neoxlite.config import GPTNeoXConfig
 from neoxlite.generation import context_limit
-from neoxlite.limits import check_text_fits, max_text_bytes
+from neoxlite.limits import check_text_fits, lone_surrogate, max_text_bytes
 from neoxlite.options import DEFAULT_SAMPLING, sampling_kwargs
 
 # architecture (config.json) -> task, in the order the tabs appear
@@ -50,11 +50,10 @@ def check_text(text: Any, what: str, required: bool = True) -> str:
         raise ValueError(f"Enter the {what} first.")
     if not isinstance(text, str):
         raise TypeError(f"the {what} must be text, not {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"the {what} is not valid Unicode: character {err.start} is a lone surrogate "
-                         f"({text[err.start]!r}); retype or paste it again") from None
+    at = lone_surrogate(text)
+    if at is not None:
+        raise ValueError(f"the {what} is not valid Unicode: character {at} is a lone surrogate "
+                         f"({text[at]!r}); retype or paste it again")
     return text
 
 

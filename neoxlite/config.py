@@ -28,20 +28,20 @@ SIZE_LIMITS = {
 MAX_ROPE_FACTOR = 1024  # rope scaling stretches contexts 2-32x; far larger factors overflow dynamic scaling
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_token_id(value: Any) -> bool:
-    return _is_int(value) and 0 <= value < 2**63  # torch holds ids as int64
+def is_token_id(value: Any) -> bool:
+    return is_int(value) and 0 <= value < 2**63  # torch holds ids as int64
 
 
 def _positive_finite(value: Any) -> bool:
-    return _is_number(value) and 0 < value <= sys.float_info.max  # NaN fails; a huge int is compared exactly
+    return is_number(value) and 0 < value <= sys.float_info.max  # NaN fails; a huge int is compared exactly
 
 
 def _or_null(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
@@ -53,13 +53,13 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("use_parallel_residual", "attention_bias", "tie_word_embeddings"),
                     (lambda v: isinstance(v, bool), "true or false")),
     **dict.fromkeys(("rotary_pct", "hidden_dropout", "attention_dropout", "classifier_dropout"),
-                    (lambda v: _is_number(v) and 0 <= v <= 1, "a number within [0, 1]")),
+                    (lambda v: is_number(v) and 0 <= v <= 1, "a number within [0, 1]")),
     **dict.fromkeys(("rotary_emb_base", "layer_norm_eps"), (_positive_finite, "a finite positive number")),
     **dict.fromkeys(("rope_scaling", "id2label", "label2id", "quantization_config"),
                     (_or_null(lambda v: isinstance(v, dict)), "a JSON object or null")),
     **dict.fromkeys(("bos_token_id", "pad_token_id"),
-                    (_or_null(_is_token_id), "a token id (an integer >= 0) or null")),
-    "eos_token_id": (_or_null(lambda v: _is_token_id(v) or isinstance(v, list) and all(map(_is_token_id, v))),
+                    (_or_null(is_token_id), "a token id (an integer >= 0) or null")),
+    "eos_token_id": (_or_null(lambda v: is_token_id(v) or isinstance(v, list) and all(map(is_token_id, v))),
                      "a token id, a list of them, or null"),
     "architectures": (_or_null(lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v)),
                       "a list of class names or null"),
@@ -146,7 +146,7 @@ class GPTNeoXConfig:
             self.label2id = self.label2id or {v: k for k, v in self.id2label.items()}
         for name, limit in SIZE_LIMITS.items():
             value = getattr(self, name)
-            if not _is_int(value) or not 1 <= value <= limit:
+            if not is_int(value) or not 1 <= value <= limit:
                 raise ValueError(f"config.{name} must be a positive integer of at most {limit:,}, "
                                  f"got {_show(value)}")
         if self.hidden_size % self.num_attention_heads:
@@ -176,7 +176,7 @@ class GPTNeoXConfig:
         if self.id2label is not None and not all(isinstance(v, str) for v in self.id2label.values()):
             raise ValueError(f"config.id2label values must be label names (strings), "
                              f"got {_show(self.id2label)}")
-        if self.label2id is not None and not all(_is_int(v) for v in self.label2id.values()):
+        if self.label2id is not None and not all(is_int(v) for v in self.label2id.values()):
             raise ValueError(f"config.label2id values must be label ids (integers), "
                              f"got {_show(self.label2id)}")
 
@@ -187,7 +187,7 @@ class GPTNeoXConfig:
         if self.rope_type == "default":
             return
         factor = self.rope_scaling.get("factor", 1.0)
-        if not (_is_number(factor) and 1 <= factor <= MAX_ROPE_FACTOR):
+        if not (is_number(factor) and 1 <= factor <= MAX_ROPE_FACTOR):
             raise ValueError(f"rope scaling factor must be a number from 1 to {MAX_ROPE_FACTOR}, "
                              f"got {_show(factor)}")
         if self.rope_type == "dynamic" and self.rotary_ndims == 2:  # its base formula divides by (dims - 2)

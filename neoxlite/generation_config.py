@@ -15,19 +15,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from neoxlite.config import is_int, is_number, is_token_id
+
 FILE_NAME = "generation_config.json"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_token_id(value: Any) -> bool:
-    return _is_int(value) and 0 <= value < 2**63  # torch holds ids as int64
 
 
 @dataclass
@@ -54,23 +44,23 @@ class GenerationConfig:
     def _validate(self) -> None:
         for name in ("max_length", "max_new_tokens"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value <= 0):
+            if value is not None and (not is_int(value) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.do_sample is not None and not isinstance(self.do_sample, bool):
             raise ValueError(f"do_sample must be true or false, got {self.do_sample!r}")
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
             # JSON files may say NaN or Infinity; a huge int is compared exactly, not converted
-            if value is not None and not (_is_number(value) and 0 <= value <= sys.float_info.max):
+            if value is not None and not (is_number(value) and 0 <= value <= sys.float_info.max):
                 raise ValueError(f"{name} must be a finite number >= 0, got {reprlib.repr(value)}")
-        if self.top_k is not None and not (_is_int(self.top_k) and self.top_k >= 0):
+        if self.top_k is not None and not (is_int(self.top_k) and self.top_k >= 0):
             raise ValueError(f"top_k must be an integer >= 0, got {reprlib.repr(self.top_k)}")
         for name in ("bos_token_id", "pad_token_id"):
             value = getattr(self, name)
-            if value is not None and not _is_token_id(value):
+            if value is not None and not is_token_id(value):
                 raise ValueError(f"{name} must be a token id (an integer >= 0), got {reprlib.repr(value)}")
         eos = self.eos_token_id
-        if not (eos is None or _is_token_id(eos) or isinstance(eos, list) and all(map(_is_token_id, eos))):
+        if not (eos is None or is_token_id(eos) or isinstance(eos, list) and all(map(is_token_id, eos))):
             raise ValueError(f"eos_token_id must be a token id or a list of them, got {reprlib.repr(eos)}")
 
     # ------------------------------------------------------------------ (de)serialisation

@@ -35,14 +35,23 @@ def check_text_fits(text: str, tokenizer: Any, context_tokens: int, what: str = 
                          f"{context_tokens:,} tokens holds at most {limit:,} bytes of text; shorten it")
 
 
-def check_text(text: str, where: str) -> str:
-    """`text` from argv or a terminal, refused when it holds bytes that are not UTF-8 (Python keeps them as lone
-    surrogates, which no tokenizer can encode)."""
+def lone_surrogate(text: str) -> int | None:
+    """Where `text` holds its first lone surrogate (half of a UTF-16 pair, which no UTF-8 text holds and no
+    tokenizer reads: JSON's \\ud800 escapes and undecodable argv bytes make them), or None when it holds none."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raw = text[err.start].encode("utf-8", "surrogateescape") if 0xDC80 <= ord(text[err.start]) <= 0xDCFF else b""
-        byte = f"byte 0x{raw[0]:02x}" if raw else f"character U+{ord(text[err.start]):04X}"
-        raise ValueError(f"{where} is not valid UTF-8 text ({byte} at character {err.start}); use a UTF-8 "
-                         "terminal/locale or convert the text to UTF-8") from None
+        return err.start
+    return None
+
+
+def check_text(text: str, where: str) -> str:
+    """`text` from argv or a terminal, refused when it holds bytes that are not UTF-8 (Python keeps them as lone
+    surrogates, which no tokenizer can encode)."""
+    at = lone_surrogate(text)
+    if at is not None:
+        raw = text[at].encode("utf-8", "surrogateescape") if 0xDC80 <= ord(text[at]) <= 0xDCFF else b""
+        byte = f"byte 0x{raw[0]:02x}" if raw else f"character U+{ord(text[at]):04X}"
+        raise ValueError(f"{where} is not valid UTF-8 text ({byte} at character {at}); use a UTF-8 "
+                         "terminal/locale or convert the text to UTF-8")
     return text

@@ -25,6 +25,7 @@ from tokenizers import AddedToken, Tokenizer, pre_tokenizers
 from neoxlite.checkpoint import read_metadata_file, read_metadata_json
 from neoxlite.fileio import atomic_write_text
 from neoxlite.hub import resolve
+from neoxlite.limits import lone_surrogate
 
 VERY_LARGE_INTEGER = int(1e30)  # transformers' "no limit" model_max_length
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")  # transformers' order for all_special_ids
@@ -446,11 +447,10 @@ def _encodable(texts: list[str]) -> list[str]:
     for text in texts:
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {reprlib.repr(text)} ({type(text).__name__})")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise ValueError(f"text holds a lone surrogate {text[err.start]!r} at character {err.start}, which is "
-                             "not Unicode text; remove it or decode the source with errors='replace'") from None
+        at = lone_surrogate(text)
+        if at is not None:
+            raise ValueError(f"text holds a lone surrogate {text[at]!r} at character {at}, which is "
+                             "not Unicode text; remove it or decode the source with errors='replace'")
     return texts
 
 

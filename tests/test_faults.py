@@ -94,6 +94,24 @@ def every_kill_point(work: Callable[[KillAt], None], tmp_path: Path, check: Call
     return total
 
 
+def count_safetensors_writes(killer: KillAt) -> None:
+    """Makes every safetensors file save_pretrained writes two counted steps (in the child process), the kill
+    at the first leaving the file half written, as safetensors leaves it when killed mid-file."""
+    import neoxlite.saving as saving
+
+    real_save = saving.save_file
+
+    def save_file(tensors, path, metadata=None):
+        def half_written() -> None:
+            real_save(tensors, path, metadata=metadata)
+            os.truncate(path, os.path.getsize(path) // 2)
+        killer.step(half_written)
+        real_save(tensors, path, metadata=metadata)
+        killer.step()
+
+    saving.save_file = save_file
+
+
 # ------------------------------------------------------------------------------------------ the offload store
 def block(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -251,19 +269,7 @@ def quantize_work(src: Path, dst: Path, quant: str, overwrite: bool) -> Callable
     def work(killer: KillAt) -> None:
         import neoxlite.quant.serialize as serialize
 
-        import neoxlite.saving as saving
-
-        real_save = saving.save_file
-
-        def save_file(tensors, path, metadata=None):
-            def half_written() -> None:  # what safetensors leaves when killed mid-file
-                real_save(tensors, path, metadata=metadata)
-                os.truncate(path, os.path.getsize(path) // 2)
-            killer.step(half_written)
-            real_save(tensors, path, metadata=metadata)
-            killer.step()
-
-        saving.save_file = save_file
+        count_safetensors_writes(killer)
         killer.wrap(os, "replace")
         killer.wrap(os, "fsync")
         killer.wrap(serialize.shutil, "copyfileobj")
@@ -409,17 +415,7 @@ def test_save_pretrained_killed_at_every_step_leaves_old_or_new_weights(two_mode
     (reference / "NOTES.md").write_text("mine")
 
     def work(killer: KillAt) -> None:
-        real_save = saving.save_file
-
-        def save_file(tensors, path, metadata=None):
-            def half_written() -> None:
-                real_save(tensors, path, metadata=metadata)
-                os.truncate(path, os.path.getsize(path) // 2)
-            killer.step(half_written)
-            real_save(tensors, path, metadata=metadata)
-            killer.step()
-
-        saving.save_file = save_file
+        count_safetensors_writes(killer)
         for name in ("replace", "fsync", "unlink"):
             killer.wrap(os, name)
         new.save_pretrained(folder, max_shard_size=new_shard)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from neoxlite.generation import GREEDY_BELOW_TEMPERATURE, SamplingSettings
+from neoxlite.limits import lone_surrogate
 
 # A stop string longer than this is refused: each is looked for at every token, on the server's event loop.
 MAX_STOP_CHARS = 1000
@@ -56,11 +57,10 @@ def _number(body: dict[str, Any], name: str, default: float, low: float, high: f
 
 def _text(text: str, what: str, param: str) -> str:
     """`text` when it is valid Unicode: JSON's \\ud800 escapes can make lone surrogates, which no tokenizer reads."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise ApiError(400, f"{what} is not valid Unicode: a lone surrogate ({text[error.start]!r}) at character "
-                            f"{error.start}; send well-formed UTF-8 text", param, "invalid_unicode") from None
+    at = lone_surrogate(text)
+    if at is not None:
+        raise ApiError(400, f"{what} is not valid Unicode: a lone surrogate ({text[at]!r}) at character "
+                            f"{at}; send well-formed UTF-8 text", param, "invalid_unicode")
     return text
 
 
