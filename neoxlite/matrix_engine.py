@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import os
 import platform
 import time
 from collections.abc import Callable, Mapping
@@ -138,18 +139,31 @@ def time_engines(kernel: Callable[[torch.Tensor], object], engine: Callable[[tor
     timings = {}
     for rows in candidates:
         x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
-        timings[rows] = (_best_time(kernel, x), _best_time(engine, x))
+        timings[rows] = _best_times(kernel, engine, x)
     return timings
 
 
-def _best_time(call: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
-    call(x)  # warm: first-call allocations, oneDNN's primitive creation
-    runs = []
+def _best_times(kernel: Callable[[torch.Tensor], object], engine: Callable[[torch.Tensor], object],
+                x: torch.Tensor) -> tuple[float, float]:
+    """The fastest of a few calls of each, alternated: a burst of load from another job slows both alike."""
+    kernel(x)  # warm: first-call allocations, oneDNN's primitive creation
+    engine(x)
+    runs: tuple[list[float], list[float]] = ([], [])
     for _ in range(_REPEATS):
-        start = time.perf_counter()
-        call(x)
-        runs.append(time.perf_counter() - start)
-    return min(runs)
+        for call, times in ((kernel, runs[0]), (engine, runs[1])):
+            start = time.perf_counter()
+            call(x)
+            times.append(time.perf_counter() - start)
+    return min(runs[0]), min(runs[1])
+
+
+def machine_busy() -> bool:
+    """Whether other work loads the cores now (the 1-minute load average above the core count): a crossover
+    measured then is used but not kept, since it would send every later run to the engine a busy minute favoured."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:  # no load average on this system
+        return False
 
 
 def crossover(name: str, measure: Callable[[], Mapping[int, tuple[float, float]]], folder: Path) -> tuple[int, str]:
@@ -160,8 +174,11 @@ def crossover(name: str, measure: Callable[[], Mapping[int, tuple[float, float]]
     saved = _read(path)
     if key in saved:
         return int(saved[key]["rows"]), f"measured earlier ({path})"
+    busy = machine_busy()
     timings = measure()
     rows = pick_rows(timings)
+    if busy:
+        return rows, "measured now, on a busy machine (not kept: measured again next time)"
     saved[key] = {"rows": rows, "ms": {str(r): [round(k * 1e3, 3), round(e * 1e3, 3)] for r, (k, e) in timings.items()}}
     try:
         atomic_write_text(path, json.dumps(saved, indent=1))

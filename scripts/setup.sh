@@ -11,7 +11,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         .venv/bin/python -m pip install -q torch          # CUDA build
     else
-        .venv/bin/python -m pip install -q torch==2.13.0  # CPU build
+        .venv/bin/python -m pip install -q torch==2.13.0  # the CPU build where pip finds one (a wheel folder or index; PyPI serves a CUDA build, which runs on the CPU too)
     fi
 fi
 if [ "$extra" = "test" ]; then

@@ -36,6 +36,22 @@ def test_crossover_is_the_last_row_count_the_kernel_wins(timings, rows):
     assert matrix_engine.AMX_DEFAULT_ROWS == matrix_engine.pick_rows(SAPPHIRE_RAPIDS)
 
 
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch):
+    """These tests are about the cache, not about this machine's load while the suite runs."""
+    monkeypatch.setattr(matrix_engine, "machine_busy", lambda: False)
+
+
+def test_a_crossover_measured_on_a_busy_machine_is_not_kept(tmp_path, monkeypatch):
+    monkeypatch.undo()  # the autouse fixture's patch goes: the real check, on a load average of 64
+    monkeypatch.setattr(matrix_engine.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    rows, source = matrix_engine.crossover("bf16 test", lambda: SAPPHIRE_RAPIDS, tmp_path)
+    assert rows == 4 and "busy machine (not kept" in source and not (tmp_path / "crossover.json").exists()
+    monkeypatch.setattr(matrix_engine.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert matrix_engine.crossover("bf16 test", lambda: SAPPHIRE_RAPIDS, tmp_path) == (4, "measured now")
+    assert (tmp_path / "crossover.json").exists()
+
+
 def test_crossover_is_measured_once_and_cached_whole(tmp_path):
     calls = []
 

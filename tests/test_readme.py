@@ -6,7 +6,9 @@ run too.
 What the test changes, and only this (SAMPLE_ARGUMENTS): a hub id becomes the demo checkpoint's folder (no
 network), `.venv/bin/` is this interpreter's bin folder, `neoxlite app` gets a free port and is stopped once it
 has answered a chat message, and `neoxlite chat` gets its keyboard input from stdin. What it does not run is
-listed in EXEMPT with the reason.
+listed in EXEMPT with the reason. The lines naming a hub id also run as written with the hub unreachable and an
+empty cache (the one-line error README promises), and each command's --help is checked against the flags README
+lists.
 """
 
 from __future__ import annotations
@@ -188,3 +190,40 @@ def test_python_block_runs_as_written(block: Block, home: dict[str, str], tmp_pa
         assert len(notices) == 1 and re.fullmatch(
             r"neoxlite: gpu_memory='\w+' ignored: this machine has no CUDA device; the model runs on the CPU",
             notices[0]), result.stderr
+
+
+def test_hub_id_commands_end_in_a_one_line_error_offline(home: dict[str, str], tmp_path: Path):
+    """README's shell lines that name a hub id, as written, where the hub cannot be reached and the model is not
+    in the Hugging Face cache: status 2, no traceback, and a last line that says how to get the model (what the
+    Command line section says they do)."""
+    lines = [line.strip() for b in BLOCKS if b.language == "sh" for line in b.code.splitlines()
+             if line.startswith("neoxlite ") and HUB_ID.search(line)]
+    assert lines
+    env = dict(home, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    for command in lines:
+        result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=120)
+        where = f"{command}\nstderr: {result.stderr[-2000:]}"
+        assert result.returncode == 2 and "Traceback" not in result.stderr, where
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("neoxlite ") and "error:" in last and "Hugging Face cache" in last, where
+        assert "network" in last, where
+
+
+def test_each_command_help_lists_the_flags_readme_names(home: dict[str, str], tmp_path: Path):
+    """`python -m neoxlite COMMAND --help` (README: the same command as `neoxlite`; `neoxlite COMMAND --help` lists
+    the flags) for each command README says takes the loading flags, and for the sampling flags of generate/chat."""
+    section = README.read_text(encoding="utf-8").split("## Command line\n", 1)[1].split("\n## ", 1)[0]
+    loading = re.search(r"((?:`\w+`(?:,|\s+and)?\s+)+)take `(--[^`]+)`", section)
+    sampling = re.search(r"`generate` and\s+`chat` take the sampling flags `(--[^`]+)`", section)
+    assert loading and sampling, section[:2000]
+    commands = {name: set(loading.group(2).split()) for name in re.findall(r"`(\w+)`", loading.group(1))}
+    assert {"generate", "chat", "plan", "app", "serve"} <= commands.keys(), commands
+    for name in ("generate", "chat"):
+        commands[name] |= set(sampling.group(1).split())
+    for name, flags in commands.items():
+        result = subprocess.run([sys.executable, "-m", "neoxlite", name, "--help"], cwd=tmp_path, env=home,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        missing = [flag for flag in sorted(flags) if not re.search(rf"{re.escape(flag)}\b", result.stdout)]
+        assert not missing, (name, missing)
