@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -115,6 +116,7 @@ def load_pretrained(
         device = "cuda"  # a GPU budget asks for the GPU, as transformers' max_memory does
     device = parse_device(device)
     ckpt = Checkpoint(folder)
+    read_from = files_identity(ckpt.files.values())  # a shard rewritten during the load is refused at its end
     check_layer_count(ckpt, config, folder)  # before building: the layer count decides the module tree
     if target_dtype is None:
         target_dtype = stored_float_dtype(ckpt)
@@ -191,6 +193,7 @@ def load_pretrained(
             offloader.finish_block(block)  # offload: to its home (RAM, pinned RAM or the disk store), rest freed
         if on_block is not None:
             on_block(block, done, len(blocks))
+    check_unchanged(folder, read_from)
     if tied:
         model.embed_out.weight = model.gpt_neox.embed_in.weight
     model.base_model.compute_device = device
@@ -201,6 +204,31 @@ def load_pretrained(
         offloader.install()  # offload: the scheduler takes over the block loop
     model.eval()
     return model
+
+
+def files_identity(paths: Iterable[Path]) -> dict[Path, tuple[int, int, int]]:
+    """(inode, size, mtime) of each file: what changes when one is rewritten or replaced."""
+    identity = {}
+    for path in paths:
+        st = path.stat()  # follows the hub cache's links to the blobs
+        identity[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return identity
+
+
+def check_unchanged(folder: Any, before: dict[Path, tuple[int, int, int]]) -> None:
+    """Refuses a model whose weight files changed while it loaded: its blocks would mix old and new weights. (A shard
+    deleted after its read changes nothing read; one deleted before its read failed that read.)"""
+    changed = []
+    for path, identity in before.items():
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != identity:
+            changed.append(path.name)
+    if changed:
+        raise ValueError(f"{folder}: {', '.join(changed)} changed while the model was loading (rewritten or replaced), "
+                         "so the weights read may mix old and new; wait until the checkpoint is complete and load again")
 
 
 def _check_fits(model: nn.Module, dtype: torch.dtype, spec: Any, prequantized: bool, device: torch.device) -> None:

@@ -137,10 +137,38 @@ class Workload:
     max_batch_size: int = 1
     max_length: int | None = None
 
+    def __post_init__(self) -> None:
+        # (named as the user spells them: from_pretrained's max_batch_size / max_context)
+        for name, value in (("max_batch_size", self.max_batch_size), ("max_context", self.max_length)):
+            if value is None and name == "max_context":
+                continue
+            if isinstance(value, bool) or not hasattr(type(value), "__index__"):  # ints, numpy ints; not 1.5, "4"
+                raise TypeError(f"{name}={value!r}: expected a whole number of "
+                                f"{'sequences' if name == 'max_batch_size' else 'tokens'}, e.g. {name}=4")
+            if value < 1:
+                raise ValueError(f"{name}={value}: must be at least 1")
+
     def context(self, config: Any) -> int:
+        """Tokens per sequence to reserve room for: never more than the model can hold (generation caps there)."""
+        from neoxlite.generation import context_limit
+
         if self.max_length is not None:
-            return self.max_length
+            return min(self.max_length, context_limit(config))
         return min(DEFAULT_MAX_LENGTH, int(config.max_position_embeddings))
+
+
+def offload_dir_arg(offload_dir: Any) -> str | None:
+    """The offload_dir keyword as a path string, or None; refuses what is not a folder path, and "" (which would
+    put the store in the current folder)."""
+    if offload_dir is None:
+        return None
+    if not isinstance(offload_dir, str | bytes | os.PathLike):
+        raise TypeError(f"offload_dir={offload_dir!r}: expected a folder path (str or Path)")
+    path = os.fsdecode(offload_dir)
+    if not path.strip():
+        raise ValueError("offload_dir is empty; give the offload folder, e.g. "
+                         "offload_dir='~/.cache/neoxlite/offload' (--offload-dir)")
+    return path
 
 
 def plan_model(model: nn.Module, *, dtype: torch.dtype, device: torch.device | str, spec: Any = None,
@@ -151,11 +179,7 @@ def plan_model(model: nn.Module, *, dtype: torch.dtype, device: torch.device | s
     config = model.config
     device = torch.device(device)
     workload = workload or Workload()
-    if workload.max_batch_size < 1:
-        raise ValueError(f"max_batch_size={workload.max_batch_size}: must be at least 1")
     context = workload.context(config)
-    if context < 1:
-        raise ValueError(f"max_length={workload.max_length}: must be at least 1")
     act_dtype = spec.compute_dtype if spec is not None and spec.enabled else dtype
     from neoxlite.cache import StaticCache
 
@@ -170,8 +194,7 @@ def plan_model(model: nn.Module, *, dtype: torch.dtype, device: torch.device | s
         # The output head reads the embedding matrix whole: it is part of the head, wherever that lives.
         sizes[HEAD] = sizes.get(HEAD, 0) + sizes.pop(EMBED)
         gathered = {}
-    budgets = resolve_budgets(gpu_memory, cpu_memory, None if offload_dir is None else os.fspath(offload_dir),
-                              compute_device=device)
+    budgets = resolve_budgets(gpu_memory, cpu_memory, offload_dir_arg(offload_dir), compute_device=device)
     return plan(sizes, kv_cache_bytes=kv, workspace_bytes=ws, gpu_memory=budgets.gpu, cpu_memory=budgets.cpu,
                 offload_dir=budgets.offload_dir, compute=GPU if device.type == "cuda" else CPU,
                 gathered=gathered, links=links)
@@ -217,7 +240,7 @@ class Offloader:
         if not wants_offload(gpu_memory, cpu_memory, offload_dir):
             return None
         if offload_dir is not None:
-            check_offload_dir(offload_dir)  # a bad dir is reported even when this plan needs no disk
+            check_offload_dir(offload_dir_arg(offload_dir))  # a bad dir is reported even when this plan needs no disk
         keep_freed_memory_returnable()
         quantized = quantized_layer_names(model, spec, prequantized)
         p = plan_model(model, dtype=dtype, device=device, spec=spec, quantized=quantized, gpu_memory=gpu_memory,

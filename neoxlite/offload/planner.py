@@ -13,10 +13,10 @@ Rules (why they are what they are):
   workspace; they are needed at every step and cannot be streamed.
 - If any block has to be streamed, the compute tier also holds `slots` transfer slots, each the size of the
   largest streamed block: one holds the block being computed, the other receives the next one.
-- `embed_in` is read by rows (one row per token), so it never travels whole: it lives wherever room is left,
-  preferring a tier other than the compute tier (CPU RAM on GPU machines, the disk on CPU-only machines:
-  a few KiB of rows per token are cheap to read from either). When the embedding is tied to the output
-  head it is a whole-matrix block like any other.
+- `embed_in` is read by rows (one row per token), so it never travels whole: it takes whatever room the
+  head and layers leave, on the compute tier, else in CPU RAM, else on disk (a few KiB of rows per token
+  are cheap to read from any of them). When the embedding is tied to the output head it is a whole-matrix
+  block like any other.
 - `head` (final norm + output projection) runs where it lives: the model moves the hidden state to it.
   It is a whole-matrix read every token, so it comes first for the compute tier; it cannot live on disk
   (nothing streams it), so without room on the compute tier it lives in CPU RAM.

@@ -26,7 +26,9 @@ already loaded or loading.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import sys
 import weakref
 from collections.abc import Callable, Mapping
@@ -40,6 +42,8 @@ from neoxlite.offload.budget import cuda_device
 from neoxlite.offload.store import (
     BlockEntry,
     TensorEntry,
+    _file_crc32,
+    _header_agrees,
     drop_cached,
     map_data,
     pack_layout,
@@ -134,11 +138,49 @@ class HostSource:
 
 @dataclass
 class DiskSource:
-    """A streamed layer in the disk store."""
+    """A streamed layer in the disk store. `check()` raises a clear OSError when its file has changed since."""
 
     layout: Layout
     entry: BlockEntry
     host_meta: dict[str, torch.Tensor] = field(default_factory=dict)
+    identity: tuple[int, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        self.identity = checked_identity(self.entry, None)
+
+    def check(self) -> None:
+        self.identity = checked_identity(self.entry, self.identity)
+
+
+def file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is written to, truncated or replaced: device, inode, size and mtime."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def checked_identity(entry: BlockEntry, known: tuple[int, ...] | None, st: os.stat_result | None = None
+                     ) -> tuple[int, ...]:
+    """The identity of `entry`'s file (from `st`, else a stat of its path), checked against `known` (None: the
+    first look). A file that is gone, of the wrong size, or changed in content raises OSError(ESTALE) naming it
+    and the fix; one replaced by the same bytes (another process sharing the store rebuilt it) passes."""
+    try:
+        st = st or os.stat(entry.path)
+    except FileNotFoundError:
+        raise store_changed(entry, "was deleted") from None
+    now = file_identity(st)
+    if now == known:
+        return now
+    if not stat.S_ISREG(st.st_mode) or st.st_size != entry.file_bytes:
+        raise store_changed(entry, f"is {st.st_size} bytes instead of {entry.file_bytes} (truncated or replaced)")
+    if known is not None and not (_file_crc32(entry.path, entry.file_bytes) == entry.crc32 and _header_agrees(entry)):
+        raise store_changed(entry, "was changed (its bytes no longer match their checksum)")
+    return now
+
+
+def store_changed(entry: BlockEntry, what: str) -> OSError:
+    return OSError(errno.ESTALE, (
+        f"the offload block {entry.path} {what} while the model was using it, so its weights are gone; do not "
+        f"edit an offload store in use. Remove it with `neoxlite offload clear --offload-dir "
+        f"{entry.path.parent.parent}` and load the model again"))
 
 
 Source = HostSource | DiskSource
@@ -271,6 +313,9 @@ class OffloadScheduler:
             if i in self.uncached:
                 drop_cached(self.sources[i].entry)
         self._free.append(slot)
+        src = self.sources[i]
+        if isinstance(src, DiskSource) and not self.cuda:
+            src.check()  # the layer computed from a mapping of the file: it must not have changed under it
         self._prefetch()
 
     # ---------------------------------------------------------------- prefetching
@@ -318,9 +363,15 @@ class OffloadScheduler:
         """Worker thread: bring layer i's bytes into slot's buffer."""
         src = self.sources[i]
         n = src.layout.nbytes
+        if isinstance(src, DiskSource):
+            src.check()  # gone, truncated or rewritten since: a clear error, not a SIGBUS or wrong numbers
         if not self.cuda:  # (layers in RAM are resident on CPU machines; the copy serves tests of the RAM path)
             if isinstance(src, DiskSource):
-                slot.data = map_data(src.entry)
+                try:
+                    slot.data = map_data(src.entry)
+                except (OSError, ValueError):
+                    src.check()  # changed while being mapped: say so; else the error is the disk's own
+                    raise
             else:
                 slot.buffer[:n].copy_(src.data)
                 slot.data = slot.buffer
@@ -330,7 +381,10 @@ class OffloadScheduler:
             self._turn ^= 1
             if self._staging_used[b]:
                 self._staging_done[b].synchronize()  # the previous copy out of this buffer has finished
-            read_data(src.entry, self._staging[b], drop_cache=i in self.uncached)
+            try:
+                read_data(src.entry, self._staging[b], drop_cache=i in self.uncached)
+            finally:
+                src.check()  # the bytes read are the file's own only if it did not change meanwhile
             host = self._staging[b][:n]
         else:
             host = src.data
@@ -395,7 +449,11 @@ class OffloadScheduler:
         if isinstance(src, HostSource):
             return src.layout.views(src.data)
         buffer = torch.empty(src.layout.nbytes, dtype=torch.uint8)
-        read_data(src.entry, buffer)
+        src.check()
+        try:
+            read_data(src.entry, buffer)
+        finally:
+            src.check()
         return src.layout.views(buffer)
 
     def close(self) -> None:
@@ -476,9 +534,11 @@ class RowReadEmbedding(nn.Module):
             raise ValueError(f"{entry.path}: {key} is not a 2-D embedding table")
         self.num_embeddings, self.embedding_dim = t.shape
         self.weight = torch.empty((0, self.embedding_dim), dtype=t.dtype)  # placeholder, not a Parameter
+        self.entry = entry
         self.path = entry.path
         self.offset = entry.data_offset + t.start
         self.row_bytes = self.embedding_dim * t.dtype.itemsize
+        self.identity = checked_identity(entry, None)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         flat = input_ids.reshape(-1).cpu()
@@ -487,24 +547,39 @@ class RowReadEmbedding(nn.Module):
         ids, inverse = torch.unique(flat, return_inverse=True)
         rows = torch.empty((len(ids), self.embedding_dim), dtype=self.weight.dtype)
         view = memoryview(rows.view(torch.uint8).numpy()).cast("B")
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = self._open()
         try:
             for k, token in enumerate(ids.tolist()):
                 chunk = view[k * self.row_bytes:(k + 1) * self.row_bytes]
                 if os.preadv(fd, [chunk], self.offset + token * self.row_bytes) != self.row_bytes:
                     raise OSError(f"{self.path} ends early; remove the offload store and load again")
+            self.identity = checked_identity(self.entry, self.identity, os.fstat(fd))  # not changed while read
         finally:
             os.close(fd)
         return rows[inverse].reshape(*input_ids.shape, self.embedding_dim)
+
+    def _open(self) -> int:
+        """A descriptor of the table's file, checked to be the file loaded (or the same bytes)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise store_changed(self.entry, "was deleted") from None
+        try:
+            self.identity = checked_identity(self.entry, self.identity, os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def read_table(self) -> torch.Tensor:
         """The whole table, read into fresh memory (for saving the model)."""
         table = torch.empty((self.num_embeddings, self.embedding_dim), dtype=self.weight.dtype)
         view = memoryview(table.view(torch.uint8).numpy()).cast("B")
-        with open(self.path, "rb") as f:
+        with open(self._open(), "rb") as f:
             f.seek(self.offset)
             if f.readinto(view) != len(view):
                 raise OSError(f"{self.path} ends early; remove the offload store and load again")
+            self.identity = checked_identity(self.entry, self.identity, os.fstat(f.fileno()))
         return table
 
     def extra_repr(self) -> str:
