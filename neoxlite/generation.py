@@ -216,6 +216,9 @@ def _check_stops(stop_strings: Any, tokenizer: Any) -> list[str]:
                               or not all(isinstance(s, str) for s in stops)):
         raise TypeError(f"stop_strings must be a str or a list of str, got {stop_strings!r:.80}")
     stops = list(stops or [])
+    if "" in stops:
+        raise ValueError("stop_strings holds an empty string, which every text ends with (generation would stop "
+                         "after one token); remove it")
     if stops and tokenizer is None:
         raise ValueError("stop_strings needs the tokenizer to read the text: pass tokenizer=... to generate()")
     if stops and not callable(getattr(tokenizer, "batch_decode", None)):

@@ -124,6 +124,8 @@ def ids_of(tokenizer) -> torch.Tensor:
     (dict(stop_strings=5), TypeError, "stop_strings must be a str or a list of str"),
     (dict(stop_strings=[5]), TypeError, "stop_strings must be a str or a list of str"),
     (dict(stop_strings=["x"], tokenizer="no"), TypeError, "tokenizer must be a tokenizer"),
+    (dict(stop_strings=["x", ""]), ValueError, "stop_strings holds an empty string"),
+    (dict(stop_strings=""), ValueError, "stop_strings holds an empty string"),
     (dict(do_sample=True, generator="x"), TypeError, "generator must be a torch.Generator"),
 ])
 def test_generate_names_a_bad_argument(demo, kwargs, error, match):

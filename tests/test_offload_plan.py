@@ -27,7 +27,7 @@ def test_parse_size(text, expected):
         assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["six GiB", "6 GiBs", "GiB", "-1GB", "", "6 parsecs", -5])
+@pytest.mark.parametrize("bad", ["six GiB", "6 GiBs", "GiB", "-1GB", "", "6 parsecs", -5, "\u0663GiB", "\uff16GB"])
 def test_parse_size_rejects_with_a_clear_message(bad):
     with pytest.raises(ValueError, match="cpu_memory"):
         parse_size(bad, name="cpu_memory")

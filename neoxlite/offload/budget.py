@@ -36,7 +36,7 @@ _UNITS: dict[str, int] = {
     "g": 2**30,
     "t": 2**40,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$", re.ASCII)  # ASCII digits only: "٣GiB" is no size
 
 # What the defaults leave free for everything that is not this model (other processes, the CUDA context,
 # allocator fragmentation, Python objects): the larger of a fixed amount and a share of what is free.
