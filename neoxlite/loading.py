@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from neoxlite.checkpoint import LEGACY_KEY, Checkpoint, block_of
 from neoxlite.config import GPTNeoXConfig
+from neoxlite.fileio import file_identity
 from neoxlite.generation import GenerationMixin
 from neoxlite.generation_config import read_generation_config
 from neoxlite.hub import resolve
@@ -206,16 +207,12 @@ def load_pretrained(
     return model
 
 
-def files_identity(paths: Iterable[Path]) -> dict[Path, tuple[int, int, int]]:
-    """(inode, size, mtime) of each file: what changes when one is rewritten or replaced."""
-    identity = {}
-    for path in paths:
-        st = path.stat()  # follows the hub cache's links to the blobs
-        identity[path] = (st.st_ino, st.st_size, st.st_mtime_ns)
-    return identity
+def files_identity(paths: Iterable[Path]) -> dict[Path, tuple[int, ...]]:
+    """fileio.file_identity of each file (its stat follows the hub cache's links to the blobs)."""
+    return {path: file_identity(path.stat()) for path in paths}
 
 
-def check_unchanged(folder: Any, before: dict[Path, tuple[int, int, int]]) -> None:
+def check_unchanged(folder: Any, before: dict[Path, tuple[int, ...]]) -> None:
     """Refuses a model whose weight files changed while it loaded: its blocks would mix old and new weights. (A shard
     deleted after its read changes nothing read; one deleted before its read failed that read.)"""
     changed = []
@@ -224,7 +221,7 @@ def check_unchanged(folder: Any, before: dict[Path, tuple[int, int, int]]) -> No
             st = path.stat()
         except FileNotFoundError:
             continue
-        if (st.st_ino, st.st_size, st.st_mtime_ns) != identity:
+        if file_identity(st) != identity:
             changed.append(path.name)
     if changed:
         raise ValueError(f"{folder}: {', '.join(changed)} changed while the model was loading (rewritten or replaced), "

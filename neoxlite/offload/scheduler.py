@@ -38,13 +38,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from neoxlite.fileio import file_identity
 from neoxlite.offload.budget import cuda_device
 from neoxlite.offload.store import (
     BlockEntry,
     TensorEntry,
-    _file_crc32,
-    _header_agrees,
     drop_cached,
+    intact,
     map_data,
     pack_layout,
     read_ahead,
@@ -152,11 +152,6 @@ class DiskSource:
         self.identity = checked_identity(self.entry, self.identity)
 
 
-def file_identity(st: os.stat_result) -> tuple[int, ...]:
-    """What changes when a file is written to, truncated or replaced: device, inode, size and mtime."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 def checked_identity(entry: BlockEntry, known: tuple[int, ...] | None, st: os.stat_result | None = None
                      ) -> tuple[int, ...]:
     """The identity of `entry`'s file (from `st`, else a stat of its path), checked against `known` (None: the
@@ -171,7 +166,7 @@ def checked_identity(entry: BlockEntry, known: tuple[int, ...] | None, st: os.st
         return now
     if not stat.S_ISREG(st.st_mode) or st.st_size != entry.file_bytes:
         raise store_changed(entry, f"is {st.st_size} bytes instead of {entry.file_bytes} (truncated or replaced)")
-    if known is not None and not (_file_crc32(entry.path, entry.file_bytes) == entry.crc32 and _header_agrees(entry)):
+    if known is not None and not intact(entry):
         raise store_changed(entry, "was changed (its bytes no longer match their checksum)")
     return now
 

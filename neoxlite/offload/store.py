@@ -320,8 +320,7 @@ class BlockStore:
             if not stat.S_ISREG(os.lstat(entry.path).st_mode):  # a folder or link in its place is not ours to delete
                 raise ValueError(f"the offload store {self.root} holds {entry.path.name}, which is not a regular file "
                                  "(a folder or a link put there?); move it out of the store and run again")
-        # The CRC covers the file's own safetensors header, so a layout that agrees with it is the one written.
-        if _file_crc32(entry.path, entry.file_bytes) == entry.crc32 and _header_agrees(entry):
+        if intact(entry):
             self._checked.add(block)
             return True
         with self._locked():
@@ -505,6 +504,12 @@ def _advise(entry: BlockEntry, advice: int) -> None:
 def drop_cached(entry: BlockEntry) -> None:
     """Tells the kernel the block's cached pages will not be needed soon (posix_fadvise DONTNEED)."""
     _advise(entry, os.POSIX_FADV_DONTNEED)
+
+
+def intact(entry: BlockEntry) -> bool:
+    """Whether the block's file holds what the manifest recorded: its CRC32 over the whole file (which covers the
+    file's own safetensors header) and a layout that agrees with that header."""
+    return _file_crc32(entry.path, entry.file_bytes) == entry.crc32 and _header_agrees(entry)
 
 
 def _header_agrees(entry: BlockEntry) -> bool:

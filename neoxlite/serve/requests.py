@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from neoxlite.generation import GREEDY_BELOW_TEMPERATURE, SamplingSettings
+from neoxlite.generation import GREEDY_BELOW_TEMPERATURE, SEED_RANGE, SamplingSettings
 from neoxlite.limits import lone_surrogate
 
 # A stop string longer than this is refused: each is looked for at every token, on the server's event loop.
 MAX_STOP_CHARS = 1000
-SEEDS = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 class ApiError(Exception):
@@ -125,7 +124,7 @@ def parse(body: Any, chat: bool) -> Generation:
                             f"{max(len(s) for s in stop)}", "stop")
     stop = [_text(s, "a stop string", "stop") for s in stop]
     seed = _get(body, "seed", int)
-    if seed is not None and not SEEDS[0] <= seed <= SEEDS[1]:
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
         raise ApiError(400, f"seed must be an integer within [-2**63, 2**64 - 1], got {seed}", "seed")
     stream = _get(body, "stream", bool, False)
     options = _get(body, "stream_options", dict, {})
