@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from neoxlite.config import is_int
+
 # Buffers that old checkpoints carry and newer code recomputes.
 LEGACY_KEY = re.compile(r"(attention\.bias|attention\.masked_bias|rotary_emb\.inv_freq)$")
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.")
@@ -320,7 +322,7 @@ def _check_entry(path: Path, key: str, info: Any, data_size: int) -> tuple[torch
     if not isinstance(name, str) or name not in _DTYPES:
         raise ValueError(f"{path}: tensor {key} has dtype {name!r}, which neoxlite cannot read")
     shape, offsets = info.get("shape"), info.get("data_offsets")
-    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**63 for d in shape):
+    if not isinstance(shape, list) or not all(is_int(d) and 0 <= d < 2**63 for d in shape):
         raise ValueError(f"{path}: tensor {key} has shape {reprlib.repr(shape)}, not a list of sizes "
                          "(integers from 0 to 2**63 - 1); re-download it")
     extent = 1  # the product of the nonzero dims: torch's sizes and strides are int64, even when empty
@@ -328,7 +330,7 @@ def _check_entry(path: Path, key: str, info: Any, data_size: int) -> tuple[torch
         extent *= max(dim, 1)
     if extent >= 2**63:
         raise ValueError(f"{path}: tensor {key} has shape {shape}, too large for any tensor; re-download it")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
         raise ValueError(f"{path}: tensor {key} has no valid data_offsets [start, end]; re-download it")
     start, end = offsets
     if not 0 <= start <= end <= data_size:
@@ -342,10 +344,6 @@ def _check_entry(path: Path, key: str, info: Any, data_size: int) -> tuple[torch
         raise ValueError(f"{path}: tensor {key} spans {end - start:,} bytes but its shape {shape} of {name} needs "
                          f"{numel * dtype.itemsize:,}; re-download it")
     return dtype, tuple(shape), start, end
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 _DTYPES = {

@@ -26,6 +26,7 @@ from bitsandbytes.utils import unpack_tensor_to_dict
 from torch import nn
 
 from neoxlite import quant_matmul
+from neoxlite.config import is_int
 from neoxlite.cpu_kernels import QUANT_DTYPES, DecodeCall, QuantKernel, quant_kernel
 
 from .spec import BLOCKSIZE_4BIT, QuantSpec
@@ -492,10 +493,6 @@ def _check_keys(tensors: Mapping[str, torch.Tensor], spec: QuantSpec, name: str)
         raise _bad(name, f"{'; '.join(problems)} (quantization_config says {spec.describe()})")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _quant_info(tensors: Mapping[str, torch.Tensor], spec: QuantSpec, name: str) -> dict[str, Any]:
     """The packed quant state's JSON (quant_type, blocksize, dtype, shape, nested_*), every field that
     bitsandbytes' QuantState.from_dict reads checked for presence and type: it comes from the checkpoint."""
@@ -515,10 +512,10 @@ def _quant_info(tensors: Mapping[str, torch.Tensor], spec: QuantSpec, name: str)
     if missing or unknown:  # an unknown key could also replace a tensor (absmax, ...) in bitsandbytes' update
         raise _bad(name, f"quant state lacks fields {missing} or has unknown ones {reprlib.repr(unknown)}")
     dims = info["shape"]
-    if not (isinstance(dims, list) and len(dims) == 2 and all(_is_int(d) and 0 < d < 2**31 for d in dims)):
+    if not (isinstance(dims, list) and len(dims) == 2 and all(is_int(d) and 0 < d < 2**31 for d in dims)):
         raise _bad(name, f"quant state has no 2-D weight shape ({reprlib.repr(dims)})")
     for key in ("blocksize", "nested_blocksize") if spec.double_quant else ("blocksize",):
-        if not _is_int(info[key]) or info[key] not in _BNB_BLOCKSIZES:
+        if not is_int(info[key]) or info[key] not in _BNB_BLOCKSIZES:
             raise _bad(name, f"quant state {key} is {reprlib.repr(info[key])}, not one bitsandbytes supports "
                              f"({', '.join(map(str, _BNB_BLOCKSIZES))})")
     for key in ("dtype", "nested_dtype") if spec.double_quant else ("dtype",):
@@ -526,7 +523,7 @@ def _quant_info(tensors: Mapping[str, torch.Tensor], spec: QuantSpec, name: str)
             raise _bad(name, f"quant state {key} {reprlib.repr(info[key])} is not a float dtype")
     offset = info.get("nested_offset", 0.0)
     # NaN fails the comparison; a huge int is compared exactly, never converted
-    if not ((isinstance(offset, float) or _is_int(offset)) and abs(offset) <= sys.float_info.max):
+    if not ((isinstance(offset, float) or is_int(offset)) and abs(offset) <= sys.float_info.max):
         raise _bad(name, f"quant state nested_offset {reprlib.repr(offset)} is not a finite number")
     return info
 

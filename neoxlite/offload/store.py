@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from neoxlite.config import is_int
 from neoxlite.offload.budget import format_size
 
 STORE_VERSION = 3  # 2: tensors start on TENSOR_ALIGN boundaries; 3: manifest checksummed, file names derived
@@ -125,8 +126,8 @@ class BlockEntry:
         if not isinstance(data, dict) or not isinstance(data.get("tensors"), dict):
             raise ValueError(f"block {name}: not an object with tensors")
         data_offset, data_bytes, crc = data.get("data_offset"), data.get("data_bytes"), data.get("crc32")
-        if not (_is_int(data_offset) and data_offset > 0 and data_offset % DATA_ALIGN == 0
-                and _is_int(data_bytes) and data_bytes >= 0 and _is_int(crc) and 0 <= crc < 2**32):
+        if not (is_int(data_offset) and data_offset > 0 and data_offset % DATA_ALIGN == 0
+                and is_int(data_bytes) and data_bytes >= 0 and is_int(crc) and 0 <= crc < 2**32):
             raise ValueError(f"block {name}: bad data_offset, data_bytes or crc32")
         quantized = data.get("quantized", [])
         if not isinstance(quantized, list) or not all(isinstance(q, str) for q in quantized):
@@ -139,7 +140,7 @@ class BlockEntry:
 def _tensor_entry(block: str, key: str, value: Any, data_bytes: int) -> TensorEntry:
     """One manifest tensor record [dtype, shape, start, end], checked to lie inside the block's data."""
     if not (isinstance(value, list) and len(value) == 4 and value[0] in _DTYPES and isinstance(value[1], list)
-            and all(_is_int(d) and d >= 0 for d in value[1]) and _is_int(value[2]) and _is_int(value[3])):
+            and all(is_int(d) and d >= 0 for d in value[1]) and is_int(value[2]) and is_int(value[3])):
         raise ValueError(f"block {block}: tensor {key} is not [dtype, shape, start, end]")
     dtype, shape, start, end = _DTYPES[value[0]], tuple(value[1]), value[2], value[3]
     numel = 1
@@ -149,10 +150,6 @@ def _tensor_entry(block: str, key: str, value: Any, data_bytes: int) -> TensorEn
         raise ValueError(f"block {block}: tensor {key} spans [{start}, {end}], which does not fit its shape "
                          f"or the block's {data_bytes} bytes")
     return TensorEntry(dtype, shape, start, end)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def views(buffer: torch.Tensor, tensors: Mapping[str, TensorEntry]) -> dict[str, torch.Tensor]:
